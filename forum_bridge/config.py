@@ -1,0 +1,351 @@
+"""Settings: a TOML file, then ``FORUM_BRIDGE_*`` environment variables, then command-line flags.
+
+The file comes from ``--config PATH`` or ``FORUM_BRIDGE_CONFIG``; without either the defaults apply.
+Every problem is reported as one :class:`ConfigError` that names the key. Secrets (AMI secret, ESL
+password, web token) may come from the file or the environment and are never part of ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from forum_bridge.core.emergency import EmergencyNumbers, region_is_known
+from forum_bridge.errors import ConfigError
+
+ENV_PREFIX = "FORUM_BRIDGE_"
+ENFORCE_MODES = ("hook", "ami", "both")
+FREESWITCH_ENFORCE_MODES = ("hook", "esl", "both")
+FAIL_MODES = ("closed", "open")
+
+
+def default_database_url() -> str:
+    """SQLite in the service's state directory, so the CLI and the service find the same file."""
+    state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    if state:
+        directory = Path(state.split(":")[0])
+    elif os.geteuid() == 0:
+        directory = Path("/var/lib/forum-bridge")
+    else:
+        directory = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "forum-bridge"
+    return f"sqlite:///{directory / 'forum-bridge.db'}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A log-on profile: its keepalive interval is the clock for automatic log-out."""
+
+    name: str
+    keepalive: int
+
+
+@dataclass(frozen=True)
+class AsteriskSettings:
+    """``[asterisk]``: how to reach AMI and where the FastAGI hook listens."""
+
+    ami_host: str = "127.0.0.1"
+    ami_port: int = 5038
+    ami_username: str = "forumbridge"
+    ami_secret: str = field(default="", repr=False)
+    agi_host: str = "127.0.0.1"
+    agi_port: int = 4573
+    enforce: str = "both"
+    fail_mode: str = "closed"
+    reconnect_max: float = 30.0
+    action_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class FreeswitchSettings:
+    """``[freeswitch]``: how to reach mod_event_socket and where the socket hook listens."""
+
+    esl_host: str = "127.0.0.1"
+    esl_port: int = 8021
+    esl_password: str = field(default="ClueCon", repr=False)
+    socket_host: str = "127.0.0.1"
+    socket_port: int = 8084
+    enforce: str = "both"
+    fail_mode: str = "closed"
+    reconnect_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """``[web]``: the status page and ``/metrics``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8088
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of one bridge process."""
+
+    database_url: str = field(default_factory=default_database_url, repr=False)
+    licence_count: int = 4
+    emergency: EmergencyNumbers = field(default_factory=EmergencyNumbers)
+    block_after_failed_logon: bool = True
+    profiles: Mapping[str, Profile] = field(default_factory=lambda: {"default": Profile("default", 120)})
+    default_profile: str = "default"
+    keepalive_grace: int = 10
+    node_name: str = field(default_factory=socket.gethostname)
+    asterisk: AsteriskSettings = field(default_factory=AsteriskSettings)
+    freeswitch: FreeswitchSettings = field(default_factory=FreeswitchSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    log_level: str = "INFO"
+    source: str = ""  # the file the settings came from, for messages
+
+
+# key -> (type, setter) tables keep parsing declarative and every key's error message uniform.
+_SCALARS: dict[str, type] = {
+    "database.url": str,
+    "licences.count": int,
+    "emergency.region": str,
+    "emergency.outside_line_prefix": str,
+    "emergency.block_after_failed_logon": bool,
+    "keepalive.grace": int,
+    "keepalive.default_profile": str,
+    "node.name": str,
+    "log.level": str,
+    "web.enabled": bool,
+    "web.host": str,
+    "web.port": int,
+    "web.token": str,
+}
+_SECTION_TYPES = {"asterisk": AsteriskSettings, "freeswitch": FreeswitchSettings}
+SECRET_KEYS = frozenset({"asterisk.ami_secret", "freeswitch.esl_password", "web.token", "database.url"})
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(key, f"expected true or false, got {_shown(key, value)}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a whole number, got {_shown(key, value)}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a whole number, got {_shown(key, value)}")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {_shown(key, value)}")
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {_shown(key, value)}")
+    return value
+
+
+def _shown(key: str, value: Any) -> str:
+    """How a bad value is quoted in an error: never for secrets."""
+    if key in SECRET_KEYS:
+        return "a value of the wrong kind"
+    return repr(value)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and name != "profiles" and not name.startswith("profiles."):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``FORUM_BRIDGE_SECTION_KEY=value`` -> ``section.key``; section names never hold an underscore."""
+    found: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if not key:
+            continue
+        if section == "emergency" and key == "numbers":
+            found["emergency.numbers"] = [n for n in value.replace(";", ",").split(",") if n.strip()]
+        else:
+            found[f"{section}.{key}"] = value
+    return found
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read the file (if any), apply environment overrides and then ``overrides`` (from flags)."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = env[ENV_PREFIX + "CONFIG"]
+    raw: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except FileNotFoundError as exc:
+            raise ConfigError("", f"configuration file {source} does not exist") from exc
+        except OSError as exc:
+            raise ConfigError("", f"configuration file {source} cannot be read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("", f"configuration file {source} is not valid TOML: {exc}") from exc
+    flat = _flatten(raw)
+    flat.update(_from_environment(env))
+    flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(flat, source)
+
+
+def _build(flat: dict[str, Any], source: str) -> Settings:
+    settings = Settings(source=source)
+    values: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {"asterisk": {}, "freeswitch": {}}
+    profiles = dict(settings.profiles)
+    numbers: list[str] | None = None
+    for key, value in flat.items():
+        if key in _SCALARS:
+            values[key] = _typed(key, value, _SCALARS[key])
+        elif key == "emergency.numbers":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(n, str | int) for n in value):
+                raise ConfigError(key, 'expected a list of numbers as strings, e.g. ["110", "112"]')
+            numbers = [str(n).strip() for n in value]
+            bad = [n for n in numbers if not n or not all(c.isdigit() or c in "*#+" for c in n)]
+            if bad:
+                raise ConfigError(key, f"not a dialable number: {bad[0]!r}")
+        elif key == "profiles":
+            if not isinstance(value, Mapping):
+                raise ConfigError(key, "expected tables such as [profiles.default] keepalive = 120")
+            for name, body in value.items():
+                profiles[name] = _profile(name, body)
+        elif key.partition(".")[0] in _SECTION_TYPES:
+            section, _, option = key.partition(".")
+            known = {f.name: f.type for f in fields(_SECTION_TYPES[section])}
+            if option not in known:
+                raise ConfigError(key, "unknown key")
+            kind = {"int": int, "float": float, "str": str, "bool": bool}[str(known[option])]
+            sections[section][option] = _typed(key, value, kind)
+        else:
+            raise ConfigError(key, "unknown key")
+    return _validated(settings, values, sections, profiles, numbers)
+
+
+def _profile(name: str, body: Any) -> Profile:
+    key = f"profiles.{name}"
+    if not isinstance(body, Mapping):
+        raise ConfigError(key, "expected a table with keepalive = SECONDS")
+    unknown = set(body) - {"keepalive"}
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key")
+    if "keepalive" not in body:
+        raise ConfigError(f"{key}.keepalive", "missing")
+    keepalive = _typed(f"{key}.keepalive", body["keepalive"], int)
+    if keepalive < 1:
+        raise ConfigError(f"{key}.keepalive", f"must be at least 1 second, got {keepalive}")
+    return Profile(name, keepalive)
+
+
+def _validated(
+    settings: Settings,
+    values: dict[str, Any],
+    sections: dict[str, dict[str, Any]],
+    profiles: dict[str, Profile],
+    numbers: list[str] | None,
+) -> Settings:
+    count = values.get("licences.count", settings.licence_count)
+    if not 0 <= count <= 100_000:
+        raise ConfigError("licences.count", f"must be between 0 and 100000, got {count}")
+    region = values.get("emergency.region", "").strip().upper()
+    if region and not region_is_known(region):
+        raise ConfigError("emergency.region", f"unknown country code {region!r} (use e.g. DE, AT, GB, US)")
+    prefix = values.get("emergency.outside_line_prefix", "").strip()
+    if prefix and not prefix.isdigit():
+        raise ConfigError("emergency.outside_line_prefix", f"must be digits, got {prefix!r}")
+    grace = values.get("keepalive.grace", settings.keepalive_grace)
+    if grace < 0:
+        raise ConfigError("keepalive.grace", f"must not be negative, got {grace}")
+    default_profile = values.get("keepalive.default_profile", settings.default_profile)
+    if default_profile not in profiles:
+        raise ConfigError("keepalive.default_profile", f"no profile named {default_profile!r}")
+    level = values.get("log.level", settings.log_level).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("log.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    node = values.get("node.name", settings.node_name).strip()
+    if not node:
+        raise ConfigError("node.name", "must not be empty")
+    asterisk = replace(settings.asterisk, **sections["asterisk"])
+    freeswitch = replace(settings.freeswitch, **sections["freeswitch"])
+    _check_section("asterisk", asterisk.enforce, ENFORCE_MODES, asterisk.fail_mode)
+    _check_section("freeswitch", freeswitch.enforce, FREESWITCH_ENFORCE_MODES, freeswitch.fail_mode)
+    for key, port in (
+        ("asterisk.ami_port", asterisk.ami_port),
+        ("asterisk.agi_port", asterisk.agi_port),
+        ("freeswitch.esl_port", freeswitch.esl_port),
+        ("freeswitch.socket_port", freeswitch.socket_port),
+        ("web.port", values.get("web.port", settings.web.port)),
+    ):
+        if not 0 <= port <= 65535:
+            raise ConfigError(key, f"must be a port number from 0 to 65535, got {port}")
+    web = replace(
+        settings.web,
+        enabled=values.get("web.enabled", settings.web.enabled),
+        host=values.get("web.host", settings.web.host),
+        port=values.get("web.port", settings.web.port),
+        token=values.get("web.token", settings.web.token),
+    )
+    url = values.get("database.url", settings.database_url).strip()
+    if "://" not in url:
+        raise ConfigError(
+            "database.url", "expected a URL such as sqlite:///path/to/file.db or postgresql://..."
+        )
+    emergency = EmergencyNumbers.of(
+        numbers if numbers is not None else sorted(settings.emergency.numbers), region, prefix
+    )
+    if not emergency.numbers and not emergency.region:
+        raise ConfigError("emergency.numbers", "no emergency numbers: set a list or emergency.region")
+    return replace(
+        settings,
+        database_url=url,
+        licence_count=count,
+        emergency=emergency,
+        block_after_failed_logon=values.get("emergency.block_after_failed_logon", True),
+        profiles=profiles,
+        default_profile=default_profile,
+        keepalive_grace=grace,
+        node_name=node,
+        asterisk=asterisk,
+        freeswitch=freeswitch,
+        web=web,
+        log_level=level,
+    )
+
+
+def _check_section(section: str, enforce: str, modes: tuple[str, ...], fail_mode: str) -> None:
+    if enforce not in modes:
+        raise ConfigError(f"{section}.enforce", f"must be one of {', '.join(modes)}, got {enforce!r}")
+    if fail_mode not in FAIL_MODES:
+        raise ConfigError(f"{section}.fail_mode", f"must be closed or open, got {fail_mode!r}")

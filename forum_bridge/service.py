@@ -1,0 +1,635 @@
+"""The service layer: the one place that turns events into state changes and enforcement.
+
+Both PBX adapters call :class:`BridgeService`; the CLI and the status page read through it. Each
+public method is one database transaction. Decisions come from :func:`forum_bridge.core.decide_call`;
+this module only gathers the facts, applies the verdict, writes the audit log and logs one line per
+decision.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from forum_bridge.config import Settings
+from forum_bridge.core.events import (
+    CallEnded,
+    CallStarted,
+    Direction,
+    Event,
+    Keepalive,
+    LoggedOff,
+    LoggedOn,
+    LogonFailed,
+)
+from forum_bridge.core.rules import Decision, Reason, decide_call, keepalive_expired
+from forum_bridge.errors import AlreadyExistsError, InvalidInputError, NotFoundError, StoreError
+from forum_bridge.store import operations as ops
+from forum_bridge.store.database import Database
+from forum_bridge.store.models import (
+    AuditRow,
+    CallRow,
+    LicenceRow,
+    ProfileRow,
+    RegistrationRow,
+    SubscriberRow,
+    UsageRow,
+)
+
+log = logging.getLogger("forum_bridge.decision")
+service_log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+MAX_NAME = 128
+MAX_NUMBER = 64
+
+
+def utcnow() -> datetime:
+    """The current time, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 with a Z, as every JSON document of the bridge writes times."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """A decision on one call leg, handed to listeners (metrics) after the transaction."""
+
+    logon: str
+    number: str
+    direction: Direction
+    decision: Decision
+    channel: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an adapter must do after :meth:`BridgeService.apply`."""
+
+    hangup: bool = False
+    decision: Decision | None = None
+    unknown_registration: bool = False
+
+
+@dataclass(frozen=True)
+class CallSnapshot:
+    """A call leg a PBX reports during a resync."""
+
+    channel: str
+    logon: str
+    number: str
+    direction: Direction
+
+
+@dataclass
+class ResyncReport:
+    """What a resync changed."""
+
+    logged_on: list[str] = field(default_factory=list)
+    logged_off: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    calls_dropped: int = 0
+
+
+def validate_logon(logon: str) -> str:
+    """A log-on name: SIP user part characters, no spaces, at most 128 characters."""
+    value = logon.strip()
+    if not value or len(value) > MAX_NAME or any(c.isspace() or c in "/,;:@<>\"'" for c in value):
+        raise InvalidInputError(f"invalid log-on {logon!r}: use a SIP user name without spaces or / , ; : @")
+    return value
+
+
+def validate_number(number: str) -> str:
+    """A call number: digits and * # +, at most 64 characters."""
+    value = number.strip()
+    if not value or len(value) > MAX_NUMBER or not all(c.isdigit() or c in "*#+" for c in value):
+        raise InvalidInputError(f"invalid call number {number!r}: use digits, * # or +")
+    return value
+
+
+class BridgeService:
+    """Applies the Forum licence rules to one node's events, on a shared database."""
+
+    def __init__(self, settings: Settings, database: Database | None = None, clock: Clock = utcnow) -> None:
+        self.settings = settings
+        self.database = database if database is not None else Database(settings.database_url)
+        self.clock = clock
+        self.node = settings.node_name
+        self._listeners: list[Callable[[CallRecord], None]] = []
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the schema and bring slots and configured profiles in line with the settings."""
+        self.database.require_current_schema()
+        self.sync_configuration()
+
+    def sync_configuration(self) -> None:
+        """Create the configured profiles and as many licence slots as were purchased."""
+        now = self.clock()
+        with self.database.transaction() as session:
+            ops.upsert_profiles(session, ((p.name, p.keepalive) for p in self.settings.profiles.values()))
+            ops.sync_slots(session, self.settings.licence_count, now, self.node)
+
+    def add_listener(self, listener: Callable[[CallRecord], None]) -> None:
+        """Call ``listener`` after every call decision (metrics use this)."""
+        self._listeners.append(listener)
+
+    # --- events -------------------------------------------------------------------------------
+
+    def apply(self, event: Event, *, enforce: bool = True) -> Outcome:
+        """Apply one normalised PBX event. ``enforce`` decides calls (and may take licences)."""
+        if isinstance(event, CallStarted):
+            return self._call_started(event, enforce)
+        with self.database.transaction() as session:
+            if isinstance(event, LoggedOn):
+                self._logged_on(session, event)
+            elif isinstance(event, LoggedOff):
+                self._logged_off(session, event.logon, event.contact, event.at, event.reason)
+            elif isinstance(event, LogonFailed):
+                self._logon_failed(session, event)
+            elif isinstance(event, Keepalive):
+                return self._keepalive(session, event)
+            elif isinstance(event, CallEnded):
+                ops.end_call(session, self.node, event.channel)
+        return Outcome()
+
+    def _logged_on(self, session: Session, event: LoggedOn) -> None:
+        new = ops.add_registration(
+            session, self.node, event.logon, event.contact, event.source, event.user_agent, event.at
+        )
+        subscriber = session.get(SubscriberRow, event.logon)
+        if subscriber is not None and subscriber.last_logon_failed:
+            subscriber.last_logon_failed = False
+        if new:
+            service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, self.node)
+
+    def _logged_off(self, session: Session, logon: str, contact: str, at: datetime, reason: str) -> bool:
+        removed = ops.remove_registrations(session, self.node, logon, contact)
+        if removed:
+            service_log.info(
+                "logged off logon=%s contact=%s reason=%s node=%s", logon, contact or "*", reason, self.node
+            )
+        if ops.is_registered(session, logon):
+            return False
+        return ops.release(session, logon, at, reason, self.node) is not None
+
+    def _logon_failed(self, session: Session, event: LogonFailed) -> None:
+        subscriber = session.get(SubscriberRow, event.logon)
+        managed = subscriber is not None
+        ops.audit(
+            session,
+            event.at,
+            "logon_failed",
+            logon=event.logon,
+            reason=event.reason if managed else "unknown_user",
+            node=self.node,
+            detail=event.source,
+        )
+        service_log.warning(
+            "log-on failed logon=%s reason=%s source=%s managed=%s node=%s",
+            event.logon,
+            event.reason,
+            event.source,
+            managed,
+            self.node,
+        )
+        if subscriber is not None:
+            subscriber.last_logon_failed = True
+            subscriber.last_failure_at = event.at
+            if self.settings.block_after_failed_logon:
+                # It may make no call at all now, so the licence would only be wasted.
+                ops.release(session, event.logon, event.at, "logon_failed", self.node)
+
+    def _keepalive(self, session: Session, event: Keepalive) -> Outcome:
+        touched = ops.touch_registrations(session, self.node, event.logon, event.at)
+        subscriber = session.get(SubscriberRow, event.logon)
+        if subscriber is not None and subscriber.last_logon_failed:
+            subscriber.last_logon_failed = False
+        return Outcome(unknown_registration=touched == 0)
+
+    def _call_started(self, event: CallStarted, enforce: bool) -> Outcome:
+        if not enforce:
+            with self.database.transaction() as session:
+                ops.add_call(
+                    session, self.node, event.channel, event.logon, event.number, event.direction, event.at
+                )
+            return Outcome()
+        decision = self.authorize(event.logon, event.number, event.direction, channel=event.channel)
+        return Outcome(hangup=not decision.allowed, decision=decision)
+
+    # --- call decisions -----------------------------------------------------------------------
+
+    def is_emergency(self, number: str) -> bool:
+        """True when ``number`` is an emergency number of this installation."""
+        return self.settings.emergency.is_emergency(number)
+
+    def authorize(
+        self, logon: str, number: str, direction: Direction = Direction.OUTBOUND, *, channel: str = ""
+    ) -> Decision:
+        """Decide a call leg now and apply it: an allowed call may take a licence.
+
+        Emergency calls come first: if the database fails, an outbound emergency call is still
+        allowed (the failed-log-on rule cannot be checked then). Other calls raise StoreError and the
+        adapter applies its fail mode.
+        """
+        emergency = direction is Direction.OUTBOUND and self.is_emergency(number)
+        now = self.clock()
+        try:
+            with self.database.transaction() as session:
+                decision = self._decide(session, logon, number, direction, emergency, now, apply=True)
+                if channel:
+                    ops.add_call(session, self.node, channel, logon, number, direction, now)
+        except StoreError:
+            if not emergency:
+                raise
+            service_log.exception("database failed during an emergency call; letting it through")
+            decision = Decision(True, Reason.EMERGENCY)
+        self._report(logon, number, direction, decision, channel)
+        return decision
+
+    def check(self, logon: str, number: str, direction: Direction = Direction.OUTBOUND) -> Decision:
+        """What :meth:`authorize` would answer now, without taking a licence or writing anything."""
+        emergency = direction is Direction.OUTBOUND and self.is_emergency(number)
+        with self.database.transaction() as session:
+            return self._decide(session, logon, number, direction, emergency, self.clock(), apply=False)
+
+    def _decide(
+        self,
+        session: Session,
+        logon: str,
+        number: str,
+        direction: Direction,
+        emergency: bool,
+        now: datetime,
+        *,
+        apply: bool,
+    ) -> Decision:
+        state = ops.logon_state(session, logon)
+        decision = decide_call(
+            state,
+            direction=direction,
+            is_emergency=emergency,
+            licence_free=ops.free_licence_exists(session),
+            block_after_failed_logon=self.settings.block_after_failed_logon,
+        )
+        if not apply:
+            return decision
+        if decision.takes_licence:
+            slot = ops.acquire(session, logon, self.node, now)
+            if slot is None:  # lost the last licence to a concurrent call
+                decision = Decision(False, Reason.EMERGENCY_ONLY)
+            else:
+                ops.audit(
+                    session,
+                    now,
+                    "acquire",
+                    logon=logon,
+                    number=number,
+                    reason=direction.value,
+                    node=self.node,
+                    detail=f"slot {slot}",
+                )
+        if not decision.allowed:
+            ops.audit(
+                session,
+                now,
+                "deny",
+                logon=logon,
+                number=number,
+                reason=decision.reason.value,
+                node=self.node,
+                detail=direction.value,
+            )
+        return decision
+
+    def _report(
+        self, logon: str, number: str, direction: Direction, decision: Decision, channel: str
+    ) -> None:
+        log.info(
+            "decision logon=%s number=%s direction=%s result=%s reason=%s node=%s channel=%s",
+            logon,
+            number,
+            direction.value,
+            "allowed" if decision.allowed else "denied",
+            decision.reason.value,
+            self.node,
+            channel or "-",
+        )
+        record = CallRecord(logon, number, direction, decision, channel)
+        for listener in self._listeners:
+            try:
+                listener(record)
+            except Exception:  # a broken listener must never affect a call
+                service_log.exception("decision listener failed")
+
+    def ringable(self, number: str) -> list[tuple[str, Decision]]:
+        """Decide, for every log-on of call number ``number``, whether its phone may ring now.
+
+        Each allowed log-on takes its licence (a call received is a connection). Log-ons denied
+        are not rung; the others of the same number still may be.
+        """
+        with self.database.transaction() as session:
+            logons = [row.logon for row in ops.subscribers_of_number(session, number)]
+        return [(logon, self.authorize(logon, number, Direction.INBOUND)) for logon in logons]
+
+    # --- clocks, resync, reset ----------------------------------------------------------------
+
+    def expire_keepalives(self) -> list[str]:
+        """Log off every contact of this node that missed its keepalive; return the log-ons freed."""
+        now = self.clock()
+        freed: list[str] = []
+        with self.database.transaction() as session:
+            keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
+            default = keepalive.get(self.settings.default_profile, 120)
+            profiles = dict(
+                session.execute(select(SubscriberRow.logon, SubscriberRow.profile)).tuples().all()
+            )
+            for row in ops.node_registrations(session, self.node):
+                interval = keepalive.get(profiles.get(row.logon, ""), default)
+                if keepalive_expired(now, row.last_seen, interval, self.settings.keepalive_grace):
+                    service_log.info(
+                        "missed keepalive logon=%s contact=%s last_seen=%s node=%s",
+                        row.logon,
+                        row.contact,
+                        iso(row.last_seen),
+                        self.node,
+                    )
+                    if self._logged_off(session, row.logon, row.contact, now, "keepalive"):
+                        freed.append(row.logon)
+        return freed
+
+    def resync(
+        self, registrations: Sequence[ops.Registration], calls: Sequence[CallSnapshot]
+    ) -> ResyncReport:
+        """Make this node's registrations and calls match what the PBX reports now."""
+        now = self.clock()
+        report = ResyncReport()
+        wanted = {(r.logon, r.contact): r for r in registrations}
+        with self.database.transaction() as session:
+            known = {(row.logon, row.contact) for row in ops.node_registrations(session, self.node)}
+            for logon, contact in sorted(known - set(wanted)):
+                report.logged_off.append(logon)
+                if self._logged_off(session, logon, contact, now, "logoff"):
+                    report.released.append(logon)
+            for key in sorted(set(wanted) - known):
+                r = wanted[key]
+                ops.add_registration(session, self.node, r.logon, r.contact, r.source, r.user_agent, now)
+                report.logged_on.append(r.logon)
+            report.calls_dropped = ops.replace_calls(session, self.node, [c.channel for c in calls])
+            for call in calls:
+                ops.add_call(session, self.node, call.channel, call.logon, call.number, call.direction, now)
+        service_log.info(
+            "resync node=%s registrations=%d logged_on=%d logged_off=%d released=%d calls=%d",
+            self.node,
+            len(registrations),
+            len(report.logged_on),
+            len(report.logged_off),
+            len(report.released),
+            len(calls),
+        )
+        return report
+
+    def reset_licences(self, actor: str) -> int:
+        """Free every licence now; calls in progress go on and take a licence at their next connection."""
+        with self.database.transaction() as session:
+            freed = ops.reset_licences(session, self.clock(), actor, self.node)
+        service_log.warning("licences reset by %s: %d freed node=%s", actor, len(freed), self.node)
+        return len(freed)
+
+    # --- administration -----------------------------------------------------------------------
+
+    def add_subscriber(self, logon: str, number: str, profile: str | None = None) -> None:
+        """Provision a log-on with its call number."""
+        logon, number = validate_logon(logon), validate_number(number)
+        profile = profile or self.settings.default_profile
+        with self.database.transaction() as session:
+            if session.get(ProfileRow, profile) is None:
+                raise NotFoundError(
+                    f"no profile named {profile!r}; create it with 'forum-bridge profile set'"
+                )
+            if session.get(SubscriberRow, logon) is not None:
+                raise AlreadyExistsError(f"subscriber {logon!r} exists already")
+            session.add(
+                SubscriberRow(
+                    logon=logon,
+                    number=number,
+                    profile=profile,
+                    last_logon_failed=False,
+                    created_at=self.clock(),
+                )
+            )
+
+    def remove_subscriber(self, logon: str) -> None:
+        """Stop managing a log-on; its licence is freed (reason: removal)."""
+        with self.database.transaction() as session:
+            row = session.get(SubscriberRow, logon)
+            if row is None:
+                raise NotFoundError(f"no subscriber {logon!r}")
+            ops.release(session, logon, self.clock(), "removal", self.node)
+            session.delete(row)
+
+    def import_subscribers(self, text: str) -> int:
+        """Import ``logon,number[,profile]`` CSV rows in one transaction: all or nothing."""
+        rows: list[tuple[str, str, str]] = []
+        seen: set[str] = set()
+        for lineno, fields_ in enumerate(csv.reader(io.StringIO(text)), start=1):
+            if not fields_ or all(not f.strip() for f in fields_) or fields_[0].lstrip().startswith("#"):
+                continue
+            if lineno == 1 and [f.strip().lower() for f in fields_[:2]] == ["logon", "number"]:
+                continue  # a header line
+            if len(fields_) not in (2, 3):
+                raise InvalidInputError(
+                    f"line {lineno}: expected logon,number[,profile], got {len(fields_)} fields"
+                )
+            try:
+                logon, number = validate_logon(fields_[0]), validate_number(fields_[1])
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"line {lineno}: {exc}") from exc
+            if logon in seen:
+                raise InvalidInputError(f"line {lineno}: log-on {logon!r} appears twice")
+            seen.add(logon)
+            profile = (
+                fields_[2].strip()
+                if len(fields_) == 3 and fields_[2].strip()
+                else self.settings.default_profile
+            )
+            rows.append((logon, number, profile))
+        now = self.clock()
+        with self.database.transaction() as session:
+            profiles = set(session.scalars(select(ProfileRow.name)))
+            existing = set(session.scalars(select(SubscriberRow.logon).where(SubscriberRow.logon.in_(seen))))
+            for logon, _number, profile in rows:
+                if profile not in profiles:
+                    raise NotFoundError(f"log-on {logon!r}: no profile named {profile!r}")
+                if logon in existing:
+                    raise AlreadyExistsError(f"subscriber {logon!r} exists already")
+            session.add_all(
+                SubscriberRow(
+                    logon=logon, number=number, profile=profile, last_logon_failed=False, created_at=now
+                )
+                for logon, number, profile in rows
+            )
+        return len(rows)
+
+    def set_profile(self, name: str, keepalive: int) -> None:
+        """Create or change a profile's keepalive interval (seconds)."""
+        name = name.strip()
+        if not name or len(name) > 64 or any(c.isspace() for c in name):
+            raise InvalidInputError(f"invalid profile name {name!r}")
+        if keepalive < 1:
+            raise InvalidInputError(f"keepalive must be at least 1 second, got {keepalive}")
+        with self.database.transaction() as session:
+            ops.upsert_profiles(session, [(name, keepalive)])
+
+    def profiles(self) -> list[dict[str, Any]]:
+        """Every profile with its keepalive and how many subscribers use it."""
+        with self.database.transaction() as session:
+            users: dict[str, int] = {}
+            for profile in session.scalars(select(SubscriberRow.profile)):
+                users[profile] = users.get(profile, 0) + 1
+            return [
+                {"name": row.name, "keepalive": row.keepalive_seconds, "subscribers": users.get(row.name, 0)}
+                for row in session.scalars(select(ProfileRow).order_by(ProfileRow.name))
+            ]
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def status(self, *, history_hours: int = 24, failures: int = 50) -> dict[str, Any]:
+        """The status document: the CLI's ``status --json``, the page and ``/status.json`` all use it."""
+        now = self.clock()
+        with self.database.transaction() as session:
+            return self._status(session, now, history_hours, failures)
+
+    def _status(self, session: Session, now: datetime, history_hours: int, failures: int) -> dict[str, Any]:
+        subscribers = {
+            row.logon: row for row in session.scalars(select(SubscriberRow).order_by(SubscriberRow.logon))
+        }
+        licences = list(session.scalars(select(LicenceRow).order_by(LicenceRow.slot)))
+        holders = {row.logon: row for row in licences if row.logon}
+        registrations: dict[str, list[RegistrationRow]] = {}
+        for reg in session.scalars(select(RegistrationRow).order_by(RegistrationRow.last_seen.desc())):
+            registrations.setdefault(reg.logon, []).append(reg)
+        used = len(holders)
+        subscriber_docs = []
+        for logon, sub in subscribers.items():
+            regs = registrations.get(logon, [])
+            latest = regs[0] if regs else None
+            state = "logon_failed" if sub.last_logon_failed else ("logged_on" if regs else "logged_off")
+            subscriber_docs.append(
+                {
+                    "logon": logon,
+                    "number": sub.number,
+                    "profile": sub.profile,
+                    "state": state,
+                    "licensed": logon in holders,
+                    "last_seen": iso(latest.last_seen) if latest else None,
+                    "contact": latest.contact if latest else None,
+                    "contacts": [r.contact for r in regs],
+                    "user_agent": latest.user_agent if latest else None,
+                    "source": latest.source if latest else None,
+                    "node": latest.node if latest else None,
+                    "last_failure": iso(sub.last_failure_at),
+                }
+            )
+        unmanaged = [
+            {
+                "logon": logon,
+                "contact": regs[0].contact,
+                "user_agent": regs[0].user_agent,
+                "source": regs[0].source,
+                "node": regs[0].node,
+                "last_seen": iso(regs[0].last_seen),
+            }
+            for logon, regs in sorted(registrations.items())
+            if logon not in subscribers
+        ]
+        failed = session.scalars(
+            select(AuditRow)
+            .where(AuditRow.kind == "logon_failed")
+            .order_by(AuditRow.id.desc())
+            .limit(failures)
+        )
+        since = now - timedelta(hours=history_hours)
+        usage = list(
+            session.scalars(select(UsageRow).where(UsageRow.at >= since).order_by(UsageRow.at, UsageRow.id))
+        )
+        before = session.scalar(
+            select(UsageRow).where(UsageRow.at < since).order_by(UsageRow.at.desc()).limit(1)
+        )
+        history = [{"at": iso(since), "used": before.used, "total": before.total}] if before else []
+        history += [{"at": iso(u.at), "used": u.used, "total": u.total} for u in usage]
+        history.append({"at": iso(now), "used": used, "total": len(licences)})
+        calls = session.scalars(select(CallRow).order_by(CallRow.started_at))
+        return {
+            "node": self.node,
+            "generated_at": iso(now),
+            "licences": {"total": len(licences), "used": used, "free": len(licences) - used},
+            "assignments": [
+                {
+                    "slot": row.slot,
+                    "logon": row.logon,
+                    "number": subscribers[row.logon].number if row.logon in subscribers else None,
+                    "since": iso(row.since),
+                    "node": row.node,
+                }
+                for row in licences
+                if row.logon
+            ],
+            "subscribers": subscriber_docs,
+            "unmanaged": unmanaged,
+            "failed_logons": [
+                {"at": iso(a.at), "logon": a.logon, "reason": a.reason, "source": a.detail, "node": a.node}
+                for a in failed
+            ],
+            "calls": [
+                {
+                    "channel": c.channel,
+                    "logon": c.logon,
+                    "number": c.number,
+                    "direction": c.direction,
+                    "node": c.node,
+                    "since": iso(c.started_at),
+                }
+                for c in calls
+            ],
+            "usage_history": history,
+        }
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest audit lines, newest first."""
+        with self.database.transaction() as session:
+            rows = session.scalars(select(AuditRow).order_by(AuditRow.id.desc()).limit(limit))
+            return [
+                {
+                    "at": iso(r.at),
+                    "kind": r.kind,
+                    "logon": r.logon,
+                    "number": r.number,
+                    "reason": r.reason,
+                    "node": r.node,
+                    "actor": r.actor,
+                    "detail": r.detail,
+                }
+                for r in rows
+            ]
+
+
+def parse_csv_rows(rows: Iterable[Sequence[str]]) -> str:
+    """Join CSV rows back into text (used by tests and the import command)."""
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    return out.getvalue()

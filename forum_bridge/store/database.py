@@ -1,0 +1,158 @@
+"""Engines, transactions and migrations for SQLite and PostgreSQL.
+
+SQLite transactions start with ``BEGIN IMMEDIATE`` so that two processes competing for the last
+licence are serialised by the database's write lock instead of racing between read and write.
+The schema belongs to Alembic (``migrations/``); nothing here calls ``create_all``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from forum_bridge.errors import ConfigError, SchemaError, StoreError
+
+log = logging.getLogger(__name__)
+
+HEAD_REVISION = "0001"
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: inside an installed wheel, or at the project's top level."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_migrations", package.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise StoreError("the database migrations are missing from this installation")
+
+
+def _normalised_url(url: str) -> str:
+    # "postgresql://" would pick psycopg2, which is not installed; psycopg 3 is.
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url`` with the per-dialect settings the store relies on."""
+    try:
+        parsed = make_url(_normalised_url(url))
+    except ArgumentError as exc:
+        raise ConfigError("database.url", "not a database URL") from exc
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+        _make_sqlite_serialisable(engine)
+        return engine
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigError(
+            "database.url", f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
+        )
+    return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+
+
+def _make_sqlite_serialisable(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so BEGIN IMMEDIATE below is ours.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    """One database: an engine, a session factory and the migration commands."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back on any error."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error: {_describe(exc)}") from exc
+
+    def current_revision(self) -> str | None:
+        """The Alembic revision the database is at, or None when it was never upgraded."""
+        from alembic.runtime.migration import MigrationContext
+
+        try:
+            with self.engine.connect() as connection:
+                return MigrationContext.configure(connection).get_current_revision()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot open the database: {_describe(exc)}") from exc
+
+    def require_current_schema(self) -> None:
+        """Stop with a clear message unless the schema is at the version this code needs."""
+        revision = self.current_revision()
+        if revision != HEAD_REVISION:
+            found = "empty" if revision is None else f"at revision {revision}"
+            raise SchemaError(f"the database is {found}; run 'forum-bridge db upgrade' first")
+
+    def _alembic(self) -> Any:
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.attributes["engine"] = self.engine
+        return config
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Bring the schema up to ``revision`` (default: the newest)."""
+        from alembic import command
+
+        try:
+            command.upgrade(self._alembic(), revision)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"upgrade failed: {_describe(exc)}") from exc
+
+    def downgrade(self, revision: str = "base") -> None:
+        """Take the schema back to ``revision`` (default: empty)."""
+        from alembic import command
+
+        try:
+            command.downgrade(self._alembic(), revision)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"downgrade failed: {_describe(exc)}") from exc
+
+    def table_names(self) -> list[str]:
+        """The tables that exist now (for tests and diagnostics)."""
+        return sorted(inspect(self.engine).get_table_names())
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+def _describe(exc: SQLAlchemyError) -> str:
+    """The driver's own message, one line, without SQL statements or parameters (they may hold names)."""
+    original = getattr(exc, "orig", None)
+    text = str(original if original is not None else exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

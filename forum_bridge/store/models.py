@@ -1,0 +1,156 @@
+"""SQLAlchemy 2 models of the bridge's state.
+
+The schema is owned by the Alembic migrations in ``migrations/``; these models must match them (a
+test compares both). Licences are rows, one per purchased slot; a log-on holds at most one, enforced
+by a unique constraint, so no race can ever give one log-on two licences.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite forgets the zone otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; pass aware UTC times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with deterministic constraint names (Alembic needs them to drop constraints)."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ProfileRow(Base):
+    """A log-on profile; its keepalive interval is the clock for automatic log-out."""
+
+    __tablename__ = "profiles"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    keepalive_seconds: Mapped[int] = mapped_column(Integer)
+
+
+class SubscriberRow(Base):
+    """A managed SIP log-on: the user name of a user/password combination, and its call number."""
+
+    __tablename__ = "subscribers"
+
+    logon: Mapped[str] = mapped_column(String(128), primary_key=True)
+    number: Mapped[str] = mapped_column(String(64), index=True)
+    profile: Mapped[str] = mapped_column(ForeignKey("profiles.name"))
+    last_logon_failed: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RegistrationRow(Base):
+    """One registered contact of a log-on on one PBX node (managed or not)."""
+
+    __tablename__ = "registrations"
+    __table_args__ = (
+        UniqueConstraint("node", "logon", "contact", name="uq_registrations_node_logon_contact"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node: Mapped[str] = mapped_column(String(128))
+    logon: Mapped[str] = mapped_column(String(128), index=True)
+    contact: Mapped[str] = mapped_column(String(512))
+    source: Mapped[str] = mapped_column(String(128), default="")
+    user_agent: Mapped[str] = mapped_column(String(256), default="")
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LicenceRow(Base):
+    """One purchased licence (slot). ``logon`` is the log-on holding it, or NULL when free."""
+
+    __tablename__ = "licences"
+
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    logon: Mapped[str | None] = mapped_column(
+        ForeignKey("subscribers.logon", ondelete="SET NULL"), nullable=True, unique=True
+    )
+    since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    node: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class CallRow(Base):
+    """A call leg in progress on a PBX node."""
+
+    __tablename__ = "calls"
+
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(256), primary_key=True)
+    logon: Mapped[str] = mapped_column(String(128), index=True)
+    number: Mapped[str] = mapped_column(String(64))
+    direction: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditRow(Base):
+    """The audit log: every acquisition, release, denial, failed log-on and reset."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    logon: Mapped[str] = mapped_column(String(128), default="")
+    number: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    node: Mapped[str] = mapped_column(String(128), default="")
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class UsageRow(Base):
+    """Licences in use after each change; the status page draws the last 24 hours from it."""
+
+    __tablename__ = "licence_usage"
+    __table_args__ = (Index("ix_licence_usage_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used: Mapped[int] = mapped_column(Integer)
+    total: Mapped[int] = mapped_column(Integer)

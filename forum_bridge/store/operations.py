@@ -1,0 +1,319 @@
+"""Transactional operations on the bridge's state.
+
+Every function takes an open :class:`~sqlalchemy.orm.Session` (inside ``Database.transaction()``) so
+the service can combine several steps into one atomic change. Licence acquisition is the only
+contended step: on PostgreSQL it locks one free row with ``FOR UPDATE SKIP LOCKED``; on SQLite the
+whole transaction already holds the write lock (``BEGIN IMMEDIATE``). The unique constraint on
+``licences.logon`` is the last line of defence: no log-on can ever hold two licences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from forum_bridge.core.rules import LogonState
+from forum_bridge.store.models import (
+    AuditRow,
+    CallRow,
+    LicenceRow,
+    ProfileRow,
+    RegistrationRow,
+    SubscriberRow,
+    UsageRow,
+)
+
+
+def _rowcount(result: object) -> int:
+    """Rows touched by an UPDATE or DELETE (``Session.execute`` is typed as returning any Result)."""
+    return result.rowcount if isinstance(result, CursorResult) else 0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered contact as a PBX reports it during a resync."""
+
+    logon: str
+    contact: str
+    source: str = ""
+    user_agent: str = ""
+
+
+def audit(
+    session: Session,
+    at: datetime,
+    kind: str,
+    *,
+    logon: str = "",
+    number: str = "",
+    reason: str = "",
+    node: str = "",
+    actor: str = "",
+    detail: str = "",
+) -> None:
+    """Append one line to the audit log."""
+    session.add(
+        AuditRow(
+            at=at, kind=kind, logon=logon, number=number, reason=reason, node=node, actor=actor, detail=detail
+        )
+    )
+
+
+# --- licences ---------------------------------------------------------------------------------
+
+
+def licence_counts(session: Session) -> tuple[int, int]:
+    """(total, used) licences."""
+    total = session.scalar(select(func.count()).select_from(LicenceRow)) or 0
+    used = (
+        session.scalar(select(func.count()).select_from(LicenceRow).where(LicenceRow.logon.is_not(None))) or 0
+    )
+    return total, used
+
+
+def record_usage(session: Session, at: datetime) -> None:
+    """Note how many licences are in use now (drives the 24-hour chart)."""
+    total, used = licence_counts(session)
+    session.add(UsageRow(at=at, used=used, total=total))
+
+
+def held_slot(session: Session, logon: str) -> int | None:
+    """The slot ``logon`` holds, or None."""
+    return session.scalar(select(LicenceRow.slot).where(LicenceRow.logon == logon))
+
+
+def free_licence_exists(session: Session) -> bool:
+    """True when at least one licence is free (a hint; :func:`acquire` decides)."""
+    return session.scalar(select(LicenceRow.slot).where(LicenceRow.logon.is_(None)).limit(1)) is not None
+
+
+def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None:
+    """Give ``logon`` a licence; return its slot, or None when none is free.
+
+    Idempotent: a log-on that holds a licence keeps the one it has.
+    """
+    slot = held_slot(session, logon)
+    if slot is not None:
+        return slot
+    query = select(LicenceRow.slot).where(LicenceRow.logon.is_(None)).order_by(LicenceRow.slot).limit(1)
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    for _attempt in range(3):
+        slot = session.scalar(query)
+        if slot is None:
+            return None
+        try:
+            with session.begin_nested():
+                claimed = _rowcount(
+                    session.execute(
+                        update(LicenceRow)
+                        .where(LicenceRow.slot == slot, LicenceRow.logon.is_(None))
+                        .values(logon=logon, since=at, node=node)
+                        .execution_options(synchronize_session=False)
+                    )
+                )
+        except IntegrityError:
+            # Another transaction gave this log-on a licence meanwhile: that one counts.
+            return held_slot(session, logon)
+        if claimed == 1:
+            record_usage(session, at)
+            return slot
+    return None
+
+
+def release(
+    session: Session, logon: str, at: datetime, reason: str, node: str = "", actor: str = ""
+) -> int | None:
+    """Free the licence of ``logon``; return the slot that was freed, or None if it held none."""
+    slot = held_slot(session, logon)
+    if slot is None:
+        return None
+    session.execute(
+        update(LicenceRow)
+        .where(LicenceRow.slot == slot)
+        .values(logon=None, since=None, node=None)
+        .execution_options(synchronize_session=False)
+    )
+    audit(session, at, "release", logon=logon, reason=reason, node=node, actor=actor, detail=f"slot {slot}")
+    record_usage(session, at)
+    return slot
+
+
+def reset_licences(session: Session, at: datetime, actor: str, node: str) -> list[str]:
+    """Free every licence at once; return the log-ons that held one."""
+    holders = list(session.scalars(select(LicenceRow.logon).where(LicenceRow.logon.is_not(None))))
+    session.execute(
+        update(LicenceRow)
+        .values(logon=None, since=None, node=None)
+        .execution_options(synchronize_session=False)
+    )
+    for logon in holders:
+        audit(session, at, "release", logon=logon or "", reason="reset", node=node, actor=actor)
+    audit(
+        session,
+        at,
+        "reset",
+        reason="reset",
+        node=node,
+        actor=actor,
+        detail=f"{len(holders)} licence(s) freed",
+    )
+    record_usage(session, at)
+    return [h for h in holders if h]
+
+
+def sync_slots(session: Session, count: int, at: datetime, node: str) -> None:
+    """Make the licence rows match the purchased count; slots above it are released and dropped."""
+    existing = list(session.scalars(select(LicenceRow).order_by(LicenceRow.slot)))
+    if len(existing) == count and all(row.slot == i + 1 for i, row in enumerate(existing)):
+        return
+    numbers = {row.slot for row in existing}
+    for row in existing:
+        if row.slot > count:
+            if row.logon:
+                audit(session, at, "release", logon=row.logon, reason="licence_removed", node=node)
+            session.delete(row)
+    for slot in range(1, count + 1):
+        if slot not in numbers:
+            session.add(LicenceRow(slot=slot))
+    session.flush()
+    record_usage(session, at)
+
+
+# --- subscribers and profiles -----------------------------------------------------------------
+
+
+def logon_state(session: Session, logon: str) -> LogonState:
+    """What the rules need to know about ``logon`` (on every node)."""
+    subscriber = session.get(SubscriberRow, logon)
+    if subscriber is None:
+        return LogonState(managed=False, logged_on=False, last_logon_failed=False, holds_licence=False)
+    logged_on = session.scalar(select(RegistrationRow.id).where(RegistrationRow.logon == logon).limit(1))
+    return LogonState(
+        managed=True,
+        logged_on=logged_on is not None,
+        last_logon_failed=subscriber.last_logon_failed,
+        holds_licence=held_slot(session, logon) is not None,
+    )
+
+
+def subscribers_of_number(session: Session, number: str) -> list[SubscriberRow]:
+    """Every log-on sharing call number ``number``, by log-on name."""
+    return list(
+        session.scalars(
+            select(SubscriberRow).where(SubscriberRow.number == number).order_by(SubscriberRow.logon)
+        )
+    )
+
+
+def upsert_profiles(session: Session, profiles: Iterable[tuple[str, int]]) -> None:
+    """Create or update profiles (name, keepalive seconds)."""
+    for name, keepalive in profiles:
+        row = session.get(ProfileRow, name)
+        if row is None:
+            session.add(ProfileRow(name=name, keepalive_seconds=keepalive))
+        else:
+            row.keepalive_seconds = keepalive
+    session.flush()
+
+
+# --- registrations ----------------------------------------------------------------------------
+
+
+def add_registration(
+    session: Session, node: str, logon: str, contact: str, source: str, user_agent: str, at: datetime
+) -> bool:
+    """Record a registered contact; return True when it is new (False for a refresh)."""
+    row = session.scalar(
+        select(RegistrationRow).where(
+            RegistrationRow.node == node, RegistrationRow.logon == logon, RegistrationRow.contact == contact
+        )
+    )
+    if row is not None:
+        row.last_seen = at
+        row.source = source or row.source
+        row.user_agent = user_agent or row.user_agent
+        return False
+    session.add(
+        RegistrationRow(
+            node=node,
+            logon=logon,
+            contact=contact,
+            source=source,
+            user_agent=user_agent,
+            registered_at=at,
+            last_seen=at,
+        )
+    )
+    session.flush()
+    return True
+
+
+def remove_registrations(session: Session, node: str, logon: str, contact: str = "") -> int:
+    """Drop one contact (or all, with ``contact=""``) of ``logon`` on ``node``; return how many."""
+    query = delete(RegistrationRow).where(RegistrationRow.node == node, RegistrationRow.logon == logon)
+    if contact:
+        query = query.where(RegistrationRow.contact == contact)
+    return _rowcount(session.execute(query.execution_options(synchronize_session=False)))
+
+
+def is_registered(session: Session, logon: str) -> bool:
+    """True while ``logon`` has a contact on any node."""
+    return (
+        session.scalar(select(RegistrationRow.id).where(RegistrationRow.logon == logon).limit(1)) is not None
+    )
+
+
+def touch_registrations(session: Session, node: str, logon: str, at: datetime) -> int:
+    """Move the keepalive clock of every contact of ``logon`` on ``node``; return how many."""
+    return _rowcount(
+        session.execute(
+            update(RegistrationRow)
+            .where(RegistrationRow.node == node, RegistrationRow.logon == logon)
+            .values(last_seen=at)
+            .execution_options(synchronize_session=False)
+        )
+    )
+
+
+def node_registrations(session: Session, node: str) -> list[RegistrationRow]:
+    """Every contact this node knows."""
+    return list(session.scalars(select(RegistrationRow).where(RegistrationRow.node == node)))
+
+
+# --- calls ------------------------------------------------------------------------------------
+
+
+def add_call(
+    session: Session, node: str, channel: str, logon: str, number: str, direction: str, at: datetime
+) -> None:
+    """Remember a call leg in progress."""
+    if session.get(CallRow, (node, channel)) is None:
+        session.add(
+            CallRow(
+                node=node, channel=channel, logon=logon, number=number, direction=direction, started_at=at
+            )
+        )
+        session.flush()
+
+
+def end_call(session: Session, node: str, channel: str) -> CallRow | None:
+    """Forget a call leg; return it if it was known."""
+    row = session.get(CallRow, (node, channel))
+    if row is not None:
+        session.delete(row)
+    return row
+
+
+def replace_calls(session: Session, node: str, channels: Sequence[str]) -> int:
+    """Keep only the given channels of ``node`` (after a resync); return how many were dropped."""
+    query = delete(CallRow).where(CallRow.node == node)
+    if channels:
+        query = query.where(CallRow.channel.not_in(list(channels)))
+    return _rowcount(session.execute(query.execution_options(synchronize_session=False)))
