@@ -278,6 +278,8 @@ class BridgeService:
         *,
         apply: bool,
     ) -> Decision:
+        if apply:
+            ops.lock_logon(session, logon)
         state = ops.logon_state(session, logon)
         decision = decide_call(
             state,
@@ -355,9 +357,7 @@ class BridgeService:
         with self.database.transaction() as session:
             keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
             default = keepalive.get(self.settings.default_profile, 120)
-            profiles = dict(
-                session.execute(select(SubscriberRow.logon, SubscriberRow.profile)).tuples().all()
-            )
+            profiles = dict(session.execute(select(SubscriberRow.logon, SubscriberRow.profile)))
             for row in ops.node_registrations(session, self.node):
                 interval = keepalive.get(profiles.get(row.logon, ""), default)
                 if keepalive_expired(now, row.last_seen, interval, self.settings.keepalive_grace):

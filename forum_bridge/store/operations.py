@@ -83,6 +83,17 @@ def record_usage(session: Session, at: datetime) -> None:
     session.add(UsageRow(at=at, used=used, total=total))
 
 
+def lock_logon(session: Session, logon: str) -> None:
+    """Serialise decisions about one log-on until the transaction ends.
+
+    Without it, two PostgreSQL transactions deciding for the same log-on at once would both see it
+    without a licence; the loser of the row lock would then find no free slot and deny a log-on that
+    does hold a licence. SQLite needs nothing: ``BEGIN IMMEDIATE`` already serialises writers.
+    """
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(logon))))
+
+
 def held_slot(session: Session, logon: str) -> int | None:
     """The slot ``logon`` holds, or None."""
     return session.scalar(select(LicenceRow.slot).where(LicenceRow.logon == logon))

@@ -1,0 +1,419 @@
+"""The ``forum-bridge`` command: a thin click layer over the service.
+
+Logic lives in the library; this module parses arguments, prints tables or JSON, and turns library
+errors into one-line messages with a non-zero exit code (2 for configuration errors).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from forum_bridge.config import Settings, load_settings
+from forum_bridge.core.events import Direction
+from forum_bridge.errors import ConfigError, ForumBridgeError
+from forum_bridge.service import BridgeService
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    """What every command needs: the settings, and a service built on first use."""
+
+    def __init__(self, config: str | None, database: str | None) -> None:
+        self.config = config
+        self.database = database
+        self._settings: Settings | None = None
+        self._service: BridgeService | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The settings from file, environment and flags (loaded once)."""
+        if self._settings is None:
+            self._settings = load_settings(self.config, overrides={"database.url": self.database})
+        return self._settings
+
+    def service(self, *, started: bool = True) -> BridgeService:
+        """The service; ``started`` checks the schema and syncs slots and profiles first."""
+        if self._service is None:
+            self._service = BridgeService(self.settings)
+            if started:
+                self._service.start()
+        return self._service
+
+
+class ConfigUsageError(click.ClickException):
+    """A configuration problem: one line, exit code 2."""
+
+    exit_code = 2
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one-line click errors (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            raise ConfigUsageError(str(exc)) from exc
+        except ForumBridgeError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def json_option(func: F) -> F:
+    """The shared ``--json`` flag."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as indented JSON."""
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a plain text table with aligned columns."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    click.echo("  ".join("-" * w for w in widths))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    envvar="FORUM_BRIDGE_CONFIG",
+    help="TOML configuration file (default: $FORUM_BRIDGE_CONFIG).",
+)
+@click.option("--database", metavar="URL", help="Database URL; overrides database.url.")
+@click.version_option(package_name="forum-bridge")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, database: str | None) -> None:
+    """Forum 523/524 floating SIP licences for Asterisk and FreeSWITCH."""
+    ctx.obj = Context(config, database)
+
+
+# --- db ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Create or migrate the database schema."""
+
+
+@db.command("upgrade")
+@pass_context
+@handle_errors
+def db_upgrade(obj: Context) -> None:
+    """Create or migrate the schema to this version, then apply licence count and profiles."""
+    service = obj.service(started=False)
+    service.database.upgrade()
+    service.sync_configuration()
+    click.echo(f"database at revision {service.database.current_revision()}")
+
+
+@db.command("downgrade")
+@click.argument("revision", default="base")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_context
+@handle_errors
+def db_downgrade(obj: Context, revision: str, yes: bool) -> None:
+    """Take the schema back to REVISION (default: remove every table)."""
+    if not yes:
+        click.confirm(f"Downgrade the database to {revision}? Data in dropped tables is lost", abort=True)
+    service = obj.service(started=False)
+    service.database.downgrade(revision)
+    click.echo(f"database at revision {service.database.current_revision() or 'base'}")
+
+
+@db.command("current")
+@pass_context
+@handle_errors
+def db_current(obj: Context) -> None:
+    """Show the schema revision of the database."""
+    click.echo(
+        obj.service(started=False).database.current_revision() or "empty (run 'forum-bridge db upgrade')"
+    )
+
+
+# --- subscribers --------------------------------------------------------------------------------
+
+
+@main.group()
+def subscriber() -> None:
+    """Manage SIP log-ons (subscribers) and their call numbers."""
+
+
+@subscriber.command("add")
+@click.argument("logon")
+@click.option("--number", required=True, help="The call number this log-on answers to.")
+@click.option("--profile", help="Profile (keepalive clock); default: the default profile.")
+@pass_context
+@handle_errors
+def subscriber_add(obj: Context, logon: str, number: str, profile: str | None) -> None:
+    """Provision LOGON (the SIP user name) with its call number."""
+    obj.service().add_subscriber(logon, number, profile)
+    click.echo(f"added {logon} with number {number}")
+
+
+@subscriber.command("remove")
+@click.argument("logon")
+@pass_context
+@handle_errors
+def subscriber_remove(obj: Context, logon: str) -> None:
+    """Stop managing LOGON; its licence is freed."""
+    obj.service().remove_subscriber(logon)
+    click.echo(f"removed {logon}")
+
+
+@subscriber.command("list")
+@json_option
+@pass_context
+@handle_errors
+def subscriber_list(obj: Context, as_json: bool) -> None:
+    """List every subscriber with its state."""
+    subscribers = obj.service().status()["subscribers"]
+    if as_json:
+        print_json(subscribers)
+        return
+    print_table(
+        ["LOGON", "NUMBER", "PROFILE", "STATE", "LICENSED"],
+        [
+            [s["logon"], s["number"], s["profile"], s["state"], "yes" if s["licensed"] else "no"]
+            for s in subscribers
+        ],
+    )
+
+
+@subscriber.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@pass_context
+@handle_errors
+def subscriber_import(obj: Context, file: Any) -> None:
+    """Import subscribers from a CSV FILE of logon,number[,profile] rows (all or nothing; - for stdin)."""
+    count = obj.service().import_subscribers(file.read())
+    click.echo(f"imported {count} subscriber(s)")
+
+
+# --- profiles -----------------------------------------------------------------------------------
+
+
+@main.group()
+def profile() -> None:
+    """Manage log-on profiles (the keepalive clock for automatic log-out)."""
+
+
+@profile.command("set")
+@click.argument("name")
+@click.option("--keepalive", type=click.IntRange(min=1), required=True, help="Keepalive interval in seconds.")
+@pass_context
+@handle_errors
+def profile_set(obj: Context, name: str, keepalive: int) -> None:
+    """Create profile NAME or change its keepalive interval."""
+    obj.service().set_profile(name, keepalive)
+    click.echo(f"profile {name}: keepalive {keepalive} s")
+
+
+@profile.command("list")
+@json_option
+@pass_context
+@handle_errors
+def profile_list(obj: Context, as_json: bool) -> None:
+    """List profiles with their keepalive interval."""
+    profiles = obj.service().profiles()
+    if as_json:
+        print_json(profiles)
+        return
+    print_table(
+        ["PROFILE", "KEEPALIVE_S", "SUBSCRIBERS"],
+        [[p["name"], p["keepalive"], p["subscribers"]] for p in profiles],
+    )
+
+
+# --- status, licences, check ----------------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@pass_context
+@handle_errors
+def status(obj: Context, as_json: bool) -> None:
+    """Show the licences, their assignment and every subscriber."""
+    doc = obj.service().status()
+    if as_json:
+        print_json(doc)
+        return
+    lic = doc["licences"]
+    click.echo(f"Licences: {lic['used']} of {lic['total']} in use, {lic['free']} free  (node {doc['node']})")
+    click.echo("")
+    if doc["assignments"]:
+        print_table(
+            ["SLOT", "LOGON", "NUMBER", "SINCE"],
+            [[a["slot"], a["logon"], a["number"], a["since"]] for a in doc["assignments"]],
+        )
+    else:
+        click.echo("No licence is assigned.")
+    click.echo("")
+    if doc["subscribers"]:
+        print_table(
+            ["LOGON", "NUMBER", "PROFILE", "STATE", "LICENSED", "LAST_SEEN", "CONTACT"],
+            [
+                [
+                    s["logon"],
+                    s["number"],
+                    s["profile"],
+                    s["state"],
+                    "yes" if s["licensed"] else "no",
+                    s["last_seen"],
+                    s["contact"],
+                ]
+                for s in doc["subscribers"]
+            ],
+        )
+    else:
+        click.echo("No subscriber is provisioned ('forum-bridge subscriber add').")
+    if doc["unmanaged"]:
+        click.echo("")
+        print_table(
+            ["UNMANAGED", "CONTACT", "LAST_SEEN"],
+            [[u["logon"], u["contact"], u["last_seen"]] for u in doc["unmanaged"]],
+        )
+
+
+@main.group()
+def licences() -> None:
+    """Act on the licence pool."""
+
+
+@licences.command("reset")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--actor", default="cli", show_default=True, help="Who resets, for the audit log.")
+@pass_context
+@handle_errors
+def licences_reset(obj: Context, yes: bool, actor: str) -> None:
+    """Free every licence now (calls in progress go on; licences are taken again at the next call)."""
+    if not yes:
+        click.confirm("Free every licence now?", abort=True)
+    freed = obj.service().reset_licences(actor)
+    click.echo(f"{freed} licence(s) freed")
+
+
+@main.command()
+@click.argument("logon")
+@click.argument("number")
+@click.option("--inbound", is_flag=True, help="Ask whether LOGON's phone may ring for NUMBER instead.")
+@json_option
+@pass_context
+@handle_errors
+def check(obj: Context, logon: str, number: str, inbound: bool, as_json: bool) -> None:
+    """What would happen now if LOGON called NUMBER (no licence is taken)."""
+    service = obj.service()
+    direction = Direction.INBOUND if inbound else Direction.OUTBOUND
+    decision = service.check(logon, number, direction)
+    doc = {
+        "logon": logon,
+        "number": number,
+        "direction": direction.value,
+        "emergency": direction is Direction.OUTBOUND and service.is_emergency(number),
+        **decision.as_dict(),
+    }
+    if as_json:
+        print_json(doc)
+        return
+    verdict = "allowed" if decision.allowed else "denied"
+    extra = " (would take a licence)" if decision.takes_licence else ""
+    click.echo(f"{logon} -> {number}: {verdict}, {decision.reason.value}{extra}")
+
+
+@main.command()
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@pass_context
+@handle_errors
+def audit(obj: Context, limit: int, as_json: bool) -> None:
+    """Show the newest audit log lines (acquisitions, releases, denials, failed log-ons, resets)."""
+    lines = obj.service().audit_log(limit)
+    if as_json:
+        print_json(lines)
+        return
+    print_table(
+        ["AT", "KIND", "LOGON", "NUMBER", "REASON", "ACTOR", "DETAIL"],
+        [[a["at"], a["kind"], a["logon"], a["number"], a["reason"], a["actor"], a["detail"]] for a in lines],
+    )
+
+
+# --- run and dialplan -----------------------------------------------------------------------------
+
+
+@main.group()
+def run() -> None:
+    """Run the bridge beside a PBX (until stopped)."""
+
+
+@run.command("asterisk")
+@pass_context
+@handle_errors
+def run_asterisk(obj: Context) -> None:
+    """Listen to Asterisk's AMI, serve the FastAGI hook and enforce the rules."""
+    from forum_bridge.adapters.asterisk.runner import run as run_bridge
+
+    sys.exit(run_bridge(obj.settings))
+
+
+@run.command("freeswitch")
+@pass_context
+@handle_errors
+def run_freeswitch(obj: Context) -> None:
+    """Listen to FreeSWITCH's event socket, serve the socket hook and enforce the rules."""
+    from forum_bridge.adapters.freeswitch.runner import run as run_bridge
+
+    sys.exit(run_bridge(obj.settings))
+
+
+@main.group()
+def dialplan() -> None:
+    """Print the dialplan snippet for a PBX, rendered from the configuration."""
+
+
+@dialplan.command("asterisk")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
+@pass_context
+@handle_errors
+def dialplan_asterisk(obj: Context, output: Path | None) -> None:
+    """The forum_bridge.conf snippet to #include from extensions.conf."""
+    from forum_bridge.adapters.asterisk.dialplan import render_dialplan
+
+    _emit(render_dialplan(obj.settings), output)
+
+
+@dialplan.command("freeswitch")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
+@pass_context
+@handle_errors
+def dialplan_freeswitch(obj: Context, output: Path | None) -> None:
+    """The forum_bridge.xml dialplan for FreeSWITCH."""
+    from forum_bridge.adapters.freeswitch.dialplan import render_dialplan
+
+    _emit(render_dialplan(obj.settings), output)
+
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}")

@@ -1,0 +1,119 @@
+"""Licence acquisition is race-free across processes, on SQLite and on PostgreSQL.
+
+Several processes wait at a barrier and then ask for the last free licence at the same instant.
+Exactly one must win, every round; and one log-on asked for from every process at once (with
+licences to spare) must end up holding exactly one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import pytest
+
+from forum_bridge.config import load_settings
+from forum_bridge.core import LoggedOn
+from forum_bridge.service import BridgeService, utcnow
+from forum_bridge.store.database import Database
+
+WORKERS = 6
+ROUNDS = 8
+
+
+def _worker(url: str, index: int, barrier: Any, results: Any, rounds: int) -> None:
+    settings = load_settings(
+        environ={}, overrides={"database.url": url, "licences.count": 1, "node.name": f"n{index}"}
+    )
+    service = BridgeService(settings)
+    for round_ in range(rounds):
+        logon = f"u{index}" if round_ % 2 == 0 else "shared"
+        barrier.wait(timeout=60)
+        decision = service.authorize(logon, "600")
+        results.put((round_, index, decision.allowed, decision.reason.value))
+        barrier.wait(timeout=60)  # the parent checks and resets between rounds
+        barrier.wait(timeout=60)
+    service.database.dispose()
+
+
+def _prepare(url: str, licences: int) -> BridgeService:
+    settings = load_settings(
+        environ={}, overrides={"database.url": url, "licences.count": licences, "node.name": "p"}
+    )
+    db = Database(url)
+    db.upgrade()
+    service = BridgeService(settings, db)
+    service.start()
+    service.import_subscribers("".join(f"u{i},{100 + i}\n" for i in range(WORKERS)) + "shared,200\n")
+    for i in range(WORKERS):
+        service.apply(LoggedOn(f"u{i}", at=utcnow(), contact=f"sip:u{i}@h"))
+    service.apply(LoggedOn("shared", at=utcnow(), contact="sip:shared@h"))
+    return service
+
+
+@pytest.mark.timeout(240)
+def test_exactly_one_process_wins_the_last_licence(database_url: str) -> None:
+    service = _prepare(database_url, licences=1)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(WORKERS + 1)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(database_url, i, barrier, results, ROUNDS)) for i in range(WORKERS)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for round_ in range(ROUNDS):
+            barrier.wait(timeout=120)  # go
+            barrier.wait(timeout=120)  # all decided
+            answers = [results.get(timeout=30) for _ in range(WORKERS)]
+            assert {a[0] for a in answers} == {round_}
+            status = service.status()
+            assert status["licences"]["used"] == 1
+            holders = [a["logon"] for a in status["assignments"]]
+            if round_ % 2 == 0:  # six log-ons, one licence: one wins, five get emergency only
+                winners = [a for a in answers if a[2]]
+                assert len(winners) == 1, f"round {round_}: {answers}"
+                assert holders == [f"u{winners[0][1]}"]
+                assert sorted(a[3] for a in answers if not a[2]) == ["emergency_only"] * (WORKERS - 1)
+            else:  # one log-on from six processes: it takes the licence once, the others see it held
+                assert holders == ["shared"]
+                assert sorted(a[3] for a in answers) == ["licence_acquired"] + ["licensed"] * (WORKERS - 1)
+            service.reset_licences("test")
+            barrier.wait(timeout=120)  # next round
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+        service.database.dispose()
+    assert [p.exitcode for p in procs] == [0] * WORKERS
+
+
+@pytest.mark.timeout(240)
+def test_one_log_on_never_holds_two_licences(database_url: str) -> None:
+    service = _prepare(database_url, licences=WORKERS)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(WORKERS + 1)
+    results = ctx.Queue()
+    # Round 1 of the worker asks for "shared" from every process at once.
+    procs = [ctx.Process(target=_worker, args=(database_url, i, barrier, results, 2)) for i in range(WORKERS)]
+    for proc in procs:
+        proc.start()
+    try:
+        for round_ in range(2):
+            barrier.wait(timeout=120)
+            barrier.wait(timeout=120)
+            answers = [results.get(timeout=30) for _ in range(WORKERS)]
+            assert all(a[2] for a in answers), answers
+            holders = [a["logon"] for a in service.status()["assignments"]]
+            if round_ == 1:
+                assert holders == ["shared"]
+                assert sorted(a[3] for a in answers) == ["licence_acquired"] + ["licensed"] * (WORKERS - 1)
+            else:
+                assert sorted(holders) == sorted(f"u{i}" for i in range(WORKERS))
+            service.reset_licences("test")
+            barrier.wait(timeout=120)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+        service.database.dispose()
+    assert [p.exitcode for p in procs] == [0] * WORKERS
