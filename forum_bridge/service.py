@@ -217,7 +217,9 @@ class BridgeService:
     def _keepalive(self, session: Session, event: Keepalive) -> Outcome:
         touched = ops.touch_registrations(session, self.node, event.logon, event.at)
         subscriber = session.get(SubscriberRow, event.logon)
-        if subscriber is not None and subscriber.last_logon_failed:
+        # Only a registered log-on's success counts as a successful log-on attempt: a phone that
+        # failed to register must not clear that by authenticating a call (e.g. to 112).
+        if touched and subscriber is not None and subscriber.last_logon_failed:
             subscriber.last_logon_failed = False
         return Outcome(unknown_registration=touched == 0)
 
@@ -357,7 +359,9 @@ class BridgeService:
         with self.database.transaction() as session:
             keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
             default = keepalive.get(self.settings.default_profile, 120)
-            profiles = dict(session.execute(select(SubscriberRow.logon, SubscriberRow.profile)))
+            profiles: dict[str, str] = dict(
+                session.execute(select(SubscriberRow.logon, SubscriberRow.profile)).all()
+            )
             for row in ops.node_registrations(session, self.node):
                 interval = keepalive.get(profiles.get(row.logon, ""), default)
                 if keepalive_expired(now, row.last_seen, interval, self.settings.keepalive_grace):

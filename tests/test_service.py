@@ -108,10 +108,21 @@ def test_failed_log_on_blocks_every_call_and_frees_the_licence(svc: BridgeServic
     assert svc.authorize("21-desk", "112").reason is Reason.LOGON_FAILED
     assert svc.authorize("21-desk", "600").reason is Reason.LOGON_FAILED
     assert used(svc) == 0
-    # A later successful authentication clears it.
+    # A later successful authentication of a registered contact (a refresh) clears it.
     svc.apply(Keepalive("21-desk", at=clock()))
     assert sub(svc, "21-desk")["state"] == "logged_on"
     assert svc.authorize("21-desk", "600").allowed
+
+
+def test_failed_log_on_is_not_cleared_by_authenticating_a_call(svc: BridgeService, clock: FakeClock) -> None:
+    svc.apply(LogonFailed("23-desk", at=clock()))
+    outcome = svc.apply(Keepalive("23-desk", at=clock()))  # e.g. an INVITE with the right password
+    assert outcome.unknown_registration
+    assert sub(svc, "23-desk")["state"] == "logon_failed"
+    assert svc.authorize("23-desk", "112").reason is Reason.LOGON_FAILED
+    logon(svc, clock, "23-desk")  # a successful REGISTER does
+    assert sub(svc, "23-desk")["state"] == "logged_on"
+    assert svc.authorize("23-desk", "112").reason is Reason.EMERGENCY
 
 
 def test_unknown_user_is_recorded_as_failed_log_on(svc: BridgeService, clock: FakeClock) -> None:
