@@ -417,3 +417,12 @@ def _emit(text: str, output: Path | None) -> None:
     else:
         output.write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}")
+
+
+def entry() -> None:
+    """The console script: quiet logging for one-shot commands (``run`` sets its own), then click."""
+    from forum_bridge.logsetup import configure_logging
+
+    # One-shot commands report through their own output; only real errors should reach stderr.
+    configure_logging("ERROR")
+    main()
