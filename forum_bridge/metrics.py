@@ -1,0 +1,139 @@
+"""Prometheus metrics of one bridge process, on a registry of its own.
+
+Gauges that describe the licence state (licences, subscribers by state, unmanaged endpoints) are read
+from :meth:`BridgeService.status` at scrape time, so they can never drift from what the page and the
+CLI show, and they include changes made by other processes sharing the database. Counters and the
+event-lag histogram are fed as things happen: decisions through the service's listener hook, the
+PBX connection state and event lag by the adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from forum_bridge.core.rules import Reason
+from forum_bridge.errors import ForumBridgeError
+from forum_bridge.service import BridgeService, CallRecord
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBER_STATES = ("logged_on", "logged_off", "logon_failed")
+# Which reasons each result can carry (core.rules.decide_call); pre-created so a rate() over a series
+# that has not happened yet reads 0 instead of "no data".
+ALLOWED_REASONS = (Reason.EMERGENCY, Reason.LICENSED, Reason.LICENCE_ACQUIRED, Reason.UNMANAGED)
+DENIED_REASONS = (Reason.LOGON_FAILED, Reason.NOT_LOGGED_ON, Reason.EMERGENCY_ONLY)
+# Event lag is the time from the PBX stamping an event to the service applying it: normally
+# milliseconds, seconds under load or after a reconnect resync.
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _StateCollector(Collector):
+    """Reads the licence state at scrape time."""
+
+    def __init__(self, service: BridgeService) -> None:
+        self.service = service
+
+    def describe(self) -> Iterator[Metric]:
+        """The families :meth:`collect` yields, without reading the database (used at registration)."""
+        for name in (
+            "forum_bridge_database_up",
+            "forum_bridge_licences_total",
+            "forum_bridge_licences_used",
+            "forum_bridge_subscribers",
+            "forum_bridge_unmanaged_endpoints",
+        ):
+            yield GaugeMetricFamily(name, "")
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "forum_bridge_database_up", "1 when the licence state could be read at this scrape, else 0"
+        )
+        try:
+            # Failures and history are not needed here; keep the scrape's query small.
+            status = self.service.status(history_hours=0, failures=0)
+        except ForumBridgeError as exc:
+            # A scrape must not fail as a whole when the database is away: the other series
+            # (connection state, counters) are what the operator needs to see then.
+            log.warning("metrics: cannot read the licence state: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        licences = status["licences"]
+        yield GaugeMetricFamily(
+            "forum_bridge_licences_total", "Licences purchased (licences.count)", value=licences["total"]
+        )
+        yield GaugeMetricFamily(
+            "forum_bridge_licences_used", "Licences held by a log-on now", value=licences["used"]
+        )
+        states = GaugeMetricFamily(
+            "forum_bridge_subscribers", "Provisioned log-ons by state", labels=["state"]
+        )
+        counts = dict.fromkeys(SUBSCRIBER_STATES, 0)
+        for subscriber in status["subscribers"]:
+            counts[subscriber["state"]] = counts.get(subscriber["state"], 0) + 1
+        for state, count in counts.items():
+            states.add_metric([state], count)
+        yield states
+        yield GaugeMetricFamily(
+            "forum_bridge_unmanaged_endpoints",
+            "Registered endpoints that are not provisioned log-ons (trunks, other devices)",
+            value=len(status["unmanaged"]),
+        )
+
+
+class Metrics:
+    """The bridge's metrics; registers itself as a decision listener of ``service``."""
+
+    def __init__(self, service: BridgeService, pbx: str) -> None:
+        self.pbx = pbx
+        self.registry = CollectorRegistry()
+        self.registry.register(_StateCollector(service))
+        self.decisions = Counter(
+            "forum_bridge_decisions",
+            "Call decisions by result and reason",
+            ["result", "reason"],
+            registry=self.registry,
+        )
+        for reason in ALLOWED_REASONS:
+            self.decisions.labels(result="allowed", reason=reason.value)
+        for reason in DENIED_REASONS:
+            self.decisions.labels(result="denied", reason=reason.value)
+        self.connected = Gauge(
+            "forum_bridge_pbx_connected",
+            "1 while the event connection to the PBX is up, else 0",
+            ["pbx"],
+            registry=self.registry,
+        )
+        self.connected.labels(pbx=pbx).set(0)
+        self.event_lag = Histogram(
+            "forum_bridge_event_lag_seconds",
+            "Delay between the PBX emitting an event and the bridge applying it",
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
+        service.add_listener(self.record_decision)
+
+    def record_decision(self, record: CallRecord) -> None:
+        """Count one call decision (the service calls this after every decision)."""
+        result = "allowed" if record.decision.allowed else "denied"
+        self.decisions.labels(result=result, reason=record.decision.reason.value).inc()
+
+    def set_connected(self, up: bool) -> None:
+        """Note whether the PBX event connection is up."""
+        self.connected.labels(pbx=self.pbx).set(1 if up else 0)
+
+    def observe_event_lag(self, seconds: float) -> None:
+        """Record how late one event was applied; negative values (clock skew) count as zero."""
+        self.event_lag.observe(max(0.0, seconds))
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

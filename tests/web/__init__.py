@@ -1,0 +1,1 @@
+"""Tests of the status page, metrics, logging and deployment files."""
