@@ -30,7 +30,7 @@ from forum_bridge.core.events import (
     LoggedOn,
     LogonFailed,
 )
-from forum_bridge.core.rules import Decision, Reason, decide_call, keepalive_expired
+from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call, keepalive_expired
 from forum_bridge.errors import AlreadyExistsError, InvalidInputError, NotFoundError, StoreError
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
@@ -246,15 +246,21 @@ class BridgeService:
 
         Emergency calls come first: if the database fails, an outbound emergency call is still
         allowed (the failed-log-on rule cannot be checked then). Other calls raise StoreError and the
-        adapter applies its fail mode.
+        adapter applies its fail mode. A ``channel`` decided before gets the same answer again.
         """
         emergency = direction is Direction.OUTBOUND and self.is_emergency(number)
         now = self.clock()
+        earlier: Decision | None = None
         try:
             with self.database.transaction() as session:
+                if channel:
+                    earlier = ops.call_decision(session, self.node, channel)
+                if earlier is not None:
+                    # The same leg seen twice (AMI event and dialplan hook): one decision, one audit line.
+                    return earlier
                 decision = self._decide(session, logon, number, direction, emergency, now, apply=True)
                 if channel:
-                    ops.add_call(session, self.node, channel, logon, number, direction, now)
+                    ops.add_call(session, self.node, channel, logon, number, direction, now, decision)
         except StoreError:
             if not emergency:
                 raise
@@ -262,6 +268,11 @@ class BridgeService:
             decision = Decision(True, Reason.EMERGENCY)
         self._report(logon, number, direction, decision, channel)
         return decision
+
+    def logon_state(self, logon: str) -> LogonState:
+        """What the rules know about ``logon`` now (managed, logged on, failed, licensed)."""
+        with self.database.transaction() as session:
+            return ops.logon_state(session, logon)
 
     def check(self, logon: str, number: str, direction: Direction = Direction.OUTBOUND) -> Decision:
         """What :meth:`authorize` would answer now, without taking a licence or writing anything."""
@@ -389,6 +400,9 @@ class BridgeService:
                 report.logged_off.append(logon)
                 if self._logged_off(session, logon, contact, now, "logoff"):
                     report.released.append(logon)
+            for logon, contact in sorted(known & set(wanted)):
+                # The PBX still holds the contact, so the phone refreshed it while we were away.
+                ops.touch_registration(session, self.node, logon, contact, now)
             for key in sorted(set(wanted) - known):
                 r = wanted[key]
                 ops.add_registration(session, self.node, r.logon, r.contact, r.source, r.user_agent, now)

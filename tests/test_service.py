@@ -338,3 +338,29 @@ def test_usage_history_follows_every_change(svc: BridgeService, clock: FakeClock
     used_values = [h["used"] for h in svc.status()["usage_history"]]
     assert used_values[-3:] == [1, 0, 0]
     assert 1 in used_values
+
+
+def test_a_leg_seen_twice_is_decided_once(svc: BridgeService, clock: FakeClock) -> None:
+    for name in ("21-desk", "21-soft", "22-desk"):
+        logon(svc, clock, name)
+    svc.authorize("21-desk", "600")
+    svc.authorize("21-soft", "600")
+    first = svc.apply(CallStarted("22-desk", "PJSIP/22-desk-7", "600", Direction.OUTBOUND, clock()), enforce=True)
+    again = svc.authorize("22-desk", "600", channel="PJSIP/22-desk-7")  # the dialplan hook, same leg
+    assert first.decision == again
+    assert [a["kind"] for a in svc.audit_log(20)].count("deny") == 1
+
+
+def test_resync_moves_the_keepalive_clock_of_contacts_the_pbx_still_holds(
+    svc: BridgeService, clock: FakeClock
+) -> None:
+    logon(svc, clock, "21-desk", "sip:21-desk@x")
+    svc.apply(LogonFailed("21-desk", at=clock()))
+    clock.advance(125)  # the bridge was away longer than the keepalive (120 s + 10 s grace)
+    svc.resync([Registration("21-desk", "sip:21-desk@x")], [])
+    clock.advance(10)
+    assert svc.expire_keepalives() == []
+    assert sub(svc, "21-desk")["last_seen"] == "2026-11-24T08:02:05Z"
+    assert sub(svc, "21-desk")["state"] == "logon_failed"  # a resync is no successful log-on
+    state = svc.logon_state("21-desk")
+    assert (state.managed, state.logged_on, state.last_logon_failed) == (True, True, True)

@@ -125,6 +125,9 @@ class CallRow(Base):
     number: Mapped[str] = mapped_column(String(64))
     direction: Mapped[str] = mapped_column(String(16))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The decision taken on this leg, so a leg seen twice (event and hook) is decided once.
+    allowed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    reason: Mapped[str] = mapped_column(String(32), default="")
 
 
 class AuditRow(Base):

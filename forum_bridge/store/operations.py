@@ -18,7 +18,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from forum_bridge.core.rules import LogonState
+from forum_bridge.core.rules import Decision, LogonState, Reason
 from forum_bridge.store.models import (
     AuditRow,
     CallRow,
@@ -293,6 +293,18 @@ def touch_registrations(session: Session, node: str, logon: str, at: datetime) -
     )
 
 
+def touch_registration(session: Session, node: str, logon: str, contact: str, at: datetime) -> None:
+    """Move the keepalive clock of one contact."""
+    session.execute(
+        update(RegistrationRow)
+        .where(
+            RegistrationRow.node == node, RegistrationRow.logon == logon, RegistrationRow.contact == contact
+        )
+        .values(last_seen=at)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def node_registrations(session: Session, node: str) -> list[RegistrationRow]:
     """Every contact this node knows."""
     return list(session.scalars(select(RegistrationRow).where(RegistrationRow.node == node)))
@@ -302,16 +314,33 @@ def node_registrations(session: Session, node: str) -> list[RegistrationRow]:
 
 
 def add_call(
-    session: Session, node: str, channel: str, logon: str, number: str, direction: str, at: datetime
+    session: Session,
+    node: str,
+    channel: str,
+    logon: str,
+    number: str,
+    direction: str,
+    at: datetime,
+    decision: Decision | None = None,
 ) -> None:
-    """Remember a call leg in progress."""
-    if session.get(CallRow, (node, channel)) is None:
-        session.add(
-            CallRow(
-                node=node, channel=channel, logon=logon, number=number, direction=direction, started_at=at
-            )
+    """Remember a call leg in progress, with the decision taken on it if any."""
+    row = session.get(CallRow, (node, channel))
+    if row is None:
+        row = CallRow(
+            node=node, channel=channel, logon=logon, number=number, direction=direction, started_at=at
         )
-        session.flush()
+        session.add(row)
+    if decision is not None:
+        row.allowed, row.reason = decision.allowed, decision.reason.value
+    session.flush()
+
+
+def call_decision(session: Session, node: str, channel: str) -> Decision | None:
+    """The decision taken earlier on a call leg, or None when it was not decided yet."""
+    row = session.get(CallRow, (node, channel))
+    if row is None or row.allowed is None or not row.reason:
+        return None
+    return Decision(row.allowed, Reason(row.reason))
 
 
 def end_call(session: Session, node: str, channel: str) -> CallRow | None:

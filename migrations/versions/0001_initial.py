@@ -71,6 +71,8 @@ def upgrade() -> None:
         sa.Column("number", sa.String(64), nullable=False),
         sa.Column("direction", sa.String(16), nullable=False),
         sa.Column("started_at", when, nullable=False),
+        sa.Column("allowed", sa.Boolean(), nullable=True),
+        sa.Column("reason", sa.String(32), nullable=False),
         sa.PrimaryKeyConstraint("node", "channel", name="pk_calls"),
     )
     op.create_index("ix_calls_logon", "calls", ["logon"])
