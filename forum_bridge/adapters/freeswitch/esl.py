@@ -1,0 +1,462 @@
+"""The ESL wire format and a small gevent client for FreeSWITCH's mod_event_socket.
+
+A frame is a header block ending with an empty line, then exactly ``Content-Length`` body bytes
+when that header is present. Event bodies (``text/event-plain``) and the outbound socket's
+``CHANNEL_DATA`` reply are header blocks whose values are URL-encoded one by one; they are split
+into lines first and decoded value by value with :func:`urllib.parse.unquote` (never
+``unquote_plus``: FreeSWITCH writes a literal ``+`` as ``%2B``). Repeated headers are kept.
+
+The client is native rather than greenswitch's ``InboundESL`` because the bridge must survive what
+that class does not: its reader dies on a frame without ``Content-Type`` (the connection then hangs
+silently), spins forever when the socket closes in the middle of a body, decodes the whole block
+before splitting it (a ``%0A`` inside a value breaks the frame), keeps only the last of repeated
+headers, and waits for command replies without a time limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import unquote
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import AsyncResult
+from gevent.lock import Semaphore
+from gevent.queue import Empty, Queue
+
+from forum_bridge.errors import ConfigError, PbxAuthError, PbxConnectionError, PbxError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024
+UNDEFINED = "_undef_"  # what switch_event_serialize writes for an empty value
+
+
+class ConnectionClosed(PbxConnectionError):
+    """The peer closed the connection (end of stream)."""
+
+
+# --- frames -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One ESL frame as it came off the socket; outer header values are not URL-decoded."""
+
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+    problems: tuple[str, ...] = field(default=(), compare=False)
+
+    def header(self, name: str, default: str = "") -> str:
+        """The first value of header ``name`` (case-insensitive, as FreeSWITCH matches them)."""
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value
+        return default
+
+    @property
+    def content_type(self) -> str:
+        """The frame's ``Content-Type`` or ``""``."""
+        return self.header("Content-Type")
+
+    @property
+    def reply_text(self) -> str:
+        """``Reply-Text`` of a command reply, or the body of an api response."""
+        text = self.header("Reply-Text")
+        if text or self.content_type != "api/response":
+            return text
+        return self.text
+
+    @property
+    def text(self) -> str:
+        """The body as text."""
+        return self.body.decode("utf-8", errors="replace")
+
+
+def parse_header_lines(text: str, *, decode: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """Split a header block into ``(name, value)`` pairs; return them and the lines that were not headers.
+
+    With ``decode`` each value is URL-decoded on its own, after the block was split into lines.
+    """
+    headers: list[tuple[str, str]] = []
+    bad: list[str] = []
+    for raw in text.split("\n"):
+        line = raw.rstrip("\r")
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        name = name.strip()
+        if not sep or not name or any(c.isspace() for c in name):
+            bad.append(line)
+            continue
+        if value.startswith(" "):
+            value = value[1:]
+        if decode:
+            value = unquote(value, errors="replace")
+            if value == UNDEFINED:
+                value = ""
+        headers.append((name, value))
+    return headers, bad
+
+
+def content_length(value: str) -> int | None:
+    """A ``Content-Length`` value as a number of bytes, or None when it is not one."""
+    value = value.strip()
+    if not value.isdigit():
+        return None
+    return int(value)
+
+
+class FrameReader:
+    """Reads whole frames from a stream socket (gevent or standard), with bounded buffers."""
+
+    def __init__(self, sock: Any, *, max_body: int = MAX_BODY_BYTES) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+        self._max_body = max_body
+
+    def _fill(self) -> None:
+        try:
+            chunk = self._sock.recv(65536)
+        except TimeoutError as exc:
+            raise PbxConnectionError("timed out waiting for data") from exc
+        except OSError as exc:
+            raise PbxConnectionError(f"connection lost: {describe_os_error(exc)}") from exc
+        if not chunk:
+            raise ConnectionClosed("the peer closed the connection")
+        self._buffer += chunk
+
+    def read_frame(self) -> Frame:
+        """The next frame; raises :class:`ConnectionClosed` at the end of the stream."""
+        while True:
+            # Stray newlines between frames carry nothing (FreeSWITCH skips them too).
+            while self._buffer[:1] == b"\n":
+                del self._buffer[:1]
+            end = self._buffer.find(b"\n\n")
+            if end >= 0:
+                break
+            if len(self._buffer) > MAX_HEADER_BYTES:
+                raise ProtocolError("a header block longer than 1 MiB: not an ESL peer")
+            self._fill()
+        block = bytes(self._buffer[:end]).decode("utf-8", errors="replace")
+        del self._buffer[: end + 2]
+        headers, bad = parse_header_lines(block, decode=False)
+        problems = [f"ignored a line that is not a header: {line[:60]!r}" for line in bad]
+        frame = Frame(tuple(headers), b"", tuple(problems))
+        raw_length = frame.header("Content-Length")
+        if not raw_length:
+            return frame
+        length = content_length(raw_length)
+        if length is None:
+            problems.append(f"Content-Length {raw_length[:20]!r} is not a number; read no body")
+            return Frame(frame.headers, b"", tuple(problems))
+        if length > self._max_body:
+            raise ProtocolError(f"a body of {length} bytes is more than this reader accepts")
+        while len(self._buffer) < length:
+            self._fill()
+        body = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        return Frame(frame.headers, body, tuple(problems))
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+class EslEvent:
+    """A decoded FreeSWITCH event: headers in order (repeats kept) and an optional body."""
+
+    __slots__ = ("_index", "body", "headers")
+
+    def __init__(self, headers: Iterable[tuple[str, str]], body: str = "") -> None:
+        self.headers: tuple[tuple[str, str], ...] = tuple(headers)
+        self.body = body
+        index: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            index.setdefault(name.lower(), []).append(value)
+        self._index = index
+
+    def get(self, name: str, default: str = "") -> str:
+        """The first value of ``name``, matched case-insensitively like ``switch_event_get_header``."""
+        values = self._index.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of a repeated header, in order."""
+        return list(self._index.get(name.lower(), ()))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index
+
+    @property
+    def name(self) -> str:
+        """``Event-Name``."""
+        return self.get("Event-Name")
+
+    @property
+    def subclass(self) -> str:
+        """``Event-Subclass`` of a CUSTOM event."""
+        return self.get("Event-Subclass")
+
+    def __repr__(self) -> str:
+        return f"EslEvent(name={self.name!r}, subclass={self.subclass!r}, headers={len(self.headers)})"
+
+
+def parse_event_block(data: bytes) -> EslEvent:
+    """Decode a serialized event: URL-encoded header lines, then an optional ``Content-Length`` body."""
+    head, _sep, rest = data.partition(b"\n\n")
+    headers, _bad = parse_header_lines(head.decode("utf-8", errors="replace"), decode=True)
+    if not headers:
+        raise ProtocolError("an event without headers")
+    event = EslEvent(headers)
+    raw_length = event.get("Content-Length")
+    if raw_length:
+        length = content_length(raw_length)
+        if length is None:
+            raise ProtocolError(f"an event whose Content-Length {raw_length[:20]!r} is not a number")
+        event = EslEvent(headers, rest[:length].decode("utf-8", errors="replace"))
+    return event
+
+
+def parse_event_plain(data: bytes) -> EslEvent:
+    """Decode the body of a ``text/event-plain`` frame; it must name its event."""
+    event = parse_event_block(data)
+    if not event.name:
+        raise ProtocolError("an event without Event-Name")
+    return event
+
+
+def event_from_frame(frame: Frame) -> EslEvent:
+    """Decode a frame whose own headers are an event (the outbound socket's ``CHANNEL_DATA``)."""
+    return EslEvent(
+        ((name, _decoded(value)) for name, value in frame.headers), frame.body.decode("utf-8", "replace")
+    )
+
+
+def _decoded(value: str) -> str:
+    value = unquote(value, errors="replace")
+    return "" if value == UNDEFINED else value
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short, stable description of a socket error."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def check_one_line(value: str, what: str) -> str:
+    """Refuse values that would break out of an ESL command line."""
+    if "\n" in value or "\r" in value:
+        raise ProtocolError(f"{what} must not contain a line break")
+    return value
+
+
+# --- the inbound client -------------------------------------------------------------------------
+
+
+_CLOSED = object()
+
+
+class EslClient:
+    """One authenticated connection to mod_event_socket, driven by gevent.
+
+    A reader greenlet takes frames off the socket: command replies complete the oldest pending
+    command (ESL answers in order), events go to a queue the owner drains with :meth:`next_event`.
+    Malformed frames are logged and dropped. When the connection ends, every pending command and
+    the event queue fail with :class:`PbxConnectionError`.
+    """
+
+    def __init__(self, host: str, port: int, password: str, *, timeout: float = 5.0) -> None:
+        if "\n" in password or "\r" in password:
+            raise ConfigError("freeswitch.esl_password", "must not contain a line break")
+        self.host = host
+        self.port = port
+        self._password = password
+        self.timeout = timeout
+        self._sock: Any = None
+        self._reader: FrameReader | None = None
+        self._pending: deque[Any] = deque()
+        self._events: Any = Queue()
+        self._send_lock: Any = Semaphore()
+        self._greenlet: Any = None
+        self.closed_reason: str | None = None
+
+    def __repr__(self) -> str:  # never shows the password
+        return f"EslClient({self.peer!r})"
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the FreeSWITCH event socket."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_open(self) -> bool:
+        """True while the connection is authenticated and not closed."""
+        return self._greenlet is not None and self.closed_reason is None
+
+    def connect(self) -> None:
+        """Connect and authenticate; raise PbxConnectionError, PbxAuthError or ProtocolError."""
+        try:
+            sock = gsocket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as exc:
+            raise PbxConnectionError(f"cannot connect to {self.peer}: {describe_os_error(exc)}") from exc
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._sock = sock
+        self._reader = FrameReader(sock)
+        try:
+            self._authenticate(self._reader)
+        except BaseException:
+            self._close_socket()
+            raise
+        sock.settimeout(None)
+        self._greenlet = gevent.spawn(self._read_loop)
+
+    def _authenticate(self, reader: FrameReader) -> None:
+        greeting = reader.read_frame()
+        if greeting.content_type == "text/rude-rejection":
+            raise PbxAuthError(
+                f"FreeSWITCH at {self.peer} refused this host (apply-inbound-acl of event_socket.conf)"
+            )
+        if greeting.content_type != "auth/request":
+            raise ProtocolError(
+                f"{self.peer} did not ask for a password (got {greeting.content_type or 'no Content-Type'!r})"
+            )
+        try:
+            self._sock.sendall(f"auth {self._password}\n\n".encode())
+        except OSError as exc:
+            raise PbxConnectionError(f"connection lost: {describe_os_error(exc)}") from exc
+        reply = reader.read_frame()
+        if reply.content_type == "command/reply" and reply.reply_text.startswith("+OK"):
+            return
+        if reply.content_type == "command/reply":
+            # The text is FreeSWITCH's (-ERR invalid); the password itself is never repeated.
+            raise PbxAuthError(
+                f"FreeSWITCH at {self.peer} rejected the ESL password ({reply.reply_text[:40]}): "
+                "check freeswitch.esl_password"
+            )
+        raise ProtocolError(f"{self.peer} answered auth with {reply.content_type or 'no Content-Type'!r}")
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        reason = "FreeSWITCH closed the connection"
+        reader = self._reader
+        assert reader is not None
+        try:
+            while True:
+                self._dispatch(reader.read_frame())
+        except ConnectionClosed:
+            pass
+        except PbxError as exc:
+            reason = str(exc)
+        except gevent.GreenletExit:
+            reason = self.closed_reason or "closed by the bridge"
+        except Exception as exc:  # a bug here must end this connection, not the process
+            log.exception("ESL reader for %s failed", self.peer)
+            reason = f"reader failed: {exc}"
+        finally:
+            self._shutdown(reason)
+
+    def _dispatch(self, frame: Frame) -> None:
+        kind = frame.content_type
+        for problem in frame.problems:
+            log.warning("malformed ESL frame from %s: %s", self.peer, problem)
+        if kind in ("command/reply", "api/response"):
+            if not self._pending:
+                log.warning("dropped a %s from %s that answers no command", kind, self.peer)
+                return
+            self._pending.popleft().set(frame)
+        elif kind == "text/event-plain":
+            try:
+                event = parse_event_plain(frame.body)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed event from %s: %s", self.peer, exc)
+                return
+            self._events.put(event)
+        elif kind == "text/disconnect-notice":
+            if frame.header("Content-Disposition") != "linger":
+                log.debug("%s sent a disconnect notice", self.peer)
+        elif not kind:
+            names = ", ".join(name for name, _ in frame.headers[:3]) or "no headers"
+            log.warning("dropped a frame without Content-Type from %s (%s)", self.peer, names)
+        else:
+            log.warning("dropped a %r frame from %s", kind[:40], self.peer)
+
+    def next_event(self, timeout: float | None = None) -> EslEvent | None:
+        """The next event, or None after ``timeout`` seconds; raise PbxConnectionError once closed."""
+        try:
+            item = self._events.get(timeout=timeout)
+        except Empty:
+            return None
+        if item is _CLOSED:
+            self._events.put(_CLOSED)  # every later call fails the same way
+            raise PbxConnectionError(self.closed_reason or "connection closed")
+        return cast(EslEvent, item)
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    def command(self, line: str, *, timeout: float | None = None) -> Frame:
+        """Send one command line and return its reply frame (command/reply or api/response)."""
+        check_one_line(line, "an ESL command")
+        verb = " ".join(line.split()[:2])
+        result = AsyncResult()
+        with self._send_lock:
+            if not self.is_open:
+                raise PbxConnectionError(self.closed_reason or f"not connected to {self.peer}")
+            self._pending.append(result)
+            try:
+                self._sock.sendall(f"{line}\n\n".encode())
+            except OSError as exc:
+                reason = f"connection lost: {describe_os_error(exc)}"
+                self._shutdown(reason)
+                raise PbxConnectionError(reason) from exc
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return cast(Frame, result.get(timeout=limit))
+        except gevent.Timeout as exc:
+            # Replies come in order: one that never came leaves the connection unusable.
+            reason = f"no reply to {verb!r} within {limit:g} s"
+            self.close(reason)
+            raise PbxConnectionError(reason) from exc
+
+    def api(self, command: str, *, timeout: float | None = None) -> str:
+        """Run ``api <command>`` and return FreeSWITCH's answer text."""
+        frame = self.command(f"api {command}", timeout=timeout)
+        if frame.content_type != "api/response":
+            raise ProtocolError(f"api {command.split()[0]} was answered with {frame.content_type!r}")
+        return frame.text
+
+    # --- closing ----------------------------------------------------------------------------------
+
+    def close(self, reason: str = "closed by the bridge") -> None:
+        """Say goodbye (best effort) and close the connection."""
+        if self._sock is not None and self.closed_reason is None and self._greenlet is not None:
+            with contextlib.suppress(OSError):
+                self._sock.sendall(b"exit\n\n")
+        self._shutdown(reason)
+        greenlet = self._greenlet
+        if greenlet is not None and greenlet is not gevent.getcurrent():
+            greenlet.kill(block=False)
+
+    def _shutdown(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            error = PbxConnectionError(reason)
+            while self._pending:
+                self._pending.popleft().set_exception(error)
+            self._events.put(_CLOSED)
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()

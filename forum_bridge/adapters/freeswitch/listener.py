@@ -1,0 +1,312 @@
+"""The ESL listener: events in, resync after every (re)connect, enforcement with ``uuid_kill``.
+
+One greenlet owns the connection. It subscribes, resyncs, and then applies events in the order
+FreeSWITCH sent them. Events that arrive during the resync wait in the client's queue, so a
+registration seen after the snapshot is never undone by the snapshot. When the connection ends
+it reconnects with exponential backoff up to ``freeswitch.reconnect_max``, logging once when
+FreeSWITCH goes away and once when it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from gevent.event import Event as GeventEvent
+
+from forum_bridge.config import Settings
+from forum_bridge.core.events import CallStarted
+from forum_bridge.errors import (
+    ConfigError,
+    ForumBridgeError,
+    PbxAuthError,
+    PbxConnectionError,
+    PbxError,
+    ProtocolError,
+    StoreError,
+)
+from forum_bridge.service import BridgeService
+
+from .esl import EslClient, EslEvent
+from .events import (
+    SUBSCRIPTION,
+    event_time,
+    is_channel_uuid,
+    parse_channels,
+    parse_registrations,
+    to_core_event,
+)
+
+log = logging.getLogger(__name__)
+
+HANGUP_CAUSE = "CALL_REJECTED"  # sofia answers 603 Decline before the call is answered
+
+
+class MetricsSink(Protocol):
+    """What the listener reports to the metrics module."""
+
+    def set_connected(self, connected: bool) -> None:
+        """FreeSWITCH's event socket is connected (True) or not."""
+
+    def observe_event_lag(self, seconds: float) -> None:
+        """How long an event took from FreeSWITCH to the bridge."""
+
+
+class EslListener:
+    """Keeps one ESL connection to FreeSWITCH and applies its events through the service."""
+
+    def __init__(
+        self,
+        service: BridgeService,
+        settings: Settings | None = None,
+        *,
+        metrics: MetricsSink | None = None,
+        initial_backoff: float = 0.5,
+        idle_probe: float = 30.0,
+        command_timeout: float = 10.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self.settings = settings if settings is not None else service.settings
+        fs = self.settings.freeswitch
+        self.host, self.port = fs.esl_host, fs.esl_port
+        self.enforce = fs.enforce in ("esl", "both")
+        self.fail_closed = fs.fail_mode == "closed"
+        self.reconnect_max = max(fs.reconnect_max, 0.01)
+        self.initial_backoff = min(initial_backoff, self.reconnect_max)
+        self.idle_probe = idle_probe
+        self.command_timeout = command_timeout
+        self.metrics = metrics
+        self._wall_clock = wall_clock
+        self._stopping = GeventEvent()
+        self._client: EslClient | None = None
+        self._state = "starting"  # starting | up | down | auth
+        self.sessions = 0  # connections that got as far as a finished resync
+        self.events_handled = 0  # events taken off the connection and dealt with
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of FreeSWITCH's event socket."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def connected(self) -> bool:
+        """True while subscribed and in sync with FreeSWITCH."""
+        return self._state == "up"
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Connect, listen and reconnect until :meth:`stop`; never raises for PBX or database trouble."""
+        delay = self.initial_backoff
+        while not self._stopping.is_set():
+            try:
+                client = EslClient(self.host, self.port, self.settings.freeswitch.esl_password)
+            except ConfigError as exc:  # retrying cannot help
+                log.error("FreeSWITCH listener stopped: %s", exc)
+                return
+            self._client = client
+            before = self.sessions
+            try:
+                client.connect()
+                self._session(client)
+            except PbxAuthError as exc:
+                self._went_down(str(exc), auth=True)
+            except PbxError as exc:
+                self._went_down(str(exc))
+            except Exception as exc:
+                log.exception("unexpected failure in the FreeSWITCH listener")
+                self._went_down(f"internal error: {exc}")
+            finally:
+                client.close()
+                self._client = None
+            if self.sessions > before:
+                delay = self.initial_backoff
+            if self._stopping.wait(delay):
+                break
+            delay = min(delay * 2, self.reconnect_max)
+        self._set_connected(False)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return; the connection is closed at once."""
+        self._stopping.set()
+        client = self._client
+        if client is not None:
+            client.close()
+
+    def _went_down(self, reason: str, *, auth: bool = False) -> None:
+        if self._stopping.is_set():
+            return
+        state = "auth" if auth else "down"
+        if state == self._state:
+            log.debug("FreeSWITCH ESL at %s still unavailable: %s", self.peer, reason)
+            return
+        retry = f"retrying with backoff up to {self.reconnect_max:g} s"
+        if auth:
+            log.error("%s; %s", reason, retry)
+        elif self._state == "up":
+            log.warning("FreeSWITCH ESL at %s went away (%s); %s", self.peer, reason, retry)
+        else:
+            log.warning("FreeSWITCH ESL at %s is unreachable (%s); %s", self.peer, reason, retry)
+        self._state = state
+        self._set_connected(False)
+
+    def _came_up(self) -> None:
+        if self._state in ("down", "auth"):
+            log.warning("FreeSWITCH ESL at %s is back", self.peer)
+        else:
+            log.info("connected to FreeSWITCH ESL at %s", self.peer)
+        self._state = "up"
+        self._set_connected(True)
+
+    def _set_connected(self, connected: bool) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.set_connected(connected)
+        except Exception:  # metrics must never take the listener down
+            log.exception("metrics.set_connected failed")
+
+    # --- one connection ---------------------------------------------------------------------------
+
+    def _session(self, client: EslClient) -> None:
+        reply = client.command(SUBSCRIPTION, timeout=self.command_timeout)
+        if not reply.reply_text.startswith("+OK"):
+            raise ProtocolError(f"FreeSWITCH refused the event subscription: {reply.reply_text[:80]}")
+        self._resync(client)
+        self.sessions += 1
+        self._came_up()
+        while not self._stopping.is_set():
+            event = client.next_event(timeout=self.idle_probe)
+            if event is None:
+                # Nothing for a while: prove the link is alive, or find out it is not.
+                client.api("status", timeout=self.command_timeout)
+                continue
+            self._handle(client, event)
+
+    def _resync(self, client: EslClient) -> None:
+        try:
+            registrations = parse_registrations(
+                client.api("show registrations as json", timeout=self.command_timeout)
+            )
+            calls = parse_channels(client.api("show channels as json", timeout=self.command_timeout))
+        except ProtocolError as exc:
+            log.error("resync with FreeSWITCH at %s skipped: %s", self.peer, exc)
+            return
+        try:
+            # resync also moves the keepalive clock of the contacts FreeSWITCH still holds.
+            self.service.resync(registrations, calls)
+        except StoreError as exc:
+            log.error("resync with FreeSWITCH at %s failed: %s", self.peer, exc)
+
+    # --- events -----------------------------------------------------------------------------------
+
+    def _handle(self, client: EslClient, event: EslEvent) -> None:
+        try:
+            self._apply(client, event)
+        finally:
+            self.events_handled += 1
+
+    def _apply(self, client: EslClient, event: EslEvent) -> None:
+        self._observe_lag(event)
+        core = to_core_event(event, self.service.clock())
+        if core is None:
+            return
+        try:
+            if isinstance(core, CallStarted):
+                self._call_started(client, core)
+            else:
+                self.service.apply(core)
+        except PbxConnectionError:
+            raise
+        except ForumBridgeError as exc:
+            log.error("could not apply %s of %s: %s", type(core).__name__, getattr(core, "logon", ""), exc)
+        except Exception:  # one bad event must not end the listener
+            log.exception("unexpected error applying %s", type(core).__name__)
+
+    def _call_started(self, client: EslClient, call: CallStarted) -> None:
+        try:
+            outcome = self.service.apply(call, enforce=self.enforce)
+        except StoreError as exc:
+            closed = self.enforce and self.fail_closed
+            action = "hanging up (fail_mode closed)" if closed else "the call goes on"
+            log.error("cannot decide channel %s of %s (%s); %s", call.channel, call.logon, exc, action)
+            if closed:
+                self._kill(client, call, "no decision")
+            return
+        if outcome.hangup:
+            reason = outcome.decision.reason.value if outcome.decision else "denied"
+            self._kill(client, call, reason)
+
+    def _kill(self, client: EslClient, call: CallStarted, reason: str) -> None:
+        if not is_channel_uuid(call.channel):
+            log.error("not hanging up channel %r of %s: not a channel UUID", call.channel[:60], call.logon)
+            return
+        answer = client.api(f"uuid_kill {call.channel} {HANGUP_CAUSE}", timeout=self.command_timeout).strip()
+        if answer.startswith("+OK"):
+            log.info(
+                "hung up channel %s of %s to %s (%s, %s)",
+                call.channel,
+                call.logon,
+                call.number,
+                reason,
+                HANGUP_CAUSE,
+            )
+        else:
+            log.info("channel %s of %s was gone before uuid_kill: %s", call.channel, call.logon, answer[:80])
+
+    def _observe_lag(self, event: EslEvent) -> None:
+        if self.metrics is None:
+            return
+        created = event_time(event)
+        if created is None:
+            return
+        try:
+            self.metrics.observe_event_lag(max(0.0, self._wall_clock() - created))
+        except Exception:
+            log.exception("metrics.observe_event_lag failed")
+
+
+class KeepaliveSweeper:
+    """Logs off contacts that missed their keepalive, every ``interval`` seconds."""
+
+    def __init__(self, service: BridgeService, interval: float = 1.0) -> None:
+        self.service = service
+        self.interval = interval
+        self._stopping = GeventEvent()
+        self._failing = False
+        self.sweeps = 0  # finished sweeps, for tests and diagnostics
+
+    def run(self) -> None:
+        """Sweep until :meth:`stop`."""
+        while not self._stopping.wait(self.interval):
+            self.sweep_once()
+
+    def sweep_once(self) -> list[str]:
+        """One sweep; database trouble is logged once until it is over."""
+        try:
+            return self._sweep()
+        finally:
+            self.sweeps += 1
+
+    def _sweep(self) -> list[str]:
+        try:
+            freed = self.service.expire_keepalives()
+        except ForumBridgeError as exc:
+            if not self._failing:
+                log.error("keepalive sweep failed: %s (retrying every %g s)", exc, self.interval)
+            self._failing = True
+            return []
+        except Exception:
+            log.exception("keepalive sweep failed")
+            return []
+        if self._failing:
+            log.warning("keepalive sweep works again")
+            self._failing = False
+        return freed
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return."""
+        self._stopping.set()

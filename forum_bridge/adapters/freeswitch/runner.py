@@ -1,0 +1,150 @@
+"""``forum-bridge run freeswitch``: the FreeSWITCH connector as one gevent process.
+
+gevent and asyncio do not mix, so this side runs in its own process, and :func:`run` is the only
+place that monkey-patches: importing this module (or any other of the package) patches nothing,
+so tests and the asyncio side can import it safely.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import warnings
+from typing import Any
+
+from forum_bridge.config import Settings
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+def _patch() -> None:
+    from gevent import monkey
+
+    if monkey.is_module_patched("socket"):
+        return
+    with warnings.catch_warnings():
+        # Late patching (the CLI has imported ssl already) only warns about ssl, which the bridge
+        # does not use in this process.
+        warnings.simplefilter("ignore")
+        monkey.patch_all()
+
+
+def _configure_logging(settings: Settings) -> None:
+    """Log like the rest of the bridge, unless the caller (the CLI) has set logging up already."""
+    if logging.getLogger().handlers:
+        return
+    secrets = [settings.freeswitch.esl_password, settings.web.token, settings.database_url]
+    try:
+        from forum_bridge.logsetup import configure_logging
+    except ImportError:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger().setLevel(settings.log_level)
+        return
+    configure_logging(settings.log_level, [s for s in secrets if s])
+
+
+def _start_web(service: Any, settings: Settings) -> tuple[Any, Any]:
+    """The status web server and metrics, imported only when enabled."""
+    try:
+        from forum_bridge.metrics import Metrics
+        from forum_bridge.web.server import start_web
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the status web server is not available in this installation ({exc}); "
+            "set [web] enabled = false to run without it"
+        ) from exc
+    metrics = Metrics(service, pbx="freeswitch")
+    return metrics, start_web(service, settings, metrics)
+
+
+def _stop_web(server: Any) -> None:
+    for name in ("stop", "shutdown", "close"):
+        method = getattr(server, name, None)
+        if callable(method):
+            try:
+                method()
+            except Exception:
+                log.exception("stopping the status web server failed")
+            return
+
+
+def run(settings: Settings) -> int:
+    """Run the FreeSWITCH connector until SIGTERM or SIGINT; return the process exit code."""
+    _patch()
+    import gevent
+    from gevent.event import Event
+
+    from forum_bridge.errors import ForumBridgeError
+    from forum_bridge.service import BridgeService
+    from forum_bridge.store.database import Database
+
+    from .listener import EslListener, KeepaliveSweeper
+    from .socket_hook import SocketHookServer
+
+    _configure_logging(settings)
+    fs = settings.freeswitch
+    database = Database(settings.database_url)
+    service = BridgeService(settings, database)
+    hook: SocketHookServer | None = None
+    web: Any = None
+    greenlets: list[Any] = []
+    try:
+        service.start()
+        metrics: Any = None
+        if settings.web.enabled:
+            metrics, web = _start_web(service, settings)
+        if fs.enforce in ("hook", "both"):
+            hook = SocketHookServer(service, settings)
+            hook.start()
+        else:
+            log.info("socket hook not started: freeswitch.enforce = %s", fs.enforce)
+    except (ForumBridgeError, RuntimeError) as exc:
+        log.error("cannot start the FreeSWITCH connector: %s", exc)
+        if hook is not None:
+            hook.stop()
+        if web is not None:
+            _stop_web(web)
+        database.dispose()
+        return EXIT_FAILURE
+
+    listener = EslListener(service, settings, metrics=metrics)
+    sweeper = KeepaliveSweeper(service)
+    stopping = Event()
+
+    def request_stop(signum: int) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    handlers = [gevent.signal_handler(sig, request_stop, sig) for sig in (signal.SIGTERM, signal.SIGINT)]
+    greenlets = [gevent.spawn(listener.run), gevent.spawn(sweeper.run)]
+    log.info(
+        "FreeSWITCH connector running: node %s, ESL %s:%d, enforce %s, fail_mode %s",
+        settings.node_name,
+        fs.esl_host,
+        fs.esl_port,
+        fs.enforce,
+        fs.fail_mode,
+    )
+    try:
+        # Wake up now and then so a worker that died is noticed instead of waited on forever.
+        while not stopping.wait(1.0):
+            if any(g.dead for g in greenlets):
+                log.error("the FreeSWITCH connector's workers stopped; exiting")
+                return EXIT_FAILURE
+    finally:
+        listener.stop()
+        sweeper.stop()
+        if hook is not None:
+            hook.stop()
+        gevent.joinall(greenlets, timeout=5.0)
+        gevent.killall([g for g in greenlets if not g.dead], timeout=1.0)
+        if web is not None:
+            _stop_web(web)
+        for handler in handlers:
+            handler.cancel()
+        database.dispose()
+        log.info("FreeSWITCH connector stopped")
+    return EXIT_OK

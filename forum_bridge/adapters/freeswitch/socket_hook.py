@@ -1,0 +1,176 @@
+"""The dialplan hook: FreeSWITCH's ``socket`` application connects here for every call a phone places.
+
+Protocol (outbound ESL): FreeSWITCH connects and waits; the bridge sends ``connect``; FreeSWITCH
+answers with the channel's data (a ``CHANNEL_DATA`` header block, values URL-encoded,
+``Content-Type: command/reply`` near its end). The bridge decides with
+:meth:`BridgeService.authorize` and then either
+
+* allows: ``api uuid_setvar <uuid> forum_bridge_verdict allowed``, ``resume``, ``exit``: the
+  dialplan goes on and, seeing the verdict, routes the call normally; or
+* denies: sets the verdict to ``denied``, ``sendmsg`` with ``call-command: hangup`` and
+  ``hangup-cause: CALL_REJECTED``, then ``exit``.
+
+When no decision can be made (database down, a broken session) ``freeswitch.fail_mode`` decides:
+``closed`` hangs up, ``open`` lets the call go on. If the bridge cannot be reached at all, the
+dialplan itself applies the fail mode (see :mod:`.dialplan`).
+
+This is a small gevent ``StreamServer`` rather than greenswitch's ``OutboundESLServer``, which
+calls ``sys.exit()`` when it cannot bind (and with port 0), polls ``accept`` every 0.1 s, has no
+time limit on a session, and decodes ``CHANNEL_DATA`` as one block before splitting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from typing import Any
+
+import gevent
+from gevent import socket as gsocket
+from gevent.server import StreamServer
+
+from forum_bridge.config import Settings
+from forum_bridge.core.events import Direction
+from forum_bridge.errors import ForumBridgeError, PbxConnectionError, PbxError, ProtocolError
+from forum_bridge.service import BridgeService
+
+from .esl import Frame, FrameReader, describe_os_error, event_from_frame
+from .events import caller_logon, channel_uuid, dialled_number, is_channel_uuid
+
+log = logging.getLogger(__name__)
+
+VERDICT_VARIABLE = "forum_bridge_verdict"
+HANGUP_CAUSE = "CALL_REJECTED"
+_REPLIES = ("command/reply", "api/response")
+
+
+class SocketHookServer:
+    """Answers FreeSWITCH's ``socket`` application: allow a call, or hang it up."""
+
+    def __init__(
+        self,
+        service: BridgeService,
+        settings: Settings | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        session_timeout: float = 10.0,
+    ) -> None:
+        self.service = service
+        self.settings = settings if settings is not None else service.settings
+        fs = self.settings.freeswitch
+        self.host = fs.socket_host if host is None else host
+        self.requested_port = fs.socket_port if port is None else port
+        self.fail_open = fs.fail_mode == "open"
+        self.session_timeout = session_timeout
+        self._server: Any = None
+        self.sessions = 0  # finished sessions, for tests and diagnostics
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful with port 0)."""
+        if self._server is None:
+            return self.requested_port
+        return int(self._server.server_port)
+
+    def start(self) -> None:
+        """Listen; raise PbxConnectionError when the address cannot be bound."""
+        # The socket is made here, not by StreamServer, which leaks it when bind fails.
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = gsocket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self.requested_port))
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            raise PbxConnectionError(
+                f"cannot listen for the socket hook on {self.host}:{self.requested_port}: "
+                f"{describe_os_error(exc)}"
+            ) from exc
+        server = StreamServer(listener, self._handle)
+        server.start()
+        self._server = server
+        log.info("socket hook listening on %s:%d", self.host, self.port)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting calls; sessions in progress get ``timeout`` seconds to finish."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(timeout=timeout)
+
+    # --- one call ---------------------------------------------------------------------------------
+
+    def _handle(self, sock: Any, address: Any) -> None:
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        try:
+            with gevent.Timeout(self.session_timeout, PbxConnectionError("the session took too long")):
+                _HookSession(self, sock).run()
+        except PbxError as exc:
+            # The socket closes now; with socket_resume=true the dialplan applies the fail mode.
+            log.error("socket hook session from %s failed: %s", peer, exc)
+        except Exception:
+            log.exception("socket hook session from %s failed", peer)
+        finally:
+            self.sessions += 1
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def decide(self, logon: str, number: str, uuid: str) -> bool:
+        """True when the call may go on; applies the fail mode when no decision can be made."""
+        if not logon or not number:
+            # Not a phone's SIP leg (no From user): nothing the licence rules manage.
+            log.info("socket hook: channel %s has no caller log-on or number; letting it pass", uuid)
+            return True
+        try:
+            return self.service.authorize(logon, number, Direction.OUTBOUND, channel=uuid).allowed
+        except ForumBridgeError as exc:
+            action = "letting it pass (fail_mode open)" if self.fail_open else "hanging up (fail_mode closed)"
+            log.error(
+                "socket hook cannot decide channel %s of %s to %s: %s; %s", uuid, logon, number, exc, action
+            )
+            return self.fail_open
+
+
+class _HookSession:
+    """One outbound-socket conversation."""
+
+    def __init__(self, server: SocketHookServer, sock: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.reader = FrameReader(sock)
+
+    def run(self) -> None:
+        self._send("connect")
+        channel = event_from_frame(self.reader.read_frame())
+        uuid = channel_uuid(channel)
+        if not is_channel_uuid(uuid):
+            raise ProtocolError("the channel data has no usable Unique-ID")
+        logon, number = caller_logon(channel), dialled_number(channel)
+        if self.server.decide(logon, number, uuid):
+            self._request(f"api uuid_setvar {uuid} {VERDICT_VARIABLE} allowed")
+            self._request("resume")
+        else:
+            self._request(f"api uuid_setvar {uuid} {VERDICT_VARIABLE} denied")
+            self._request(f"sendmsg {uuid}\ncall-command: hangup\nhangup-cause: {HANGUP_CAUSE}")
+        with contextlib.suppress(PbxConnectionError):  # FreeSWITCH may close first once the channel is gone
+            self._request("exit")
+
+    def _send(self, text: str) -> None:
+        try:
+            self.sock.sendall(f"{text}\n\n".encode())
+        except OSError as exc:
+            raise PbxConnectionError(f"connection lost: {describe_os_error(exc)}") from exc
+
+    def _request(self, text: str) -> Frame:
+        self._send(text)
+        while True:
+            frame = self.reader.read_frame()
+            if frame.content_type in _REPLIES:
+                break
+            # Events or a linger notice may come in between; only the reply matters here.
+        answer = frame.reply_text.strip()
+        if not answer.startswith("+OK"):
+            log.warning("socket hook: FreeSWITCH answered %r to %s", answer[:80], text.split("\n", 1)[0])
+        return frame

@@ -1,0 +1,384 @@
+"""The ESL listener against a fake FreeSWITCH: the Forum rules, enforcement, resync and failures.
+
+Every scenario asserts through ``svc.status()``, the document ``forum-bridge status --json`` prints.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from forum_bridge.errors import StoreError
+from tests.freeswitch.conftest import Bridge, wait_until
+from tests.freeswitch.fake_esl import (
+    captured,
+    channel_create_event,
+    event_frame,
+    expire_event,
+    hangup_event,
+    register_event,
+    register_failure_event,
+    ringing_leg_event,
+)
+
+StartBridge = Callable[..., Bridge]
+
+KILL = "api uuid_kill {} CALL_REJECTED"
+
+
+def call(bridge: Bridge, uuid: str, user: str, number: str) -> None:
+    """A phone places a call: FreeSWITCH lists the channel and sends CHANNEL_CREATE."""
+    bridge.fake.add_channel(uuid, user, number)
+    bridge.push(channel_create_event(uuid, user, number))
+
+
+def test_subscription_puts_channel_events_before_custom(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    event = next(c for c in bridge.fake.commands if c.startswith("event "))
+    assert event.index("CHANNEL_CREATE") < event.index("CUSTOM")
+    assert event.index("CHANNEL_HANGUP_COMPLETE") < event.index("CUSTOM")
+    assert event.split("CUSTOM", 1)[1].split() == [
+        "sofia::register",
+        "sofia::unregister",
+        "sofia::expire",
+        "sofia::register_failure",
+    ]
+
+
+def test_log_on_succeeds_with_no_licence_free(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    call(bridge, "c-1000", "1000", "600")
+    assert bridge.licences() == {"total": 1, "used": 1, "free": 0}
+    bridge.register("1001")
+    status = bridge.subscriber("1001")
+    assert (status["state"], status["licensed"]) == ("logged_on", False)
+    assert status["contact"] == "sip:1001@127.0.0.1:5091"
+    assert bridge.fake.kills() == []
+
+
+def test_a_licence_is_taken_at_the_first_call_not_at_log_on(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    assert bridge.licences()["used"] == 0
+    assert bridge.subscriber("1000")["licensed"] is False
+    call(bridge, "c-1", "1000", "600")
+    status = bridge.service.status()
+    assert status["licences"] == {"total": 1, "used": 1, "free": 0}
+    assert [(a["slot"], a["logon"], a["number"]) for a in status["assignments"]] == [(1, "1000", "1000")]
+    assert status["assignments"][0]["since"] == "2026-11-24T08:00:00Z"
+    assert [(c["channel"], c["logon"], c["number"], c["direction"]) for c in status["calls"]] == [
+        ("c-1", "1000", "600", "outbound")
+    ]
+    bridge.push(hangup_event("c-1", "1000", "600"))
+    assert bridge.service.status()["calls"] == []
+    assert bridge.subscriber("1000")["licensed"] is True  # kept until log-off
+
+
+def test_a_refresh_takes_no_licence_and_moves_the_keepalive(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    first_seen = bridge.subscriber("1000")["last_seen"]
+    bridge.clock.advance(60)
+    bridge.register("1000")  # the refresh: same contact
+    status = bridge.subscriber("1000")
+    assert status["contacts"] == ["sip:1000@127.0.0.1:5091"]
+    assert status["last_seen"] > first_seen
+    assert bridge.licences()["used"] == 0
+    call(bridge, "c-1", "1000", "600")
+    bridge.register("1000")
+    call(bridge, "c-2", "1000", "601")
+    assert bridge.licences()["used"] == 1
+
+
+def test_two_log_ons_of_one_number_take_two_licences(start_bridge: StartBridge) -> None:
+    bridge = start_bridge(subscribers={"2000": "20", "2001": "20"}, **{"licences.count": 2})
+    bridge.register("2000", 5091)
+    bridge.register("2001", 5092)
+    call(bridge, "c-a", "2000", "600")
+    call(bridge, "c-b", "2001", "601")
+    status = bridge.service.status()
+    assert status["licences"]["used"] == 2
+    assert sorted((a["logon"], a["number"]) for a in status["assignments"]) == [("2000", "20"), ("2001", "20")]
+
+
+def test_pool_full_kills_a_normal_call_and_lets_an_emergency_call_pass(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    bridge.register("1001")
+    call(bridge, "c-holder", "1000", "600")
+    call(bridge, "c-denied", "1001", "601")
+    assert bridge.fake.kills() == [KILL.format("c-denied")]
+    call(bridge, "c-112", "1001", "112")
+    assert bridge.fake.kills() == [KILL.format("c-denied")]
+    assert bridge.subscriber("1001")["licensed"] is False
+    assert bridge.licences()["used"] == 1
+
+
+def test_a_ringing_leg_without_a_licence_is_killed(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    bridge.register("1001")
+    call(bridge, "c-holder", "1000", "600")
+    bridge.fake.add_channel("b-leg", "1001", "1001", direction="outbound")
+    bridge.push(ringing_leg_event("b-leg", "1001", caller="1003"))
+    assert bridge.fake.kills() == [KILL.format("b-leg")]
+
+
+def test_a_failed_log_on_blocks_every_call_even_emergency(start_bridge: StartBridge) -> None:
+    bridge = start_bridge(**{"licences.count": 2})
+    bridge.register("1000")
+    bridge.push(register_failure_event("1000"))
+    assert bridge.subscriber("1000")["state"] == "logon_failed"
+    call(bridge, "c-112", "1000", "112")
+    call(bridge, "c-600", "1000", "600")
+    assert bridge.fake.kills() == [KILL.format("c-112"), KILL.format("c-600")]
+    assert bridge.licences()["used"] == 0
+    failures = bridge.service.status()["failed_logons"]
+    assert [(f["logon"], f["source"]) for f in failures] == [("1000", "127.0.0.1:5091")]
+
+
+def test_unregister_frees_the_licence_at_once(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    call(bridge, "c-1", "1000", "600")
+    before = bridge.listener.events_handled
+    assert bridge.fake.unregister("1000") == 1
+    wait_until(lambda: bridge.listener.events_handled > before)
+    status = bridge.subscriber("1000")
+    assert (status["state"], status["licensed"]) == ("logged_off", False)
+    assert bridge.licences()["free"] == 1
+
+
+def test_expiry_frees_the_licence(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1001")
+    call(bridge, "c-1", "1001", "600")
+    bridge.push(expire_event("1001"))
+    assert (bridge.subscriber("1001")["state"], bridge.licences()["used"]) == ("logged_off", 0)
+
+
+def test_a_missed_keepalive_frees_the_licence(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    call(bridge, "c-1", "1000", "600")
+    bridge.clock.advance(120 + 10)  # the default profile's keepalive plus grace: not yet
+    bridge.let_sweeps_run()
+    assert bridge.subscriber("1000")["licensed"] is True
+    bridge.clock.advance(1)
+    wait_until(lambda: bridge.licences()["used"] == 0, what="the sweep to free the licence")
+    assert bridge.subscriber("1000")["state"] == "logged_off"
+
+
+def test_reset_frees_every_licence_without_cutting_calls(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    call(bridge, "c-1", "1000", "600")
+    assert bridge.service.reset_licences("admin") == 1
+    status = bridge.service.status()
+    assert status["licences"]["used"] == 0
+    assert [c["channel"] for c in status["calls"]] == ["c-1"]
+    assert bridge.fake.kills() == []
+    call(bridge, "c-2", "1000", "601")
+    assert bridge.service.status()["assignments"][0]["logon"] == "1000"
+
+
+def test_reconnect_resyncs_and_logs_once_each_way(
+    start_bridge: StartBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="forum_bridge")
+    bridge = start_bridge(**{"licences.count": 2})
+    bridge.register("1000", 5091)
+    bridge.register("1001", 5092)
+    call(bridge, "c-1001", "1001", "600")
+    assert bridge.subscriber("1001")["licensed"] is True
+
+    bridge.fake.set_down(True)
+    wait_until(lambda: not bridge.listener.connected, what="the listener to notice")
+    wait_until(lambda: bridge.fake.refused >= 3, what="several reconnect attempts")
+    # While the bridge is away, 1001 unregisters and 1002 registers; no events reach it.
+    bridge.fake.remove_registration("1001", 5092)
+    bridge.fake.add_registration("1002", 5093)
+    bridge.fake.channels = []
+    bridge.fake.set_down(False)
+    wait_until(lambda: bridge.listener.sessions == 2, what="the second session")
+
+    assert bridge.subscriber("1001")["state"] == "logged_off"
+    assert bridge.subscriber("1001")["licensed"] is False
+    assert bridge.subscriber("1002")["state"] == "logged_on"
+    assert bridge.subscriber("1002")["contact"] == "sip:1002@127.0.0.1:5093"
+    assert bridge.subscriber("1000")["state"] == "logged_on"
+    assert bridge.licences()["used"] == 0
+    assert bridge.service.status()["calls"] == []
+    messages = [r.getMessage() for r in caplog.records if r.name.endswith("freeswitch.listener")]
+    assert len([m for m in messages if "went away" in m]) == 1
+    assert len([m for m in messages if "is back" in m]) == 1
+    assert bridge.metrics.connected == [True, False, True]
+
+
+def test_resync_moves_the_keepalive_of_registrations_that_stayed(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    bridge.register("1001", 5092)
+    bridge.push(register_failure_event("1001"))
+    bridge.clock.advance(100)
+    bridge.fake.drop()
+    wait_until(lambda: bridge.listener.sessions == 2, what="the reconnect")
+    bridge.clock.advance(100)  # 200 s after the REGISTER, 100 s after the resync
+    bridge.let_sweeps_run()
+    assert bridge.subscriber("1000")["state"] == "logged_on"
+    # A registration that FreeSWITCH still lists does not undo a failed log-on.
+    assert bridge.subscriber("1001")["state"] == "logon_failed"
+
+
+def test_an_event_arriving_during_the_resync_is_applied_after_it(start_bridge: StartBridge) -> None:
+    bridge = start_bridge(wait=False)
+    fake = bridge.fake
+
+    def register_mid_resync(command: str) -> None:
+        # The registrations snapshot (empty) has gone out; 1000 registers before the channels reply.
+        if command == "api show channels as json" and fake.accepted == 1:
+            fake.add_registration("1000")
+            fake.push_event(register_event("1000"))
+
+    fake.before_reply = register_mid_resync
+    wait_until(lambda: bridge.listener.connected, what="the first session")
+    wait_until(lambda: bridge.listener.events_handled == 1, what="the register event")
+    assert bridge.subscriber("1000")["state"] == "logged_on"
+
+
+def test_a_resync_cut_short_is_done_again_after_reconnecting(start_bridge: StartBridge) -> None:
+    bridge = start_bridge(wait=False)
+    bridge.fake.add_registration("1000")
+    bridge.fake.drop_on = "api show channels"
+    wait_until(lambda: bridge.listener.connected, what="a complete session")
+    assert (bridge.fake.accepted, bridge.listener.sessions) == (2, 1)
+    assert bridge.subscriber("1000")["state"] == "logged_on"
+
+
+def test_malformed_frames_are_dropped_and_the_connection_survives(
+    start_bridge: StartBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="forum_bridge")
+    bridge = start_bridge()
+    junk = [
+        b"Some-Header: without a content type\n\n",
+        b"Content-Type: command/reply\nReply-Text: +OK nobody asked\n\n",
+        b"Content-Type: application/x-unknown\nContent-Length: 3\n\nabc",
+        b"a line that is no header\nContent-Type: text/event-plain\nContent-Length: 0\n\n",
+        event_frame("Foo: no event name\n\n"),
+        event_frame("Event-Name: CHANNEL_CREATE\nUnique-ID: only-this\n\n"),
+        b"Content-Type: text/event-plain\nContent-Length: many\n\n",
+        b"\xff\xfe\xfd: \x00\x01\n\n",
+        event_frame("Event-Name: CUSTOM\nEvent-Subclass: sofia%3A%3Aregister\nfrom-user: 99%zz%FF\n\n"),
+        b"\n\n\n",
+    ]
+    for frame in junk:
+        assert bridge.fake.send_raw(frame) == 1
+    bridge.register("1000")
+    assert bridge.subscriber("1000")["state"] == "logged_on"
+    assert bridge.listener.sessions == 1
+    assert bridge.fake.accepted == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("without Content-Type" in m for m in warnings)
+    assert any("answers no command" in m for m in warnings)
+    assert any("malformed event" in m for m in warnings)
+
+
+def test_a_connection_dropped_in_the_middle_of_a_frame_reconnects(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    frame = event_frame(register_event("1000"))
+    bridge.fake.send_raw(frame[: len(frame) // 2])
+    bridge.fake.drop()
+    wait_until(lambda: bridge.listener.sessions == 2, what="the reconnect")
+    assert bridge.subscriber("1000")["state"] == "logged_off"  # half an event is no event
+    bridge.register("1000")
+    assert bridge.subscriber("1000")["state"] == "logged_on"
+
+
+def test_a_connection_dropped_before_the_kill_reply_reconnects(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    bridge.register("1001")
+    call(bridge, "c-holder", "1000", "600")
+    bridge.fake.drop_on = "api uuid_kill"
+    bridge.fake.add_channel("c-denied", "1001", "601")
+    bridge.fake.push_event(channel_create_event("c-denied", "1001", "601"))
+    wait_until(lambda: bridge.listener.sessions == 2, what="the reconnect")
+    assert bridge.fake.kills() == [KILL.format("c-denied")]
+    assert bridge.subscriber("1001")["licensed"] is False
+
+
+def test_a_wrong_password_is_one_clear_line_without_the_password(
+    start_bridge: StartBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    password = "Wr0ng-Secret-42"
+    bridge = start_bridge(wait=False, **{"freeswitch.esl_password": password})
+    wait_until(lambda: bridge.fake.auth_attempts >= 3, what="several attempts with backoff")
+    assert not bridge.listener.connected
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    line = errors[0].getMessage()
+    assert "rejected the ESL password" in line and "freeswitch.esl_password" in line
+    assert "\n" not in line
+    assert all(password not in r.getMessage() for r in caplog.records)
+    assert password not in caplog.text
+    # Once the password is right on FreeSWITCH's side, the listener gets in.
+    bridge.fake.password = password
+    wait_until(lambda: bridge.listener.connected, what="the listener to connect")
+
+
+def test_a_password_with_a_line_break_stops_the_listener_with_one_error(
+    start_bridge: StartBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = start_bridge(wait=False, **{"freeswitch.esl_password": "pw\napi shutdown"})
+    wait_until(lambda: bridge.greenlets[0].dead, what="the listener to give up")
+    assert bridge.fake.accepted == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["FreeSWITCH listener stopped: configuration key freeswitch.esl_password: must not contain a line break"]
+
+
+def test_a_quiet_link_is_probed_and_a_dead_one_replaced(start_bridge: StartBridge) -> None:
+    bridge = start_bridge(idle_probe=0.05)
+    wait_until(lambda: "api status" in bridge.fake.commands, what="a probe of the quiet link")
+    assert bridge.listener.sessions == 1
+    bridge.fake.drop_on = "api status"
+    wait_until(lambda: bridge.listener.sessions == 2, what="a new connection after the failed probe")
+
+
+def test_enforce_hook_records_calls_but_never_kills(start_bridge: StartBridge) -> None:
+    bridge = start_bridge(**{"freeswitch.enforce": "hook"})
+    bridge.register("1000")
+    bridge.register("1001")
+    call(bridge, "c-1", "1000", "600")
+    call(bridge, "c-2", "1001", "601")
+    assert bridge.fake.kills() == []
+    assert bridge.licences()["used"] == 0  # the hook takes licences; the listener only records
+    assert [c["channel"] for c in bridge.service.status()["calls"]] == ["c-1", "c-2"]
+
+
+@pytest.mark.parametrize(("fail_mode", "killed"), [("closed", True), ("open", False)])
+def test_database_failure_follows_fail_mode(
+    start_bridge: StartBridge, monkeypatch: pytest.MonkeyPatch, fail_mode: str, killed: bool
+) -> None:
+    bridge = start_bridge(**{"freeswitch.fail_mode": fail_mode})
+    bridge.register("1000")
+
+    def broken(*_args: object, **_kwargs: object) -> object:
+        raise StoreError("database error: disk I/O error")
+
+    monkeypatch.setattr(bridge.service, "authorize", broken)
+    call(bridge, "c-1", "1000", "600")
+    assert bridge.fake.kills() == ([KILL.format("c-1")] if killed else [])
+    assert bridge.listener.connected
+
+
+def test_event_lag_and_connection_state_reach_the_metrics(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.listener._wall_clock = lambda: 1795495818.141495 + 2.5
+    bridge.push(captured("CUSTOM", subclass="sofia::register"))  # stamped 1795495818141495 µs
+    assert bridge.metrics.lags == [pytest.approx(2.5)]
+    assert bridge.metrics.connected == [True]
