@@ -133,7 +133,14 @@ class BridgeService:
     # --- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Check the schema and bring slots and configured profiles in line with the settings."""
+        """Check the schema and bring slots and configured profiles in line with the settings.
+
+        An empty database gets the schema at once (a new installation needs no extra step); a
+        database at an older revision is left alone until ``forum-bridge db upgrade`` is run.
+        """
+        if self.database.current_revision() is None:
+            service_log.warning("the database is empty; creating the schema")
+            self.database.upgrade()
         self.database.require_current_schema()
         self.sync_configuration()
 
@@ -254,6 +261,8 @@ class BridgeService:
         try:
             with self.database.transaction() as session:
                 if channel:
+                    # Taken before looking, so a hook and an event deciding the same leg at once queue.
+                    ops.lock_logon(session, logon)
                     earlier = ops.call_decision(session, self.node, channel)
                 if earlier is not None:
                     # The same leg seen twice (AMI event and dialplan hook): one decision, one audit line.
@@ -273,6 +282,12 @@ class BridgeService:
         """What the rules know about ``logon`` now (managed, logged on, failed, licensed)."""
         with self.database.transaction() as session:
             return ops.logon_state(session, logon)
+
+    def call_number(self, logon: str) -> str | None:
+        """The call number of a managed log-on, or None for one that is not provisioned."""
+        with self.database.transaction() as session:
+            row = session.get(SubscriberRow, logon)
+            return row.number if row is not None else None
 
     def check(self, logon: str, number: str, direction: Direction = Direction.OUTBOUND) -> Decision:
         """What :meth:`authorize` would answer now, without taking a licence or writing anything."""

@@ -142,9 +142,27 @@ def test_bad_configuration_exits_2_naming_the_key(cli: CliRunner, tmp_path: Path
     assert "licences.count" in out and len(out.strip().splitlines()) == 1
 
 
-def test_empty_database_tells_to_upgrade(tmp_path: Path) -> None:
-    out = CliRunner().invoke(main, ["--database", f"sqlite:///{tmp_path}/new.db", "status"])
+def test_an_empty_database_gets_the_schema_on_first_use(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/new.db"
+    out = CliRunner().invoke(main, ["--database", url, "subscriber", "add", "21-desk", "--number", "21"])
+    assert out.exit_code == 0, out.output
+    assert CliRunner().invoke(main, ["--database", url, "db", "current"]).output.strip() == "0001"
+    doc = json.loads(CliRunner().invoke(main, ["--database", url, "status", "--json"]).output)
+    assert [s["logon"] for s in doc["subscribers"]] == ["21-desk"]
+
+
+def test_an_older_schema_is_not_migrated_behind_the_administrators_back(tmp_path: Path) -> None:
+    from forum_bridge.store.database import Database
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    db = Database(url)
+    db.upgrade()
+    with db.engine.begin() as connection:  # pretend the file comes from an older release
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+    db.dispose()
+    out = CliRunner().invoke(main, ["--database", url, "status"])
     assert out.exit_code == 1
+    assert "at revision 0000" in out.output
     assert "forum-bridge db upgrade" in out.output
 
 

@@ -159,10 +159,15 @@ def test_the_status_page_reports_the_freeswitch_connection(tmp_path: Path, fake_
     assert code == 0, log_path.read_text()
 
 
-def test_an_empty_database_stops_the_connector_with_a_clear_error(
+def test_an_older_schema_stops_the_connector_with_a_clear_error(
     tmp_path: Path, fake_esl: FakeEslServer
 ) -> None:
     config = write_config(tmp_path, fake_esl.port, free_tcp_port())
+    database = Database(load_settings(config, environ={}).database_url)
+    database.upgrade()
+    with database.engine.begin() as connection:  # as if the file came from an older release
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+    database.dispose()
     log_path = tmp_path / "connector.log"
     process = start_connector(config, log_path)
     try:

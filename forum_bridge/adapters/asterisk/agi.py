@@ -1,0 +1,352 @@
+"""The FastAGI hook server: Asterisk's dialplan asks the bridge before a call goes on.
+
+A small asyncio server of its own rather than panoramisk's ``fast_agi``: that one spins at 100 %
+CPU when a client closes before the blank line ending the AGI environment, freezing the whole
+event loop (AMI included), and its ``add_route`` needs ``asyncio.coroutine``, gone in 3.11.
+
+Protocol (``res_agi.c``): Asterisk connects and writes ``name: value`` lines (``agi_network_script``,
+``agi_channel``, ``agi_arg_1``, ...) ending with an empty line; then the server sends commands, one
+line each, and reads one reply per command. ``HANGUP`` lines arrive unasked when the channel hangs
+up and are skipped; ``520-`` starts a multi-line usage text ending with a ``520 `` line.
+
+Scripts (the part after the address in ``AGI(agi://host:port/<script>,...)``):
+
+* ``outbound`` (``agi_arg_1`` = dialled number): may the log-on of ``agi_channel`` call it? Answers
+  ``FORUM_BRIDGE_RESULT`` = ``allow`` or ``deny`` and ``FORUM_BRIDGE_REASON`` = the reason.
+* ``inbound`` (``agi_arg_1`` = call number): which log-ons of that number may ring now (each takes
+  its licence)? Answers ``FORUM_BRIDGE_DIAL`` = ``PJSIP/a&PJSIP/b`` (left empty when none) and
+  ``FORUM_BRIDGE_RESULT`` = ``allow``/``deny``.
+
+When the database fails or is too slow, an outbound emergency call is allowed and anything else
+follows ``asterisk.fail_mode`` (reason ``bridge_error``); inbound answers ``FORUM_BRIDGE_RESULT``
+= ``error`` with no dial string. Every client is bounded in time and memory: one that connects
+and closes, stalls, or sends garbage costs a few kilobytes for at most ``read_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, Protocol, TypeVar
+
+from forum_bridge.adapters.asterisk.ami import RecentDecisions
+from forum_bridge.adapters.asterisk.events import logon_of_channel
+from forum_bridge.config import Settings
+from forum_bridge.core.events import Direction
+from forum_bridge.core.rules import Decision, Reason
+from forum_bridge.errors import ConfigError, ProtocolError, StoreError
+
+__all__ = ["FastAgiServer", "HookService", "agi_quote", "parse_environment"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_LINE_LIMIT = 4096  # bytes of one line; real AGI environment lines are well under 1 KiB
+_ENV_LIMIT = 32 * 1024  # bytes of the whole environment block
+_ENV_LINES = 200
+_REPLY_LINES = 500  # lines of one reply (a 520 usage text) before giving up
+_MAX_CLIENTS = 128
+_CATCH_UP = 0.25  # seconds a decision waits for AMI events already received to be applied
+BRIDGE_ERROR = "bridge_error"
+
+
+class HookService(Protocol):
+    """The part of :class:`forum_bridge.service.BridgeService` the hook needs."""
+
+    def authorize(
+        self, logon: str, number: str, direction: Direction = Direction.OUTBOUND, *, channel: str = ""
+    ) -> Decision:
+        """Decide a call leg now and apply it."""
+
+    def ringable(self, number: str) -> list[tuple[str, Decision]]:
+        """Which log-ons of a call number may ring now."""
+
+    def is_emergency(self, number: str) -> bool:
+        """True for an emergency number."""
+
+
+def agi_quote(value: str) -> str:
+    """One AGI command argument: in double quotes, with ``\\`` and ``"`` escaped (``res_agi`` parse_args)."""
+    cleaned = value.replace("\r", " ").replace("\n", " ")
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_environment(lines: list[str]) -> dict[str, str]:
+    """Parse ``agi_name: value`` lines (without line ends) into a dict; ProtocolError on garbage."""
+    env: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        name = name.strip()
+        if not sep or not name.startswith("agi_") or not name.replace("_", "").isalnum():
+            raise ProtocolError("not an AGI environment line")
+        env[name] = value[1:] if value.startswith(" ") else value
+    return env
+
+
+class FastAgiServer:
+    """Serves the dialplan hook on ``asterisk.agi_host``/``agi_port`` (port 0 picks a free port)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: HookService,
+        *,
+        executor: Executor | None = None,
+        read_timeout: float = 5.0,
+        decision_timeout: float | None = None,
+        max_clients: int = _MAX_CLIENTS,
+        before_decision: Callable[[float], Awaitable[object]] | None = None,
+        decisions: RecentDecisions | None = None,
+    ) -> None:
+        """Prepare the server; :meth:`start` binds it.
+
+        ``before_decision(timeout)`` is awaited before each decision: the runner passes the AMI
+        listener's ``caught_up``, so a decision sees the events Asterisk sent just before the call.
+        ``decisions`` is shared with the AMI listener so a call leg is decided once.
+        """
+        self._settings = settings
+        self._service = service
+        self._executor = executor
+        self.read_timeout = read_timeout
+        # The dialplan waits for the answer with no deadline of its own: never keep it waiting long.
+        self.decision_timeout = (
+            decision_timeout if decision_timeout is not None else float(settings.asterisk.action_timeout)
+        )
+        self.max_clients = max_clients
+        self._before_decision = before_decision
+        self._decisions = decisions
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._changed = asyncio.Event()
+        self._over_capacity_logged = False
+        self.port = settings.asterisk.agi_port
+        self.requests = 0
+        self.answered = 0
+        self.refused = 0
+
+    @property
+    def active(self) -> int:
+        """Connections being handled right now."""
+        return len(self._handlers)
+
+    async def start(self) -> None:
+        """Listen; ConfigError when the address cannot be bound."""
+        host = self._settings.asterisk.agi_host
+        try:
+            self._server = await asyncio.start_server(
+                self._handle, host, self._settings.asterisk.agi_port, limit=_LINE_LIMIT
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "asterisk.agi_port",
+                f"cannot listen on {host}:{self._settings.asterisk.agi_port}: {exc.strerror or exc}",
+            ) from exc
+        sockets = self._server.sockets
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        log.info("FastAGI hook listening on %s:%d", host, self.port)
+
+    async def close(self) -> None:
+        """Stop listening and end every connection still open."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait until no connection is being handled; TimeoutError after ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while self._handlers:
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # --- one connection ----------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            if len(self._handlers) > self.max_clients:
+                self.refused += 1
+                if not self._over_capacity_logged:
+                    self._over_capacity_logged = True
+                    log.warning(
+                        "more than %d FastAGI connections at once; refusing new ones", self.max_clients
+                    )
+                return
+            self._over_capacity_logged = False
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    env = await self._read_environment(reader)
+            except TimeoutError:
+                log.debug("FastAGI client sent no complete environment within %.1fs", self.read_timeout)
+                return
+            except (ProtocolError, ValueError, ConnectionError) as exc:
+                # ValueError: a line over the limit (asyncio's LimitOverrunError).
+                log.debug("FastAGI client dropped: %s", exc)
+                return
+            self.requests += 1
+            await self._dispatch(env, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.debug("FastAGI connection closed by Asterisk")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("FastAGI request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            if task is not None:
+                self._handlers.discard(task)
+            self._notify()
+
+    async def _read_environment(self, reader: asyncio.StreamReader) -> dict[str, str]:
+        lines: list[str] = []
+        total = 0
+        while True:
+            raw = await reader.readline()
+            if not raw.endswith(b"\n"):
+                raise ProtocolError("connection closed before the end of the AGI environment")
+            total += len(raw)
+            if total > _ENV_LIMIT or len(lines) >= _ENV_LINES:
+                raise ProtocolError("AGI environment too large")
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not line:
+                return parse_environment(lines)
+            lines.append(line)
+
+    async def _dispatch(
+        self, env: dict[str, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        script = env.get("agi_network_script", "").split("?", 1)[0].strip().strip("/")
+        if script == "outbound":
+            answers = await self._outbound(env)
+        elif script == "inbound":
+            answers = await self._inbound(env)
+        else:
+            log.warning(
+                "FastAGI request for unknown script %r from channel=%s; use outbound or inbound",
+                script[:64],
+                env.get("agi_channel", "-")[:128],
+            )
+            return
+        async with asyncio.timeout(self.read_timeout):
+            for name, value in answers:
+                if not await self._command(reader, writer, f"SET VARIABLE {name} {agi_quote(value)}"):
+                    return
+        self.answered += 1
+
+    async def _outbound(self, env: dict[str, str]) -> list[tuple[str, str]]:
+        channel = env.get("agi_channel", "")
+        number = (env.get("agi_arg_1") or env.get("agi_extension", "")).strip()
+        logon = logon_of_channel(channel)
+        if logon is None:
+            # Not a PJSIP phone (a Local channel, a trunk of another technology): not managed.
+            return [("FORUM_BRIDGE_RESULT", "allow"), ("FORUM_BRIDGE_REASON", Reason.UNMANAGED.value)]
+        await self._catch_up()
+        known = self._decisions.call(channel) if self._decisions is not None else None
+        try:
+            if known is not None:
+                decision = known  # decided (and logged) when its Newchannel came over AMI
+            else:
+                decision = await self._call(self._service.authorize, logon, number, Direction.OUTBOUND)
+        except (StoreError, TimeoutError) as exc:
+            allowed = self._service.is_emergency(number) or self._settings.asterisk.fail_mode == "open"
+            reason = Reason.EMERGENCY.value if self._service.is_emergency(number) else BRIDGE_ERROR
+            log.warning(
+                "no decision for logon=%s number=%s (%s): fail_mode=%s -> %s",
+                logon,
+                number,
+                "timed out" if isinstance(exc, TimeoutError) else exc,
+                self._settings.asterisk.fail_mode,
+                "allow" if allowed else "deny",
+            )
+            return [("FORUM_BRIDGE_RESULT", "allow" if allowed else "deny"), ("FORUM_BRIDGE_REASON", reason)]
+        return [
+            ("FORUM_BRIDGE_RESULT", "allow" if decision.allowed else "deny"),
+            ("FORUM_BRIDGE_REASON", decision.reason.value),
+        ]
+
+    async def _inbound(self, env: dict[str, str]) -> list[tuple[str, str]]:
+        number = (env.get("agi_arg_1") or "").strip()
+        await self._catch_up()
+        try:
+            ringable = await self._call(self._service.ringable, number)
+        except (StoreError, TimeoutError) as exc:
+            log.warning(
+                "no ringing decision for number=%s (%s); nobody rung",
+                number,
+                "timed out" if isinstance(exc, TimeoutError) else exc,
+            )
+            return [("FORUM_BRIDGE_RESULT", "error"), ("FORUM_BRIDGE_REASON", BRIDGE_ERROR)]
+        allowed = [logon for logon, decision in ringable if decision.allowed]
+        if self._decisions is not None:
+            for logon in allowed:
+                self._decisions.record_rung(logon)
+        answers = [("FORUM_BRIDGE_RESULT", "allow" if allowed else "deny")]
+        if allowed:
+            answers.insert(0, ("FORUM_BRIDGE_DIAL", "&".join(f"PJSIP/{logon}" for logon in allowed)))
+        return answers
+
+    async def _catch_up(self) -> None:
+        if self._before_decision is not None:
+            try:
+                await self._before_decision(min(_CATCH_UP, self.decision_timeout / 2))
+            except Exception:  # only an optimisation: never let it cost the answer
+                log.exception("waiting for pending PBX events failed")
+
+    async def _call(self, func: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, functools.partial(func, *args))
+        return await asyncio.wait_for(future, self.decision_timeout)
+
+    async def _command(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, command: str
+    ) -> bool:
+        """Send one command; True when Asterisk answered 200."""
+        writer.write(command.encode("utf-8") + b"\n")
+        await writer.drain()
+        code = await self._reply(reader)
+        if code == 200:
+            return True
+        if code == 511:
+            log.debug("Asterisk refused %r: the channel is gone", command.split(" ", 2)[:2])
+        else:
+            log.warning("Asterisk answered %d to FastAGI command %s", code, command.split(" ", 1)[0])
+        return False
+
+    async def _reply(self, reader: asyncio.StreamReader) -> int:
+        for _ in range(_REPLY_LINES):
+            raw = await reader.readline()
+            if not raw:
+                raise ConnectionError("Asterisk closed the FastAGI connection")
+            line = raw.decode("utf-8", "replace").strip()
+            if line == "HANGUP":
+                continue  # sent unasked when the channel hangs up; the reply comes after it
+            if line.startswith("520-"):
+                for _ in range(_REPLY_LINES):
+                    more = await reader.readline()
+                    if not more:
+                        raise ConnectionError("Asterisk closed the FastAGI connection")
+                    if more.startswith(b"520 "):
+                        return 520
+                raise ProtocolError("520 usage text without an end")
+            if len(line) >= 3 and line[:3].isdigit():
+                return int(line[:3])
+            raise ProtocolError("unexpected FastAGI reply line")
+        raise ProtocolError("too many lines in one FastAGI reply")

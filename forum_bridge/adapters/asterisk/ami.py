@@ -1,0 +1,769 @@
+"""The AMI side of the Asterisk adapter: follow events, resync after every login, hang up.
+
+panoramisk 1.4's ``Manager`` does the framing, the action/response matching and the event
+dispatch. Its connection management is unfit for a service and is replaced here:
+
+* it reconnects on its own, at a fixed interval, for ever, also with a wrong secret, and
+  ``close()`` does not cancel a reconnect already scheduled; so each session here gets a fresh
+  ``Manager`` whose reconnect hooks are disabled, and one supervisor loop reconnects with backoff;
+* ``connect()`` only waits for TCP; the login result is taken from its login callback;
+* its ping never checks the answer; a ping with a deadline runs here, and a missed answer aborts
+  the transport (which a half-open TCP connection needs);
+* actions sent while disconnected wait for a FullyBooted that may never come; here an action is
+  only sent on a logged-in session and every wait has a deadline;
+* each TCP chunk is decoded on its own with errors ignored, which drops a UTF-8 character split
+  across two reads; the protocol subclass decodes incrementally first. It also bounds the size of
+  an unfinished frame, which panoramisk would buffer without limit.
+
+Service calls are synchronous SQL: they run in one worker thread, in the order the frames came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
+
+from panoramisk import Manager
+from panoramisk.ami_protocol import AMIProtocol
+
+from forum_bridge.adapters.asterisk.events import (
+    AmiEventMapper,
+    call_snapshot,
+    contact_registration,
+    event_time,
+    headers_of,
+)
+from forum_bridge.config import Settings
+from forum_bridge.core.events import CallStarted, Direction, Event, Keepalive, LoggedOn
+from forum_bridge.core.rules import Decision
+from forum_bridge.errors import PbxAuthError, PbxConnectionError, PbxError, ProtocolError, StoreError
+from forum_bridge.service import BridgeService, Outcome, ResyncReport
+
+__all__ = ["EVENT_CLASSES", "HANGUP_CAUSE_REJECTED", "AmiListener", "AmiObserver", "RecentDecisions"]
+
+log = logging.getLogger(__name__)
+# panoramisk logs routine protocol chatter (versions, queued actions) at INFO; keep it out of the
+# service log unless something goes wrong.
+_wire_log = logging.getLogger(__name__ + ".wire")
+_wire_log.setLevel(logging.WARNING)
+
+EVENT_CLASSES = "system,call,security"
+"""The Login ``Events:`` mask: registrations (system), channels (call), authentication (security).
+
+``system`` is also what makes Asterisk send FullyBooted after the login."""
+
+HANGUP_CAUSE_REJECTED = 21
+"""Q.850 CALL_REJECTED: chan_pjsip answers a call not yet answered with 403 Forbidden."""
+
+_MAX_FRAME = 1 << 20  # bytes of one unfinished frame; far above any real AMI event
+_MAX_BACKLOG = 20_000  # queued frames before the listener gives up on them and resyncs instead
+_RECONNECT_MIN = 0.5
+_UNKNOWN_RESYNC_DELAY = 1.0  # a first REGISTER's ContactStatus follows its SuccessfulAuth within ms
+_UNKNOWN_RESYNC_MIN_INTERVAL = 5.0
+_NO_CONTACTS = "no contacts found"
+
+T = TypeVar("T")
+
+
+class AmiObserver(Protocol):
+    """What the listener reports as it goes (the metrics implement this)."""
+
+    def set_connected(self, up: bool) -> None:
+        """The AMI session is up (logged in) or down."""
+
+    def observe_event_lag(self, seconds: float) -> None:
+        """How long after Asterisk stamped an event the bridge applied it."""
+
+
+class RecentDecisions:
+    """Decisions one path (AMI or the hook) took, which the other reuses for the same call leg.
+
+    With ``enforce = "both"`` a call is seen twice: its Newchannel over AMI, then the dialplan's
+    question. Deciding twice would log, audit and count every call twice, so the hook reuses the
+    AMI's decision for the channel, and the AMI only records a leg ringing a log-on the hook has
+    just let ring (and which took its licence then). Entries live ``ttl`` seconds. Thread-safe:
+    the AMI side records from its database thread.
+    """
+
+    def __init__(
+        self, ttl: float = 10.0, limit: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Keep at most ``limit`` entries of each kind, each for ``ttl`` seconds."""
+        self._ttl = ttl
+        self._limit = limit
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._calls: OrderedDict[str, tuple[float, Decision]] = OrderedDict()
+        self._rung: OrderedDict[str, list[float]] = OrderedDict()
+
+    def record_call(self, channel: str, decision: Decision) -> None:
+        """The AMI side decided the call leg on ``channel``."""
+        with self._lock:
+            self._calls[channel] = (self._clock(), decision)
+            self._calls.move_to_end(channel)
+            while len(self._calls) > self._limit:
+                self._calls.popitem(last=False)
+
+    def call(self, channel: str) -> Decision | None:
+        """The decision taken for ``channel`` within ``ttl``, if any."""
+        with self._lock:
+            entry = self._calls.get(channel)
+            if entry is None or self._clock() - entry[0] > self._ttl:
+                return None
+            return entry[1]
+
+    def record_rung(self, logon: str) -> None:
+        """The hook let ``logon`` ring for one call (it took its licence)."""
+        with self._lock:
+            stamps = self._rung.setdefault(logon, [])
+            stamps.append(self._clock())
+            self._rung.move_to_end(logon)
+            while len(self._rung) > self._limit:
+                self._rung.popitem(last=False)
+
+    def take_rung(self, logon: str) -> bool:
+        """True (once per ring) when the hook let ``logon`` ring within ``ttl``."""
+        with self._lock:
+            stamps = self._rung.get(logon)
+            now = self._clock()
+            while stamps and now - stamps[0] > self._ttl:
+                stamps.pop(0)
+            if not stamps:
+                self._rung.pop(logon, None)
+                return False
+            stamps.pop(0)
+            return True
+
+
+class _Resync:
+    """Queue marker: resynchronise with Asterisk's list actions at this point of the stream."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Frame:
+    message: Mapping[str, Any]
+    received: datetime
+
+
+class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk ships no type information
+    """AMIProtocol with incremental UTF-8 decoding and a bound on an unfinished frame."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start a fresh incremental decoder for the new connection."""
+        super().connection_made(transport)
+        # The banner can arrive before panoramisk hands its own logger over.
+        self.log = _wire_log
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def handle_message(self, message: Any) -> None:
+        """Route one parsed frame; a frame that cannot be routed is dropped, not fatal."""
+        # A frame panoramisk cannot route (e.g. a repeated Event header) would raise out of
+        # data_received, and asyncio then closes the connection: drop that one frame instead.
+        try:
+            super().handle_message(message)
+        except Exception:
+            log.warning("dropped a malformed AMI frame")
+
+    def data_received(self, data: bytes) -> None:
+        """Decode whole characters only, then frame; drop the connection on an endless frame."""
+        text = self._decoder.decode(data)
+        if text:
+            # panoramisk decodes again, now always whole characters.
+            super().data_received(text.encode("utf-8"))
+        pending = sum(len(part) for part in self.queue)
+        if pending > _MAX_FRAME:
+            log.error(
+                "Asterisk sent a frame over %d bytes without an end; dropping the connection", _MAX_FRAME
+            )
+            self.queue.clear()
+            self.transport.abort()
+
+
+class _Manager(Manager):  # type: ignore[misc]  # panoramisk ships no type information
+    """A panoramisk Manager for exactly one connection: it never reconnects or pings by itself."""
+
+    def __init__(
+        self,
+        *,
+        on_login_result: Callable[[bool, str], None],
+        on_lost: Callable[[object], None],
+        **config: Any,
+    ) -> None:
+        super().__init__(**config)
+        self._on_login_result = on_login_result
+        self._on_lost = on_lost
+
+    def connection_made(self, f: asyncio.Future[Any]) -> None:
+        """TCP is up: log in (panoramisk); a failed connect is left to the supervisor."""
+        # panoramisk would schedule its own retry on failure; the supervisor decides instead.
+        if f.cancelled() or f.exception() is not None:
+            return
+        super().connection_made(f)
+
+    def login(self, future: asyncio.Future[Any]) -> bool:
+        """The Login answer arrived: report success or refusal to the supervisor."""
+        self.authenticated_future = None
+        try:
+            response = future.result()
+        except (asyncio.CancelledError, Exception):
+            self.authenticated = False
+            return False
+        self.authenticated = bool(response.success)
+        message = str(response.get("Message", "") or "")
+        self._on_login_result(self.authenticated, message)
+        return self.authenticated
+
+    def ping(self) -> None:
+        """Disabled: see the supervisor's ping."""
+        # The supervisor pings with a deadline; panoramisk's own ping never looks at the answer.
+        self.pinger = None
+
+    def connection_lost(self, exc: object) -> None:
+        """Tell the supervisor; unlike panoramisk, schedule no reconnect."""
+        self._connected = False
+        self.authenticated = False
+        if self.pinger is not None:
+            self.pinger.cancel()
+            self.pinger = None
+        self._on_lost(exc)
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once; the normal lost-connection path follows."""
+        protocol = getattr(self, "protocol", None)
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+
+def _lost_reason(exc: object) -> str:
+    if exc is None:
+        return "Asterisk closed the connection"
+    if isinstance(exc, Mapping) or hasattr(exc, "event"):
+        return "Asterisk is shutting down"
+    return f"connection lost ({exc})"
+
+
+def _response_list(result: Any) -> list[Any]:
+    # panoramisk answers a list action with a list and anything else with one Message.
+    return list(result) if isinstance(result, list) else [result]
+
+
+class AmiListener:
+    """Follows one Asterisk over AMI and applies what happens there to the service.
+
+    ``run(stop)`` connects, logs in, resyncs, applies events and enforces decisions until ``stop``
+    is set, reconnecting with backoff (up to ``asterisk.reconnect_max`` seconds) whenever Asterisk
+    goes away. It logs once when Asterisk goes away and once when it is back.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: BridgeService,
+        *,
+        observer: AmiObserver | None = None,
+        executor: Executor | None = None,
+        ping_interval: float = 10.0,
+        reconnect_min: float = _RECONNECT_MIN,
+        decisions: RecentDecisions | None = None,
+    ) -> None:
+        """Prepare a listener; nothing connects until :meth:`run`.
+
+        ``decisions`` is shared with the FastAGI hook so a call leg is decided once.
+        """
+        self._settings = settings
+        self._ami = settings.asterisk
+        self._service = service
+        self._observer = observer
+        self._own_executor = executor is None
+        self._executor: Executor = executor or ThreadPoolExecutor(1, thread_name_prefix="forum-bridge-ami")
+        self.ping_interval = ping_interval
+        self.reconnect_min = reconnect_min
+        self.action_timeout = float(self._ami.action_timeout)
+        self._enforce = self._ami.enforce in ("ami", "both")
+        self._decisions = decisions
+        self._mapper = AmiEventMapper(number_of=self._number_of)
+        self._manager: _Manager | None = None
+        self._queue: asyncio.Queue[_Frame | _Resync] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed = asyncio.Event()
+        self._state = "new"  # new -> up <-> down
+        self._down_since: float | None = None
+        self._auth_error_logged = False
+        self._failures = 0  # sessions since the last good resync, for the backoff
+        self._resync_error_logged = False
+        self._db_failing = False
+        self._unknown_logons: set[str] = set()
+        self._resync_timer: asyncio.Task[None] | None = None
+        self._last_resync = float("-inf")
+        self.connected = False
+        self.logins = 0
+        self.resyncs = 0
+        self.received = 0  # event frames queued
+        self.frames = 0  # event frames applied (or given up on)
+        self.hangups_sent: list[str] = []
+        self.last_resync: ResyncReport | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of AMI, for messages."""
+        return f"{self._ami.ami_host}:{self._ami.ami_port}"
+
+    # --- waiting (used by the runner and the tests) ----------------------------------------
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds after some frame, login or resync; raise TimeoutError."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    # --- the supervisor --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow Asterisk until ``stop`` is set."""
+        worker = asyncio.create_task(self._worker(), name="forum-bridge-ami-worker")
+        try:
+            while not stop.is_set():
+                try:
+                    await self._session(stop)
+                except PbxAuthError as exc:
+                    self._mark_down(str(exc), auth=True)
+                except PbxError as exc:
+                    self._mark_down(str(exc))
+                if stop.is_set():
+                    break
+                delay = min(float(self._ami.reconnect_max), self.reconnect_min * (2**self._failures))
+                self._failures = min(self._failures + 1, 30)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(delay, 0.01))
+        finally:
+            worker.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._resync_timer is not None:
+                self._resync_timer.cancel()
+            await asyncio.gather(worker, *self._tasks, return_exceptions=True)
+            if self._resync_timer is not None:
+                await asyncio.gather(self._resync_timer, return_exceptions=True)
+            if self.connected:
+                self._set_connected(False)
+            if self._own_executor:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        """One connection: connect, log in, resync, follow events until it is lost or ``stop``."""
+        loop = asyncio.get_running_loop()
+        login_result: asyncio.Future[tuple[bool, str]] = loop.create_future()
+        lost: asyncio.Future[object] = loop.create_future()
+
+        def on_login_result(ok: bool, message: str) -> None:
+            if not login_result.done():
+                login_result.set_result((ok, message))
+
+        def on_lost(exc: object) -> None:
+            if not lost.done():
+                lost.set_result(exc)
+
+        manager = _Manager(
+            host=self._ami.ami_host,
+            port=self._ami.ami_port,
+            username=self._ami.ami_username,
+            secret=self._ami.ami_secret,
+            events=EVENT_CLASSES,
+            loop=loop,
+            ping_delay=3600,
+            reconnect_timeout=3600,
+            log=_wire_log,
+            protocol_factory=_Protocol,
+            on_login_result=on_login_result,
+            on_lost=on_lost,
+        )
+        manager.register_event("*", self._on_event)
+        self._manager = manager
+        pinger: asyncio.Task[None] | None = None
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            try:
+                await asyncio.wait_for(manager.connect(), self.action_timeout)
+            except (OSError, TimeoutError) as exc:
+                reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+                raise PbxConnectionError(
+                    f"cannot connect to Asterisk AMI at {self.address}: {reason}"
+                ) from exc
+            first: set[asyncio.Future[Any]] = {login_result, lost, stopping}
+            await asyncio.wait(first, timeout=self.action_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                return
+            if not login_result.done():
+                if lost.done():
+                    raise PbxConnectionError(f"{_lost_reason(lost.result())} before the login completed")
+                raise PbxConnectionError(f"Asterisk AMI at {self.address} did not answer the login in time")
+            ok, message = login_result.result()
+            if not ok and "authentication" in message.lower():
+                raise PbxAuthError(
+                    f"Asterisk refused the AMI login of user {self._ami.ami_username!r} ({message})"
+                )
+            if not ok:
+                # E.g. "Asterisk is shutting down" during a restart: not the credentials' fault.
+                raise PbxConnectionError(
+                    f"Asterisk did not accept the AMI login now ({message or 'no reason given'})"
+                )
+            self._mark_up()
+            self._queue.put_nowait(_Resync("login"))
+            pinger = asyncio.create_task(self._pinger(manager), name="forum-bridge-ami-ping")
+            running: set[asyncio.Future[Any]] = {lost, stopping}
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            if lost.done():
+                raise PbxConnectionError(_lost_reason(lost.result()))
+        finally:
+            stopping.cancel()
+            if pinger is not None:
+                pinger.cancel()
+                await asyncio.gather(pinger, return_exceptions=True)
+            self._manager = None
+            if self.connected:
+                self._set_connected(False)
+            with contextlib.suppress(Exception):
+                manager.close()
+
+    async def _pinger(self, manager: _Manager) -> None:
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            try:
+                await asyncio.wait_for(manager.send_action({"Action": "Ping"}), self.action_timeout)
+            except TimeoutError:
+                log.warning(
+                    "Asterisk AMI at %s did not answer a ping within %.1fs; reconnecting",
+                    self.address,
+                    self.action_timeout,
+                )
+                manager.abort()
+                return
+
+    def _set_connected(self, up: bool) -> None:
+        self.connected = up
+        if self._observer is not None:
+            try:
+                self._observer.set_connected(up)
+            except Exception:  # metrics must never stop the listener
+                log.exception("connection observer failed")
+        self._notify()
+
+    def _mark_up(self) -> None:
+        self.logins += 1
+        self._auth_error_logged = False
+        if self._state == "down" and self._down_since is not None:
+            log.info(
+                "Asterisk AMI at %s is back (away %.1fs); resyncing",
+                self.address,
+                time.monotonic() - self._down_since,
+            )
+        elif self._state == "new":
+            log.info("connected to Asterisk AMI at %s as %s", self.address, self._ami.ami_username)
+        self._state = "up"
+        self._down_since = None
+        self._set_connected(True)
+
+    def _mark_down(self, reason: str, *, auth: bool = False) -> None:
+        if auth:
+            if not self._auth_error_logged:
+                self._auth_error_logged = True
+                log.error(
+                    "%s: check asterisk.ami_username and asterisk.ami_secret against manager.conf;"
+                    " retrying every %.0fs at most",
+                    reason,
+                    self._ami.reconnect_max,
+                )
+        elif self._state == "up":
+            log.warning("lost Asterisk AMI at %s: %s; reconnecting", self.address, reason)
+        elif self._state == "new":
+            log.warning(
+                "cannot reach Asterisk AMI at %s (%s); retrying until it answers", self.address, reason
+            )
+        else:
+            log.debug("Asterisk AMI still unavailable: %s", reason)
+        if self._state != "down":
+            self._down_since = time.monotonic()
+        self._state = "down"
+        self._notify()
+
+    # --- actions ---------------------------------------------------------------------------
+
+    async def send_action(self, action: Mapping[str, str], timeout: float | None = None) -> list[Any]:
+        """Send one action on the logged-in session; return its responses as a list.
+
+        Raises PbxConnectionError when not logged in or when the answer misses the deadline.
+        """
+        manager = self._manager
+        if manager is None or not self.connected:
+            raise PbxConnectionError(f"not connected to Asterisk AMI; {action.get('Action')} not sent")
+        deadline = self.action_timeout if timeout is None else timeout
+        try:
+            result = await asyncio.wait_for(manager.send_action(dict(action)), deadline)
+        except TimeoutError as exc:
+            raise PbxConnectionError(
+                f"Asterisk did not answer {action.get('Action')} within {deadline:.1f}s"
+            ) from exc
+        return _response_list(result)
+
+    async def hangup(self, channel: str, cause: int = HANGUP_CAUSE_REJECTED) -> bool:
+        """Hang up ``channel`` with a Q.850 ``cause``; True when Asterisk did."""
+        try:
+            responses = await self.send_action({"Action": "Hangup", "Channel": channel, "Cause": str(cause)})
+        except PbxError as exc:
+            log.warning("could not hang up channel=%s: %s", channel, exc)
+            return False
+        first = responses[0] if responses else None
+        ok = bool(first is not None and first.success)
+        if ok:
+            self.hangups_sent.append(channel)
+            log.info("hung up channel=%s cause=%d", channel, cause)
+        else:
+            message = first.get("Message", "") if first is not None else ""
+            log.info("hang-up of channel=%s not done: %s", channel, message or "no answer")
+        self._notify()
+        return ok
+
+    async def _list(self, action: str, item: str, *, empty: str = "") -> list[dict[str, str]]:
+        responses = await self.send_action({"Action": action})
+        first = responses[0]
+        if not first.success:
+            message = str(first.get("Message", ""))
+            if empty and message.strip().lower() == empty:
+                return []
+            raise ProtocolError(f"Asterisk refused {action}: {message or 'no reason given'}")
+        return [headers_of(r) for r in responses if str(r.get("Event", "")) == item]
+
+    async def resync(self) -> ResyncReport:
+        """Read contacts and channels from Asterisk and make the service's view match them."""
+        contacts = await self._list("PJSIPShowContacts", "ContactList", empty=_NO_CONTACTS)
+        channels = await self._list("CoreShowChannels", "CoreShowChannel")
+        report = await self._in_db(self._apply_resync, contacts, channels)
+        self._unknown_logons.clear()
+        self._last_resync = time.monotonic()
+        self._failures = 0
+        self._resync_error_logged = False
+        self.resyncs += 1
+        self.last_resync = report
+        self._notify()
+        return report
+
+    def _apply_resync(self, contacts: list[dict[str, str]], channels: list[dict[str, str]]) -> ResyncReport:
+        registrations = [r for r in (contact_registration(c) for c in contacts) if r is not None]
+        calls = [c for c in (call_snapshot(ch, self._number_of) for ch in channels) if c is not None]
+        return self._service.resync(registrations, calls)
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _on_event(self, manager: Any, message: Any) -> None:
+        # Called inline from panoramisk's data_received: it must never raise (an exception there
+        # tears the connection down) and never block.
+        try:
+            if manager is not self._manager:
+                return
+            if self._queue.qsize() >= _MAX_BACKLOG:
+                self._overflow()
+            self.received += 1
+            self._queue.put_nowait(_Frame(message, datetime.now(UTC)))
+        except Exception:
+            log.exception("could not queue an AMI event")
+
+    def _overflow(self) -> None:
+        dropped = 0
+        with contextlib.suppress(asyncio.QueueEmpty):
+            while True:
+                if isinstance(self._queue.get_nowait(), _Frame):
+                    dropped += 1
+        self.frames += dropped
+        log.error("%d AMI events queued faster than they could be applied; dropped them, resyncing", dropped)
+        self._queue.put_nowait(_Resync("backlog"))
+
+    async def caught_up(self, timeout: float) -> bool:
+        """Wait (at most ``timeout``) until every frame received so far has been applied.
+
+        The hook calls this before deciding, so that it sees what Asterisk reported just before
+        the call (a failed log-on, a keepalive, a new contact); False when the deadline passed.
+        """
+        target = self.received
+        try:
+            await self.wait_until(lambda: self.frames >= target, timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _worker(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                if isinstance(item, _Resync):
+                    await self._resync_item(item)
+                else:
+                    await self._process(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("unexpected error while applying an AMI event; dropped it")
+            finally:
+                self._notify()
+
+    async def _resync_item(self, item: _Resync) -> None:
+        if not self.connected:
+            return  # the next login queues its own resync
+        try:
+            await self.resync()
+        except StoreError as exc:
+            log.error("resync after %s failed: %s", item.reason, exc)
+        except ProtocolError as exc:
+            # Asterisk said no (e.g. the AMI user lacks write = system): reconnecting would not
+            # help; keep following events and try again later.
+            if not self._resync_error_logged:
+                self._resync_error_logged = True
+                log.error(
+                    "cannot resync: %s; the AMI user needs write = system in manager.conf;"
+                    " retrying every %.0fs",
+                    exc,
+                    self._resync_retry_delay(),
+                )
+            self._spawn(self._retry_resync())
+        except PbxError as exc:
+            # No answer: the state cannot be trusted and the session may be dead; a new session
+            # starts with a resync (the backoff keeps growing until one succeeds).
+            log.warning("resync after %s failed: %s; reconnecting", item.reason, exc)
+            if self._manager is not None:
+                self._manager.abort()
+
+    def _resync_retry_delay(self) -> float:
+        return max(1.0, float(self._ami.reconnect_max))
+
+    async def _retry_resync(self) -> None:
+        await asyncio.sleep(self._resync_retry_delay())
+        if self.connected:
+            self._queue.put_nowait(_Resync("retry"))
+
+    async def _process(self, frame: _Frame) -> None:
+        try:
+            headers = headers_of(frame.message)
+        except Exception:
+            self.frames += 1
+            log.warning("dropped an unreadable AMI frame")
+            return
+        try:
+            applied = await self._in_db(self._apply_frame, headers)
+        finally:
+            self.frames += 1
+        if applied is None:
+            return
+        event, outcome = applied
+        stamped = event_time(headers)
+        if stamped is not None and self._observer is not None:
+            with contextlib.suppress(Exception):
+                self._observer.observe_event_lag((datetime.now(UTC) - stamped).total_seconds())
+        if isinstance(event, LoggedOn):
+            self._unknown_logons.discard(event.logon)
+        if outcome.unknown_registration and isinstance(event, Keepalive):
+            self._unknown_logons.add(event.logon)
+            self._schedule_unknown_resync()
+        if outcome.hangup and isinstance(event, CallStarted):
+            self._spawn(self.hangup(event.channel))
+
+    def _apply_frame(self, headers: dict[str, str]) -> tuple[Event, Outcome] | None:
+        """Map and apply one frame (in the database thread). Never raises."""
+        try:
+            event = self._mapper.map(headers, self._service.clock())
+        except Exception as exc:
+            log.warning("dropped a malformed AMI frame (%s): event=%r", exc, headers.get("event", "")[:64])
+            return None
+        if event is None:
+            return None
+        enforce = self._enforce and isinstance(event, CallStarted)
+        decisions = self._decisions
+        if (
+            enforce
+            and decisions is not None
+            and isinstance(event, CallStarted)
+            and event.direction is Direction.INBOUND
+            and decisions.take_rung(event.logon)
+        ):
+            enforce = False  # the hook let this log-on ring just now; only record the leg
+        try:
+            outcome = self._service.apply(event, enforce=enforce)
+        except StoreError as exc:
+            return event, self._store_failed(event, exc, enforce)
+        if enforce and decisions is not None and isinstance(event, CallStarted) and outcome.decision:
+            decisions.record_call(event.channel, outcome.decision)
+        if self._db_failing:
+            self._db_failing = False
+            log.info("database is back")
+        return event, outcome
+
+    def _store_failed(self, event: Event, exc: StoreError, enforce: bool) -> Outcome:
+        if not self._db_failing:
+            log.error("database error while applying %s: %s", type(event).__name__, exc)
+        self._db_failing = True
+        if not (enforce and isinstance(event, CallStarted)):
+            return Outcome()
+        emergency = event.direction is Direction.OUTBOUND and self._service.is_emergency(event.number)
+        hangup = not emergency and self._ami.fail_mode == "closed"
+        log.warning(
+            "no decision for channel=%s logon=%s number=%s (database error): fail_mode=%s -> %s",
+            event.channel,
+            event.logon,
+            event.number,
+            self._ami.fail_mode,
+            "hang up" if hangup else "let it run",
+        )
+        return Outcome(hangup=hangup)
+
+    def _number_of(self, logon: str) -> str | None:
+        try:
+            return self._service.call_number(logon)
+        except StoreError:
+            return None
+
+    def _schedule_unknown_resync(self) -> None:
+        if self._resync_timer is not None and not self._resync_timer.done():
+            return
+        self._resync_timer = asyncio.create_task(self._unknown_resync(), name="forum-bridge-ami-resync-timer")
+
+    async def _unknown_resync(self) -> None:
+        # A first REGISTER authenticates before its contact exists; wait for the ContactStatus that
+        # follows, and only resync for log-ons that still have no contact then (e.g. after the
+        # bridge logged them off for a missed keepalive while the phone stayed registered).
+        wait = max(_UNKNOWN_RESYNC_DELAY, self._last_resync + _UNKNOWN_RESYNC_MIN_INTERVAL - time.monotonic())
+        await asyncio.sleep(wait)
+        if self._unknown_logons and self.connected:
+            log.info(
+                "keepalive from log-ons without a known contact (%s); resyncing",
+                ", ".join(sorted(self._unknown_logons)),
+            )
+            self._unknown_logons.clear()
+            self._queue.put_nowait(_Resync("unknown registration"))
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _in_db(self, func: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(func, *args))

@@ -1,0 +1,160 @@
+"""``forum-bridge run asterisk``: the AMI listener, the FastAGI hook and the keepalive clock together.
+
+:func:`run` is the process (logging, database, signals, status page); :func:`serve` is the part
+that runs inside an event loop until a stop event is set, which the tests drive directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from forum_bridge.adapters.asterisk.agi import FastAgiServer
+from forum_bridge.adapters.asterisk.ami import AmiListener, AmiObserver, RecentDecisions
+from forum_bridge.config import Settings
+from forum_bridge.errors import ForumBridgeError, StoreError
+from forum_bridge.service import BridgeService
+from forum_bridge.store.database import Database
+
+__all__ = ["KEEPALIVE_SWEEP_SECONDS", "Bridge", "run", "serve"]
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_SWEEP_SECONDS = 1.0
+
+
+class Bridge:
+    """The running parts of one Asterisk bridge (for tests that need to look inside)."""
+
+    def __init__(
+        self, settings: Settings, service: BridgeService, observer: AmiObserver | None = None
+    ) -> None:
+        """Build the parts; nothing runs until :meth:`serve`."""
+        self.settings = settings
+        self.service = service
+        # One thread for everything that must stay in order (events, resyncs, the keepalive
+        # clock); the hook's decisions use the loop's default pool so a backlog never delays them.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="forum-bridge-db")
+        decisions = RecentDecisions()
+        self.ami = AmiListener(
+            settings, service, observer=observer, executor=self.executor, decisions=decisions
+        )
+        self.agi = FastAgiServer(settings, service, before_decision=self.ami.caught_up, decisions=decisions)
+        self.started = asyncio.Event()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; then stop every part and return."""
+        try:
+            await self.agi.start()
+            tasks = [
+                asyncio.create_task(self.ami.run(stop), name="forum-bridge-ami"),
+                asyncio.create_task(self._sweep(stop), name="forum-bridge-keepalive"),
+            ]
+            self.started.set()
+            stopping = asyncio.ensure_future(stop.wait())
+            watched: set[asyncio.Future[Any]] = {stopping, *tasks}
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            broken = None if stop.is_set() else next((t for t in tasks if t.done()), None)
+            stop.set()
+            await asyncio.gather(stopping, *tasks, return_exceptions=True)
+            if broken is not None:
+                # Only a bug ends a part early; stop the process so the service manager restarts it.
+                error = broken.exception() if not broken.cancelled() else None
+                log.error("%s ended unexpectedly: %r", broken.get_name(), error)
+                raise ForumBridgeError(f"{broken.get_name()} ended unexpectedly")
+        finally:
+            await self.agi.close()
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        failing = False
+        while not stop.is_set():
+            try:
+                await loop.run_in_executor(self.executor, self.service.expire_keepalives)
+                if failing:
+                    log.info("keepalive clock works again")
+                failing = False
+            except StoreError as exc:
+                if not failing:
+                    log.error("keepalive clock: %s", exc)
+                failing = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), KEEPALIVE_SWEEP_SECONDS)
+
+
+async def serve(
+    settings: Settings, service: BridgeService, *, stop: asyncio.Event, observer: AmiObserver | None = None
+) -> None:
+    """Run the Asterisk bridge for a started ``service`` until ``stop`` is set."""
+    await Bridge(settings, service, observer).serve(stop)
+
+
+def _secrets(settings: Settings) -> list[str]:
+    return [s for s in (settings.asterisk.ami_secret, settings.web.token) if s]
+
+
+def run(settings: Settings) -> int:
+    """Run the bridge as a process until SIGTERM or SIGINT; return the exit code."""
+    from forum_bridge.logsetup import configure_logging
+
+    configure_logging(settings.log_level, _secrets(settings))
+    if settings.log_level != "DEBUG":
+        # The schema check at start-up makes Alembic log its routine set-up at INFO.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    if not settings.asterisk.ami_secret:
+        log.warning("asterisk.ami_secret is empty; Asterisk will refuse the AMI login")
+    database = Database(settings.database_url)
+    web: Any = None
+    try:
+        service = BridgeService(settings, database)
+        try:
+            service.start()
+        except ForumBridgeError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
+        metrics: Any = None
+        if settings.web.enabled:
+            # Imported here: the status page is optional and pulls in its own dependencies.
+            from forum_bridge.metrics import Metrics
+            from forum_bridge.web.server import start_web
+
+            metrics = Metrics(service, pbx="asterisk")
+            try:
+                web = start_web(service, settings, metrics)
+            except ForumBridgeError as exc:
+                log.error("cannot start the status page: %s", exc)
+                return 2
+        try:
+            asyncio.run(_main(settings, service, metrics))
+        except ForumBridgeError as exc:
+            log.error("stopped: %s", exc)
+            return 2
+        log.info("stopped")
+        return 0
+    finally:
+        if web is not None:
+            web.stop()
+        database.dispose()
+
+
+async def _main(settings: Settings, service: BridgeService, observer: AmiObserver | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "bridge for Asterisk starting: node=%s enforce=%s fail_mode=%s",
+        settings.node_name,
+        settings.asterisk.enforce,
+        settings.asterisk.fail_mode,
+    )
+    try:
+        await serve(settings, service, stop=stop, observer=observer)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

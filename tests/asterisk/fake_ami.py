@@ -1,0 +1,270 @@
+"""A fake Asterisk Manager Interface that speaks the real bytes, for what a real Asterisk cannot do
+on demand: malformed frames, storms, a dropped connection at an exact moment, a silent peer.
+
+Framing as Asterisk 22 writes it (``main/manager.c``; checked against the recorded transcripts):
+the banner ``Asterisk Call Manager/11.0.0``, CRLF line ends, a frame ends with an empty line. Login
+answers ``Success``/``Authentication accepted`` followed by ``FullyBooted``, or ``Error``/
+``Authentication failed`` and the connection is closed. The list actions answer from the fake's
+state exactly like Asterisk does (``No Contacts found`` is an Error, not an empty list).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+BANNER = "Asterisk Call Manager/11.0.0"
+CRLF = "\r\n"
+
+
+def render(frame: Mapping[str, str]) -> bytes:
+    """One frame on the wire."""
+    return ("".join(f"{k}: {v}{CRLF}" for k, v in frame.items()) + CRLF).encode("utf-8")
+
+
+@dataclass
+class Session:
+    """One client connection."""
+
+    writer: asyncio.StreamWriter
+    logged_in: bool = False
+    actions: list[dict[str, str]] = field(default_factory=list)
+
+    def send(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+
+class FakeAmi:
+    """An AMI server on 127.0.0.1 (port 0 = a free port) with contacts and channels you set."""
+
+    def __init__(self, *, username: str = "forumbridge", secret: str = "fake-ami-secret", port: int = 0):
+        self.username = username
+        self.secret = secret
+        self.port = port
+        self.contacts: list[dict[str, str]] = []
+        self.channels: list[dict[str, str]] = []
+        self.actions: list[dict[str, str]] = []
+        self.login_attempts = 0
+        self.logins = 0
+        self.answer_pings = True
+        self.refused_actions: set[str] = set()  # lower-case names answered "Permission denied"
+        self.login_error: str | None = None  # e.g. "Asterisk is shutting down": refuse every login
+        self.sessions: list[Session] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen (again, on the same port after :meth:`stop_listening`)."""
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop_listening(self) -> None:
+        """Asterisk goes away: stop accepting and drop every connection."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self.drop()
+
+    async def drop(self) -> None:
+        """Drop every client connection at once (no goodbye)."""
+        for session in list(self.sessions):
+            transport = session.writer.transport
+            transport.abort()
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), 2.0)
+
+    async def close(self) -> None:
+        """Stop everything."""
+        await self.stop_listening()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- what tests do ---------------------------------------------------------------------------
+
+    def push(self, frame: Mapping[str, str] | str) -> None:
+        """Send an event (a mapping, or raw frame text with CRLF or LF lines) to every logged-in client."""
+        if isinstance(frame, str):
+            text = frame.replace("\r\n", "\n").strip("\n").replace("\n", CRLF) + CRLF + CRLF
+            data = text.encode("utf-8")
+        else:
+            data = render(frame)
+        self.push_bytes(data)
+
+    def push_bytes(self, data: bytes) -> None:
+        """Send raw bytes to every logged-in client."""
+        for session in self.sessions:
+            if session.logged_in:
+                session.send(data)
+
+    @property
+    def hangups(self) -> list[dict[str, str]]:
+        """Every Hangup action received."""
+        return [a for a in self.actions if a.get("Action", "").lower() == "hangup"]
+
+    def actions_named(self, name: str) -> list[dict[str, str]]:
+        """Every action of that name received."""
+        return [a for a in self.actions if a.get("Action", "").lower() == name.lower()]
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until ``predicate()`` holds after some action or connection change."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # --- the protocol ----------------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        session = Session(writer)
+        self.sessions.append(session)
+        self._notify()
+        try:
+            session.send((BANNER + CRLF).encode())
+            buffer = b""
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\r\n\r\n" in buffer:
+                    block, buffer = buffer.split(b"\r\n\r\n", 1)
+                    action = self._parse(block)
+                    if action and not await self._dispatch(session, action):
+                        return
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.sessions.remove(session)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._notify()
+
+    @staticmethod
+    def _parse(block: bytes) -> dict[str, str]:
+        action: dict[str, str] = {}
+        for line in block.decode("utf-8", "replace").split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                action[name.strip()] = value.strip()
+        return action
+
+    async def _dispatch(self, session: Session, action: dict[str, str]) -> bool:
+        """Answer one action; False ends the session."""
+        name = action.get("Action", "").lower()
+        action_id = action.get("ActionID", "")
+        head = {"ActionID": action_id} if action_id else {}
+        session.actions.append(action)
+        self.actions.append(action)
+        self._notify()
+        if name == "login":
+            self.login_attempts += 1
+            refusal = self.login_error
+            if action.get("Username") != self.username or action.get("Secret") != self.secret:
+                refusal = "Authentication failed"
+            if refusal:
+                session.send(render({"Response": "Error", **head, "Message": refusal}))
+                await session.writer.drain()
+                return False
+            session.logged_in = True
+            self.logins += 1
+            session.send(render({"Response": "Success", **head, "Message": "Authentication accepted"}))
+            mask = action.get("Events", "on").lower()
+            if mask in ("on", "yes") or "system" in mask.split(","):
+                session.send(
+                    render(
+                        {
+                            "Event": "FullyBooted",
+                            "Privilege": "system,all",
+                            "Uptime": "5",
+                            "LastReload": "5",
+                            "Status": "Fully Booted",
+                        }
+                    )
+                )
+            self._notify()
+            return True
+        if not session.logged_in:
+            session.send(render({"Response": "Error", **head, "Message": "Permission denied"}))
+            return True
+        if name in self.refused_actions:
+            session.send(render({"Response": "Error", **head, "Message": "Permission denied"}))
+        elif name == "ping":
+            if self.answer_pings:
+                session.send(
+                    render({"Response": "Success", **head, "Ping": "Pong", "Timestamp": "1795497078.172800"})
+                )
+        elif name == "pjsipshowcontacts":
+            self._list(
+                session,
+                head,
+                ("ContactList", "ContactListComplete"),
+                self.contacts,
+                "A listing of Contacts follows, presented as ContactList events",
+                "No Contacts found",
+            )
+        elif name == "coreshowchannels":
+            self._list(
+                session,
+                head,
+                ("CoreShowChannel", "CoreShowChannelsComplete"),
+                self.channels,
+                "Channels will follow",
+                "",
+            )
+        elif name == "hangup":
+            channel = action.get("Channel", "")
+            known = [c for c in self.channels if c.get("Channel") == channel]
+            if known:
+                self.channels = [c for c in self.channels if c.get("Channel") != channel]
+                session.send(render({"Response": "Success", **head, "Message": "Channel Hungup"}))
+            else:
+                session.send(render({"Response": "Error", **head, "Message": "No such channel"}))
+        elif name == "logoff":
+            session.send(render({"Response": "Goodbye", **head, "Message": "Thanks for all the fish."}))
+            return False
+        else:
+            session.send(
+                render(
+                    {
+                        "Response": "Error",
+                        **head,
+                        "Message": f"Invalid/unknown command: {action.get('Action')}",
+                    }
+                )
+            )
+        return True
+
+    @staticmethod
+    def _list(
+        session: Session,
+        head: dict[str, str],
+        names: tuple[str, str],
+        rows: list[dict[str, str]],
+        message: str,
+        empty_error: str,
+    ) -> None:
+        if not rows and empty_error:
+            session.send(render({"Response": "Error", **head, "Message": empty_error}))
+            return
+        item, complete = names
+        out = [render({"Response": "Success", **head, "EventList": "start", "Message": message})]
+        out.extend(render({"Event": item, **head, **row}) for row in rows)
+        out.append(render({"Event": complete, **head, "EventList": "Complete", "ListItems": str(len(rows))}))
+        session.send(b"".join(out))
