@@ -345,7 +345,9 @@ def test_a_leg_seen_twice_is_decided_once(svc: BridgeService, clock: FakeClock) 
         logon(svc, clock, name)
     svc.authorize("21-desk", "600")
     svc.authorize("21-soft", "600")
-    first = svc.apply(CallStarted("22-desk", "PJSIP/22-desk-7", "600", Direction.OUTBOUND, clock()), enforce=True)
+    first = svc.apply(
+        CallStarted("22-desk", "PJSIP/22-desk-7", "600", Direction.OUTBOUND, clock()), enforce=True
+    )
     again = svc.authorize("22-desk", "600", channel="PJSIP/22-desk-7")  # the dialplan hook, same leg
     assert first.decision == again
     assert [a["kind"] for a in svc.audit_log(20)].count("deny") == 1

@@ -30,7 +30,10 @@ AUTH_REQUEST = b"Content-Type: auth/request\n\n"
 ACCEPTED = b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n"
 INVALID = b"Content-Type: command/reply\nReply-Text: -ERR invalid\n\n"
 GOODBYE = b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
-DISCONNECT_NOTICE = b"Content-Type: text/disconnect-notice\nContent-Length: %d\n\n%s" % (len(GOODBYE), GOODBYE)
+DISCONNECT_NOTICE = b"Content-Type: text/disconnect-notice\nContent-Length: %d\n\n%s" % (
+    len(GOODBYE),
+    GOODBYE,
+)
 
 # switch_url_encode's unsafe set (switch_utils.h): these and non-printables become %XX.
 _UNSAFE = set('\r\n #%&+:;<=>?@[\\]^`{|}"')

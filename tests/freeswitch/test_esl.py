@@ -123,7 +123,9 @@ def test_bad_content_length_is_reported_not_trusted() -> None:
 
 
 def test_oversized_body_is_a_protocol_error() -> None:
-    reader = FrameReader(ChunkedSocket(b"Content-Type: api/response\nContent-Length: 999999\n\n", 64), max_body=1000)
+    reader = FrameReader(
+        ChunkedSocket(b"Content-Type: api/response\nContent-Length: 999999\n\n", 64), max_body=1000
+    )
     with pytest.raises(ProtocolError):
         reader.read_frame()
 

@@ -75,7 +75,9 @@ def test_loopback_legs_belong_to_no_log_on(leg: str) -> None:
 
 
 def test_trunk_legs_belong_to_no_log_on() -> None:
-    body = edit_event(captured("CHANNEL_CREATE", channel="sofia/"), {"Channel-Name": "sofia/gateway/carrier/0301234"})
+    body = edit_event(
+        captured("CHANNEL_CREATE", channel="sofia/"), {"Channel-Name": "sofia/gateway/carrier/0301234"}
+    )
     assert mapped(body) is None
 
 
@@ -123,7 +125,10 @@ def test_the_custom_trap_is_real_in_the_fake() -> None:
     [
         ('"" <sip:1000@127.0.0.1:5091>', "sip:1000@127.0.0.1:5091"),
         ('"user" <sip:1000@192.0.2.50:5060;ob>', "sip:1000@192.0.2.50:5060"),
-        ('"user" <sip:1000@10.0.0.5:5060>;fs_nat=yes;fs_path=<sip:1000@192.0.2.9:4711>', "sip:1000@10.0.0.5:5060"),
+        (
+            '"user" <sip:1000@10.0.0.5:5060>;fs_nat=yes;fs_path=<sip:1000@192.0.2.9:4711>',
+            "sip:1000@10.0.0.5:5060",
+        ),
         ("sip:1000@192.0.2.50:5060;transport=tcp", "sip:1000@192.0.2.50:5060"),
     ],
 )
@@ -142,10 +147,19 @@ def test_show_registrations_rows() -> None:
         {
             "row_count": 2,
             "rows": [
-                {"reg_user": "1000", "url": "sofia/internal/sip:1000@127.0.0.1:5091", "network_ip": "127.0.0.1",
-                 "network_port": "5091", "expires": "1795495878"},
-                {"reg_user": "1001", "url": "sofia/internal/sips:1001@192.0.2.7:5061;transport=tls",
-                 "network_ip": "192.0.2.7", "network_port": "5061"},
+                {
+                    "reg_user": "1000",
+                    "url": "sofia/internal/sip:1000@127.0.0.1:5091",
+                    "network_ip": "127.0.0.1",
+                    "network_port": "5091",
+                    "expires": "1795495878",
+                },
+                {
+                    "reg_user": "1001",
+                    "url": "sofia/internal/sips:1001@192.0.2.7:5061;transport=tls",
+                    "network_ip": "192.0.2.7",
+                    "network_port": "5061",
+                },
             ],
         }
     )
@@ -170,11 +184,27 @@ def test_show_channels_rows_give_the_sip_legs_of_log_ons() -> None:
         {
             "row_count": 3,
             "rows": [
-                {"uuid": "u1", "direction": "inbound", "name": "sofia/internal/1000@127.0.0.1", "dest": "600",
-                 "presence_id": "1000@127.0.0.1"},
-                {"uuid": "u2", "direction": "outbound", "name": "sofia/internal/1001@127.0.0.1:5091",
-                 "dest": "1001", "presence_id": "1001@127.0.0.1"},
-                {"uuid": "u3", "direction": "outbound", "name": "loopback/9198-a", "dest": "9198", "presence_id": ""},
+                {
+                    "uuid": "u1",
+                    "direction": "inbound",
+                    "name": "sofia/internal/1000@127.0.0.1",
+                    "dest": "600",
+                    "presence_id": "1000@127.0.0.1",
+                },
+                {
+                    "uuid": "u2",
+                    "direction": "outbound",
+                    "name": "sofia/internal/1001@127.0.0.1:5091",
+                    "dest": "1001",
+                    "presence_id": "1001@127.0.0.1",
+                },
+                {
+                    "uuid": "u3",
+                    "direction": "outbound",
+                    "name": "loopback/9198-a",
+                    "dest": "9198",
+                    "presence_id": "",
+                },
             ],
         }
     )

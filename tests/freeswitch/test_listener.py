@@ -101,7 +101,10 @@ def test_two_log_ons_of_one_number_take_two_licences(start_bridge: StartBridge) 
     call(bridge, "c-b", "2001", "601")
     status = bridge.service.status()
     assert status["licences"]["used"] == 2
-    assert sorted((a["logon"], a["number"]) for a in status["assignments"]) == [("2000", "20"), ("2001", "20")]
+    assert sorted((a["logon"], a["number"]) for a in status["assignments"]) == [
+        ("2000", "20"),
+        ("2001", "20"),
+    ]
 
 
 def test_pool_full_kills_a_normal_call_and_lets_an_emergency_call_pass(start_bridge: StartBridge) -> None:
@@ -338,7 +341,9 @@ def test_a_password_with_a_line_break_stops_the_listener_with_one_error(
     wait_until(lambda: bridge.greenlets[0].dead, what="the listener to give up")
     assert bridge.fake.accepted == 0
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == ["FreeSWITCH listener stopped: configuration key freeswitch.esl_password: must not contain a line break"]
+    assert errors == [
+        "FreeSWITCH listener stopped: configuration key freeswitch.esl_password: must not contain a line break"
+    ]
 
 
 def test_a_quiet_link_is_probed_and_a_dead_one_replaced(start_bridge: StartBridge) -> None:

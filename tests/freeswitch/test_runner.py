@@ -46,7 +46,7 @@ def write_config(tmp_path: Path, esl_port: int, hook_port: int, *, web_port: int
     config.write_text(
         f"""
 [database]
-url = "sqlite:///{tmp_path / 'fs.db'}"
+url = "sqlite:///{tmp_path / "fs.db"}"
 [licences]
 count = 1
 [node]
@@ -101,7 +101,9 @@ def stop_connector(process: subprocess.Popen[bytes]) -> int:
             process.wait(timeout=10)
 
 
-def test_the_connector_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path, fake_esl: FakeEslServer) -> None:
+def test_the_connector_runs_as_a_process_and_stops_on_sigterm(
+    tmp_path: Path, fake_esl: FakeEslServer
+) -> None:
     hook_port = free_tcp_port()
     config = write_config(tmp_path, fake_esl.port, hook_port)
     service = prepared_service(config)
@@ -151,7 +153,9 @@ def test_the_status_page_reports_the_freeswitch_connection(tmp_path: Path, fake_
         wait_until(lambda: fake_esl.subscribed() == 1 or process.poll() is not None, 30, "the subscription")
         assert process.poll() is None, log_path.read_text()
         assert fake_esl.register("1000") == 1
-        wait_until(lambda: 'forum_bridge_event_lag_seconds_count 1.0' in metrics(), 10, "the event in /metrics")
+        wait_until(
+            lambda: "forum_bridge_event_lag_seconds_count 1.0" in metrics(), 10, "the event in /metrics"
+        )
         assert 'forum_bridge_pbx_connected{pbx="freeswitch"} 1.0' in metrics()
     finally:
         code = stop_connector(process)

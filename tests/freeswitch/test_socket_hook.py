@@ -125,7 +125,9 @@ def test_a_silent_peer_times_out_and_the_server_keeps_serving(start_hook: HookFa
 def test_garbage_instead_of_channel_data_is_refused_without_a_verdict(start_hook: HookFactory) -> None:
     server, service = start_hook()
     before = server.sessions
-    fake = FakeSocketCall(server.port, b"Event-Name: CHANNEL_DATA\nContent-Type: command/reply\n\n")  # no UUID
+    fake = FakeSocketCall(
+        server.port, b"Event-Name: CHANNEL_DATA\nContent-Type: command/reply\n\n"
+    )  # no UUID
     fake.start()
     wait_until(lambda: fake.finished.is_set() and server.sessions > before, what="the hook session")
     assert (fake.error, fake.commands) == (None, ["connect"])  # closed without a verdict
