@@ -101,7 +101,7 @@ def _config(tmp_path: Path, **asterisk: Any) -> Path:
 def _bridge_process(config: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORUM_BRIDGE_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "forum_bridge.adapters.asterisk", "--config", str(config)],
+        [sys.executable, "-m", "forum_bridge", "--config", str(config), "run", "asterisk"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

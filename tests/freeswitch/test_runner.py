@@ -81,7 +81,7 @@ def start_connector(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORUM_BRIDGE_")}
     with log_path.open("w") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "forum_bridge.adapters.freeswitch", "--config", str(config)],
+            [sys.executable, "-m", "forum_bridge", "--config", str(config), "run", "freeswitch"],
             cwd=ROOT,
             env=env,
             stdout=log_file,
@@ -130,6 +130,9 @@ def test_the_connector_runs_as_a_process_and_stops_on_sigterm(
     output = log_path.read_text()
     assert code == 0, output
     assert "FreeSWITCH connector stopped" in output
+    assert (
+        "decision logon=1000 number=600 direction=outbound result=allowed" in output
+    )  # one line per decision
     assert "Traceback" not in output
     assert "Warning" not in output
     assert "ClueCon" not in output

@@ -33,16 +33,10 @@ def _patch() -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    """Log like the rest of the bridge, unless the caller (the CLI) has set logging up already."""
-    if logging.getLogger().handlers:
-        return
+    """Log like the rest of the bridge, at the configured level, with the secrets redacted."""
+    from forum_bridge.logsetup import configure_logging
+
     secrets = [settings.freeswitch.esl_password, settings.web.token, settings.database_url]
-    try:
-        from forum_bridge.logsetup import configure_logging
-    except ImportError:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger().setLevel(settings.log_level)
-        return
     configure_logging(settings.log_level, [s for s in secrets if s])
 
 
