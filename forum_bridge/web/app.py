@@ -257,6 +257,9 @@ class StatusApp:
         client = _client(environ)
         if not self._token:
             raise Refused(403, "read_only", "Read-only: no administrator token is configured.")
+        authorization = str(environ.get("HTTP_AUTHORIZATION", ""))
+        if authorization:
+            return self._reset_by_script(authorization, client)
         if not same_origin(environ):
             log.warning("web: licence reset refused from %s: cross-site request", client)
             raise Refused(403, "cross_site", "Refused: the request came from another site.")
@@ -277,6 +280,22 @@ class StatusApp:
             return Response(200, json.dumps(body).encode(), _JSON)
         location = f"{environ.get('SCRIPT_NAME', '')}/?reset=ok&freed={freed}"
         return Response(303, b"", _TEXT, [("Location", location)])
+
+    def _reset_by_script(self, authorization: str, client: str) -> Response:
+        """``Authorization: Bearer <token>``: a reset for scripts, without form, cookie or confirmation.
+
+        A browser never sends this header cross-site without a CORS preflight, which this app does
+        not answer, so no CSRF token is needed; the request itself is the explicit confirmation.
+        """
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8"), self._token.encode("utf-8")
+        ):
+            log.warning("web: licence reset refused from %s: wrong administrator token", client)
+            raise Refused(403, "wrong_token", "Refused: wrong administrator token. Nothing was changed.")
+        freed = self.service.reset_licences(f"api:{client}")
+        body = {"ok": True, "freed": freed, "message": f"Licences reset: {freed} freed."}
+        return Response(200, json.dumps(body).encode(), _JSON)
 
     @staticmethod
     def _form(environ: WSGIEnvironment) -> dict[str, list[str]]:

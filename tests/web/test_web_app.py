@@ -289,6 +289,39 @@ def test_reset_refusals_change_nothing(
     assert resets(bridge) == []
 
 
+def test_a_script_resets_with_a_bearer_token(bridge: Bridge, client_for: ClientFor) -> None:
+    held(bridge)
+    client = client_for(bridge.serve())
+    answer = client.request("/reset", method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status == 200
+    assert answer.json() == {"ok": True, "freed": 1, "message": "Licences reset: 1 freed."}
+    assert bridge.service.status()["licences"]["used"] == 0
+    assert [r["actor"] for r in resets(bridge)] == ["api:127.0.0.1"]
+
+
+@pytest.mark.parametrize("header", ["Bearer wrong", f"Bearer {TOKEN}x", f"Basic {TOKEN}", "Bearer"])
+def test_a_wrong_bearer_token_changes_nothing(bridge: Bridge, client_for: ClientFor, header: str) -> None:
+    held(bridge)
+    client = client_for(bridge.serve())
+    answer = client.request(
+        "/reset", method="POST", headers={"Authorization": header, "Accept": "application/json"}
+    )
+    assert answer.status == 403
+    assert answer.json()["error"] == "wrong_token"
+    assert bridge.service.status()["licences"]["used"] == 1
+    assert resets(bridge) == []
+
+
+def test_bearer_reset_without_a_configured_token_is_refused(
+    read_only_bridge: Bridge, client_for: ClientFor
+) -> None:
+    held(read_only_bridge)
+    client = client_for(read_only_bridge.serve())
+    answer = client.request("/reset", method="POST", headers={"Authorization": "Bearer anything"})
+    assert answer.status == 403
+    assert read_only_bridge.service.status()["licences"]["used"] == 1
+
+
 def test_wrong_token_from_a_plain_form_gets_a_403_page(bridge: Bridge, client_for: ClientFor) -> None:
     held(bridge)
     client = client_for(bridge.serve())
