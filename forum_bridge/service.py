@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -659,10 +659,3 @@ class BridgeService:
                 }
                 for r in rows
             ]
-
-
-def parse_csv_rows(rows: Iterable[Sequence[str]]) -> str:
-    """Join CSV rows back into text (used by tests and the import command)."""
-    out = io.StringIO()
-    csv.writer(out).writerows(rows)
-    return out.getvalue()

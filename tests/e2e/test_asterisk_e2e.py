@@ -32,6 +32,7 @@ from forum_bridge.adapters.asterisk.dialplan import render_dialplan
 from forum_bridge.cli import main as cli_main
 from forum_bridge.config import load_settings
 from forum_bridge.sandbox import AsteriskSandbox, SippPhone, build_root, free_tcp_port
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.timeout(600)]
 
@@ -275,14 +276,6 @@ def metrics(port: int) -> str:
         return str(response.read().decode())
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def by_logon(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["logon"]: s for s in status["subscribers"]}
 
@@ -475,10 +468,10 @@ def test_the_bridge_reconnects_and_resyncs_when_asterisk_restarts(
     assert f"{connected} 1.0" in metrics(web_port)
     inst.sandbox.stop()
     inst.wait_log("lost Asterisk AMI", 1)
-    wait_for(lambda: f"{connected} 0.0" in metrics(web_port), "the metric to show the PBX down")
+    wait_until(lambda: f"{connected} 0.0" in metrics(web_port), 15, "the metric to show the PBX down")
     inst.sandbox.start()
     inst.wait_log("is back", 1)
-    wait_for(lambda: f"{connected} 1.0" in metrics(web_port), "the metric to show the PBX up again")
+    wait_until(lambda: f"{connected} 1.0" in metrics(web_port), 15, "the metric to show the PBX up again")
     lag_count = next(
         line
         for line in metrics(web_port).splitlines()

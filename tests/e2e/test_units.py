@@ -14,9 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ import pytest
 from forum_bridge.adapters.asterisk.dialplan import render_dialplan
 from forum_bridge.config import load_settings
 from forum_bridge.sandbox import AsteriskSandbox, SippPhone, free_tcp_port
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "forum-bridge-asterisk.service"
@@ -48,13 +47,6 @@ def unit_commands(unit: Path, config: Path) -> dict[str, list[str]]:
             ]
     assert set(found) == {"ExecStartPre", "ExecStart"}
     return found
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.mark.asterisk
@@ -114,7 +106,7 @@ def test_asterisk_unit_starts_and_stops_the_bridge(tmp_path: Path) -> None:
                 except OSError:
                     return False
 
-            wait_for("the bridge to log in to AMI", connected)
+            wait_until(connected, 30, "the bridge to log in to AMI")
             phone = SippPhone("21-desk", "pw21desk", pbx.sip_port)
             assert phone.register(expires=300) == 200
             assert phone.call("600") == 200

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -187,15 +186,6 @@ class Client:
 def client_for() -> Callable[[WebServer], Client]:
     """Build an HTTP client for a running page."""
     return lambda web: Client(web.url)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds, failing after ``timeout`` seconds (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- browser --------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from forum_bridge.web import page
 from forum_bridge.web import server as server_module
 from forum_bridge.web.app import make_app
 from forum_bridge.web.server import start_web
+from tests.conftest import wait_until
 
-from .conftest import Bridge, Client, wait_until
+from .conftest import Bridge, Client
 
 
 def test_port_zero_binds_a_free_port_and_stop_closes_it(bridge: Bridge) -> None:
