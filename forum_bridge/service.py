@@ -417,7 +417,7 @@ class BridgeService:
                     report.released.append(logon)
             for logon, contact in sorted(known & set(wanted)):
                 # The PBX still holds the contact, so the phone refreshed it while we were away.
-                ops.touch_registration(session, self.node, logon, contact, now)
+                ops.touch_registrations(session, self.node, logon, now, contact)
             for key in sorted(set(wanted) - known):
                 r = wanted[key]
                 ops.add_registration(session, self.node, r.logon, r.contact, r.source, r.user_agent, now)

@@ -281,28 +281,15 @@ def is_registered(session: Session, logon: str) -> bool:
     )
 
 
-def touch_registrations(session: Session, node: str, logon: str, at: datetime) -> int:
-    """Move the keepalive clock of every contact of ``logon`` on ``node``; return how many."""
-    return _rowcount(
-        session.execute(
-            update(RegistrationRow)
-            .where(RegistrationRow.node == node, RegistrationRow.logon == logon)
-            .values(last_seen=at)
-            .execution_options(synchronize_session=False)
-        )
-    )
+def touch_registrations(session: Session, node: str, logon: str, at: datetime, contact: str = "") -> int:
+    """Move the keepalive clock of one contact (or all, with ``contact=""``) of ``logon`` on ``node``.
 
-
-def touch_registration(session: Session, node: str, logon: str, contact: str, at: datetime) -> None:
-    """Move the keepalive clock of one contact."""
-    session.execute(
-        update(RegistrationRow)
-        .where(
-            RegistrationRow.node == node, RegistrationRow.logon == logon, RegistrationRow.contact == contact
-        )
-        .values(last_seen=at)
-        .execution_options(synchronize_session=False)
-    )
+    Returns how many contacts were touched.
+    """
+    query = update(RegistrationRow).where(RegistrationRow.node == node, RegistrationRow.logon == logon)
+    if contact:
+        query = query.where(RegistrationRow.contact == contact)
+    return _rowcount(session.execute(query.values(last_seen=at).execution_options(synchronize_session=False)))
 
 
 def node_registrations(session: Session, node: str) -> list[RegistrationRow]:
