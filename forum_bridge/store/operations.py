@@ -205,10 +205,9 @@ def logon_state(session: Session, logon: str) -> LogonState:
     subscriber = session.get(SubscriberRow, logon)
     if subscriber is None:
         return LogonState(managed=False, logged_on=False, last_logon_failed=False, holds_licence=False)
-    logged_on = session.scalar(select(RegistrationRow.id).where(RegistrationRow.logon == logon).limit(1))
     return LogonState(
         managed=True,
-        logged_on=logged_on is not None,
+        logged_on=is_registered(session, logon),
         last_logon_failed=subscriber.last_logon_failed,
         holds_licence=held_slot(session, logon) is not None,
     )
