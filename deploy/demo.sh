@@ -4,7 +4,7 @@
 #   sudo bash deploy/demo.sh [--keep]
 #
 # Installs what it needs (debootstrap, SIPp, a virtual environment .venv), then runs the demo
-# described in forum_bridge/sandbox/demo.py and prints `forum-bridge status`.
+# described in tests/sandbox/demo.py and prints `forum-bridge status`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,4 +24,4 @@ if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e .
-exec .venv/bin/python -m forum_bridge.sandbox.demo "$@"
+exec .venv/bin/python -m tests.sandbox.demo "$@"

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from forum_bridge.config import Settings, load_settings
-from forum_bridge.sandbox.asterisk import free_tcp_port
 from forum_bridge.service import BridgeService
 from forum_bridge.store.database import Database
+from tests.sandbox.asterisk import free_tcp_port
 
 
 class FakeClock:

@@ -33,7 +33,7 @@ echo "==> installing forum-bridge and its test tools into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 echo "==> building the sandbox Asterisk (cached after the first run)"
-.venv/bin/python -m forum_bridge.sandbox build
+.venv/bin/python -m tests.sandbox build
 
 echo "==> ruff"
 .venv/bin/ruff check forum_bridge tests migrations bench

@@ -31,8 +31,8 @@ from click.testing import CliRunner
 from forum_bridge.adapters.asterisk.dialplan import render_dialplan
 from forum_bridge.cli import main as cli_main
 from forum_bridge.config import load_settings
-from forum_bridge.sandbox import AsteriskSandbox, SippPhone, build_root, free_tcp_port
 from tests.conftest import wait_until
+from tests.sandbox import AsteriskSandbox, SippPhone, build_root, free_tcp_port
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.timeout(600)]
 

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.timeout(600)
 def test_demo_runs_every_step_against_real_asterisk() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "forum_bridge.sandbox.demo"],
+        [sys.executable, "-m", "tests.sandbox.demo"],
         capture_output=True,
         text=True,
         timeout=540,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from forum_bridge.sandbox import (
+from tests.sandbox import (
     AMI_READ_CLASSES,
     AMI_WRITE_CLASSES,
     AsteriskSandbox,

@@ -21,8 +21,8 @@ import pytest
 
 from forum_bridge.adapters.asterisk.dialplan import render_dialplan
 from forum_bridge.config import load_settings
-from forum_bridge.sandbox import AsteriskSandbox, SippPhone, free_tcp_port
 from tests.conftest import wait_until
+from tests.sandbox import AsteriskSandbox, SippPhone, free_tcp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "forum-bridge-asterisk.service"

@@ -1,17 +1,17 @@
-"""``python -m forum_bridge.sandbox build``: build (or reuse) the sandbox Asterisk chroot."""
+"""``python -m tests.sandbox build``: build (or reuse) the sandbox Asterisk chroot."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from forum_bridge.sandbox.asterisk import SandboxError, build_root
+from tests.sandbox.asterisk import SandboxError, build_root
 
 
 def main(argv: list[str]) -> int:
     """Build the cached chroot and print where it is; exit 1 with the reason if that fails."""
     if argv != ["build"]:
-        print("usage: python -m forum_bridge.sandbox build", file=sys.stderr)
+        print("usage: python -m tests.sandbox build", file=sys.stderr)
         return 2
     started = time.monotonic()
     try:

@@ -1,6 +1,6 @@
 """The demo: a real Asterisk 22, the bridge and SIPp phones, showing the Forum licence rules at work.
 
-``python -m forum_bridge.sandbox.demo`` (what ``deploy/demo.sh`` runs, as root) builds or reuses the
+``python -m tests.sandbox.demo`` (what ``deploy/demo.sh`` runs, as root) builds or reuses the
 sandbox chroot, starts a private Asterisk on free 127.0.0.1 ports with the bridge's own dialplan
 snippet, starts ``forum-bridge run asterisk`` on an embedded SQLite database with two licences, and
 then lets phones register and call:
@@ -35,8 +35,8 @@ from typing import Any
 
 from forum_bridge.adapters.asterisk.dialplan import render_dialplan
 from forum_bridge.config import load_settings
-from forum_bridge.sandbox.asterisk import AsteriskSandbox, build_root, free_tcp_port
-from forum_bridge.sandbox.sipp import SippPhone
+from tests.sandbox.asterisk import AsteriskSandbox, build_root, free_tcp_port
+from tests.sandbox.sipp import SippPhone
 
 PHONES = {  # log-on: (call number, password)
     "21-desk": ("21", "desk21pw"),

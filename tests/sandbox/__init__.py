@@ -12,7 +12,7 @@
   ``SippResult`` (an ``int`` with the evidence attached).
 """
 
-from forum_bridge.sandbox.asterisk import (
+from tests.sandbox.asterisk import (
     AMI_READ_CLASSES,
     AMI_WRITE_CLASSES,
     ASTERISK_MODULES,
@@ -25,7 +25,7 @@ from forum_bridge.sandbox.asterisk import (
     free_tcp_port,
     free_udp_port,
 )
-from forum_bridge.sandbox.sipp import SipMessage, SippError, SippPhone, SippResult, SippRun
+from tests.sandbox.sipp import SipMessage, SippError, SippPhone, SippResult, SippRun
 
 __all__ = [
     "AMI_READ_CLASSES",

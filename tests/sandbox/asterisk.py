@@ -46,7 +46,7 @@ __all__ = [
 
 ROOT_ENV_VAR = "FORUM_BRIDGE_SANDBOX_ROOT"
 # A fixed, reboot-surviving cache location is the point; it is root-owned and checked by marker.
-DEFAULT_ROOT = Path("/var/tmp/forum-bridge/asterisk-root")  # noqa: S108
+DEFAULT_ROOT = Path("/var/tmp/forum-bridge/asterisk-root")
 # Optional override of debootstrap's default mirror (e.g. a local cache); unset means default.
 MIRROR_ENV_VAR = "FORUM_BRIDGE_SANDBOX_MIRROR"
 

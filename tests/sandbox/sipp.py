@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from forum_bridge.sandbox.asterisk import die_with_parent_preexec, free_udp_port
+from tests.sandbox.asterisk import die_with_parent_preexec, free_udp_port
 
 __all__ = [
     "SipMessage",
@@ -224,7 +224,7 @@ def _free_media_port() -> int:
 
 
 def _scenario_text(name: str, values: dict[str, str]) -> str:
-    text = (importlib.resources.files("forum_bridge.sandbox") / "scenarios" / name).read_text(
+    text = (importlib.resources.files("tests.sandbox") / "scenarios" / name).read_text(
         encoding="utf-8"
     )
     for key, value in values.items():
