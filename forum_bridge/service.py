@@ -82,6 +82,9 @@ class Outcome:
     hangup: bool = False
     decision: Decision | None = None
     unknown_registration: bool = False
+    # Set when the event changed whether its log-on is blocked by a failed log-on (True: blocked
+    # now, False: the block was cleared), so the adapter can tell the PBX at once; see blocked_logons.
+    blocked: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -163,26 +166,32 @@ class BridgeService:
             return self._call_started(event, enforce)
         with self.database.transaction() as session:
             if isinstance(event, LoggedOn):
-                self._logged_on(session, event)
-            elif isinstance(event, LoggedOff):
+                return self._logged_on(session, event)
+            if isinstance(event, LoggedOff):
                 self._logged_off(session, event.logon, event.contact, event.at, event.reason)
             elif isinstance(event, LogonFailed):
-                self._logon_failed(session, event)
+                return self._logon_failed(session, event)
             elif isinstance(event, Keepalive):
                 return self._keepalive(session, event)
             elif isinstance(event, CallEnded):
                 ops.end_call(session, self.node, event.channel)
         return Outcome()
 
-    def _logged_on(self, session: Session, event: LoggedOn) -> None:
+    def _block_cleared(self, subscriber: SubscriberRow | None) -> bool | None:
+        """Clear a failed log-on's block; False when that lifted a block the PBX must forget."""
+        if subscriber is None or not subscriber.last_logon_failed:
+            return None
+        subscriber.last_logon_failed = False
+        return False if self.settings.block_after_failed_logon else None
+
+    def _logged_on(self, session: Session, event: LoggedOn) -> Outcome:
         new = ops.add_registration(
             session, self.node, event.logon, event.contact, event.source, event.user_agent, event.at
         )
-        subscriber = session.get(SubscriberRow, event.logon)
-        if subscriber is not None and subscriber.last_logon_failed:
-            subscriber.last_logon_failed = False
+        blocked = self._block_cleared(session.get(SubscriberRow, event.logon))
         if new:
             service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, self.node)
+        return Outcome(blocked=blocked)
 
     def _logged_off(self, session: Session, logon: str, contact: str, at: datetime, reason: str) -> bool:
         removed = ops.remove_registrations(session, self.node, logon, contact)
@@ -194,7 +203,7 @@ class BridgeService:
             return False
         return ops.release(session, logon, at, reason, self.node) is not None
 
-    def _logon_failed(self, session: Session, event: LogonFailed) -> None:
+    def _logon_failed(self, session: Session, event: LogonFailed) -> Outcome:
         subscriber = session.get(SubscriberRow, event.logon)
         managed = subscriber is not None
         ops.audit(
@@ -214,21 +223,23 @@ class BridgeService:
             managed,
             self.node,
         )
-        if subscriber is not None:
-            subscriber.last_logon_failed = True
-            subscriber.last_failure_at = event.at
-            if self.settings.block_after_failed_logon:
-                # It may make no call at all now, so the licence would only be wasted.
-                ops.release(session, event.logon, event.at, "logon_failed", self.node)
+        if subscriber is None:
+            return Outcome()
+        was_failed = subscriber.last_logon_failed
+        subscriber.last_logon_failed = True
+        subscriber.last_failure_at = event.at
+        if not self.settings.block_after_failed_logon:
+            return Outcome()
+        # It may make no call at all now, so the licence would only be wasted.
+        ops.release(session, event.logon, event.at, "logon_failed", self.node)
+        return Outcome(blocked=None if was_failed else True)
 
     def _keepalive(self, session: Session, event: Keepalive) -> Outcome:
         touched = ops.touch_registrations(session, self.node, event.logon, event.at)
-        subscriber = session.get(SubscriberRow, event.logon)
         # Only a registered log-on's success counts as a successful log-on attempt: a phone that
         # failed to register must not clear that by authenticating a call (e.g. to 112).
-        if touched and subscriber is not None and subscriber.last_logon_failed:
-            subscriber.last_logon_failed = False
-        return Outcome(unknown_registration=touched == 0)
+        blocked = self._block_cleared(session.get(SubscriberRow, event.logon)) if touched else None
+        return Outcome(unknown_registration=touched == 0, blocked=blocked)
 
     def _call_started(self, event: CallStarted, enforce: bool) -> Outcome:
         if not enforce:
@@ -277,6 +288,18 @@ class BridgeService:
             decision = Decision(True, Reason.EMERGENCY)
         self._report(logon, number, direction, decision, channel)
         return decision
+
+    def blocked_logons(self) -> list[str]:
+        """The managed log-ons that may make no call at all, 112 included (latest log-on failed).
+
+        This is the one fact a PBX needs to decide emergency calls without asking the bridge; the
+        adapters copy it into the PBX (and :class:`Outcome.blocked` tells them of each change).
+        Empty when ``emergency.block_after_failed_logon`` is off.
+        """
+        if not self.settings.block_after_failed_logon:
+            return []
+        with self.database.transaction() as session:
+            return ops.failed_logons(session)
 
     def logon_state(self, logon: str) -> LogonState:
         """What the rules know about ``logon`` now (managed, logged on, failed, licensed)."""

@@ -125,6 +125,33 @@ def test_failed_log_on_is_not_cleared_by_authenticating_a_call(svc: BridgeServic
     assert svc.authorize("23-desk", "112").reason is Reason.EMERGENCY
 
 
+def test_blocked_set_follows_failed_log_ons_and_reports_each_change(
+    svc: BridgeService, clock: FakeClock
+) -> None:
+    logon(svc, clock, "21-desk")
+    assert svc.blocked_logons() == []
+    assert svc.apply(LogonFailed("21-desk", at=clock())).blocked is True
+    assert svc.apply(LogonFailed("21-desk", at=clock())).blocked is None  # no change, nothing to tell
+    assert svc.apply(LogonFailed("nobody", at=clock())).blocked is None  # unmanaged: never blocked
+    svc.apply(LogonFailed("23-desk", at=clock()))
+    assert svc.blocked_logons() == ["21-desk", "23-desk"]
+    assert svc.apply(Keepalive("23-desk", at=clock())).blocked is None  # not registered: still blocked
+    assert svc.apply(Keepalive("21-desk", at=clock())).blocked is False
+    assert svc.apply(LoggedOn("23-desk", at=clock(), contact="sip:23@x")).blocked is False
+    assert svc.blocked_logons() == []
+
+
+def test_blocked_set_is_empty_when_the_failed_log_on_rule_is_off(
+    make_settings: SettingsFactory, make_service: ServiceFactory, database_url: str, clock: FakeClock
+) -> None:
+    service = make_service(
+        make_settings(**{"database.url": database_url, "emergency.block_after_failed_logon": False})
+    )
+    service.add_subscriber("21-desk", "21")
+    assert service.apply(LogonFailed("21-desk", at=clock())).blocked is None
+    assert service.blocked_logons() == []
+
+
 def test_unknown_user_is_recorded_as_failed_log_on(svc: BridgeService, clock: FakeClock) -> None:
     svc.apply(LogonFailed("nobody", at=clock(), source="127.0.0.1:5083", reason="unknown_user"))
     failed = svc.status()["failed_logons"]

@@ -213,6 +213,17 @@ def logon_state(session: Session, logon: str) -> LogonState:
     )
 
 
+def failed_logons(session: Session) -> list[str]:
+    """Every managed log-on whose latest log-on attempt failed, by name."""
+    return list(
+        session.scalars(
+            select(SubscriberRow.logon)
+            .where(SubscriberRow.last_logon_failed.is_(True))
+            .order_by(SubscriberRow.logon)
+        )
+    )
+
+
 def subscribers_of_number(session: Session, number: str) -> list[SubscriberRow]:
     """Every log-on sharing call number ``number``, by log-on name."""
     return list(
