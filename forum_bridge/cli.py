@@ -42,7 +42,8 @@ class Context:
     def service(self, *, started: bool = True) -> BridgeService:
         """The service; ``started`` checks the schema and syncs slots and profiles first."""
         if self._service is None:
-            self._service = BridgeService(self.settings)
+            # One-shot commands leave the pool-pressure log to the running bridges (see service).
+            self._service = BridgeService(self.settings, watch_pool=False)
             if started:
                 self._service.start()
         return self._service
@@ -162,12 +163,40 @@ def subscriber() -> None:
 @click.argument("logon")
 @click.option("--number", required=True, help="The call number this log-on answers to.")
 @click.option("--profile", help="Profile (keepalive clock); default: the default profile.")
+@click.option("--reserved", is_flag=True, help="Keep a licence for this log-on (see 'subscriber reserve').")
 @pass_context
 @handle_errors
-def subscriber_add(obj: Context, logon: str, number: str, profile: str | None) -> None:
+def subscriber_add(obj: Context, logon: str, number: str, profile: str | None, reserved: bool) -> None:
     """Provision LOGON (the SIP user name) with its call number."""
-    obj.service().add_subscriber(logon, number, profile)
-    click.echo(f"added {logon} with number {number}")
+    obj.service().add_subscriber(logon, number, profile, reserved=reserved)
+    click.echo(f"added {logon} with number {number}" + (", licence reserved" if reserved else ""))
+
+
+@subscriber.command("reserve")
+@click.argument("logon")
+@pass_context
+@handle_errors
+def subscriber_reserve(obj: Context, logon: str) -> None:
+    """Reserve a licence for LOGON: it always gets one, even when the floating pool is full.
+
+    The floating pool shrinks by one. At most licences.count log-ons can be reserved.
+    """
+    changed = obj.service().set_reserved(logon, True)
+    click.echo(f"licence reserved for {logon}" if changed else f"{logon} has a reserved licence already")
+
+
+@subscriber.command("unreserve")
+@click.argument("logon")
+@pass_context
+@handle_errors
+def subscriber_unreserve(obj: Context, logon: str) -> None:
+    """Give LOGON's reserved licence back to the floating pool (a licence it holds now stays)."""
+    # Not started: this must work even when licences.count was lowered below the reservations,
+    # which makes every command that applies the configuration stop until this is fixed.
+    service = obj.service(started=False)
+    service.database.require_current_schema()
+    changed = service.set_reserved(logon, False)
+    click.echo(f"reservation of {logon} given back" if changed else f"{logon} has no reserved licence")
 
 
 @subscriber.command("remove")
@@ -191,9 +220,16 @@ def subscriber_list(obj: Context, as_json: bool) -> None:
         print_json(subscribers)
         return
     print_table(
-        ["LOGON", "NUMBER", "PROFILE", "STATE", "LICENSED"],
+        ["LOGON", "NUMBER", "PROFILE", "STATE", "LICENSED", "RESERVED"],
         [
-            [s["logon"], s["number"], s["profile"], s["state"], "yes" if s["licensed"] else "no"]
+            [
+                s["logon"],
+                s["number"],
+                s["profile"],
+                s["state"],
+                "yes" if s["licensed"] else "no",
+                "yes" if s["reserved"] else "no",
+            ]
             for s in subscribers
         ],
     )
@@ -204,7 +240,10 @@ def subscriber_list(obj: Context, as_json: bool) -> None:
 @pass_context
 @handle_errors
 def subscriber_import(obj: Context, file: Any) -> None:
-    """Import subscribers from a CSV FILE of logon,number[,profile] rows (all or nothing; - for stdin)."""
+    """Import subscribers from a CSV FILE of logon,number[,profile[,reserved]] rows.
+
+    All or nothing; - reads stdin. reserved is yes or no (empty: no).
+    """
     count = obj.service().import_subscribers(file.read())
     click.echo(f"imported {count} subscriber(s)")
 
@@ -258,7 +297,10 @@ def status(obj: Context, as_json: bool) -> None:
         print_json(doc)
         return
     lic = doc["licences"]
-    click.echo(f"Licences: {lic['used']} of {lic['total']} in use, {lic['free']} free  (node {doc['node']})")
+    click.echo(
+        f"Licences: {lic['used']} of {lic['total']} in use, {lic['free']} free, {lic['reserved']} reserved"
+        f"  (node {doc['node']})"
+    )
     click.echo("")
     if doc["assignments"]:
         print_table(
@@ -270,7 +312,7 @@ def status(obj: Context, as_json: bool) -> None:
     click.echo("")
     if doc["subscribers"]:
         print_table(
-            ["LOGON", "NUMBER", "PROFILE", "STATE", "LICENSED", "LAST_SEEN", "CONTACT"],
+            ["LOGON", "NUMBER", "PROFILE", "STATE", "LICENSED", "RESERVED", "LAST_SEEN", "CONTACT"],
             [
                 [
                     s["logon"],
@@ -278,6 +320,7 @@ def status(obj: Context, as_json: bool) -> None:
                     s["profile"],
                     s["state"],
                     "yes" if s["licensed"] else "no",
+                    "yes" if s["reserved"] else "no",
                     s["last_seen"],
                     s["contact"],
                 ]

@@ -90,6 +90,7 @@ class Settings:
 
     database_url: str = field(default_factory=default_database_url, repr=False)
     licence_count: int = 4
+    licence_warn_at: int = 80  # percent of the floating pool in use that logs a warning; 0: never
     emergency: EmergencyNumbers = field(default_factory=EmergencyNumbers)
     block_after_failed_logon: bool = True
     profiles: Mapping[str, Profile] = field(default_factory=lambda: {"default": Profile("default", 120)})
@@ -107,6 +108,7 @@ class Settings:
 _SCALARS: dict[str, type] = {
     "database.url": str,
     "licences.count": int,
+    "licences.warn_at": int,
     "emergency.region": str,
     "emergency.outside_line_prefix": str,
     "emergency.block_after_failed_logon": bool,
@@ -279,6 +281,9 @@ def _validated(
     count = values.get("licences.count", settings.licence_count)
     if not 0 <= count <= 100_000:
         raise ConfigError("licences.count", f"must be between 0 and 100000, got {count}")
+    warn_at = values.get("licences.warn_at", settings.licence_warn_at)
+    if not 0 <= warn_at <= 100:
+        raise ConfigError("licences.warn_at", f"must be a percentage from 0 (off) to 100, got {warn_at}")
     region = values.get("emergency.region", "").strip().upper()
     if region and not region_is_known(region):
         raise ConfigError("emergency.region", f"unknown country code {region!r} (use e.g. DE, AT, GB, US)")
@@ -331,6 +336,7 @@ def _validated(
         settings,
         database_url=url,
         licence_count=count,
+        licence_warn_at=warn_at,
         emergency=emergency,
         block_after_failed_logon=values.get("emergency.block_after_failed_logon", True),
         profiles=profiles,

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from forum_bridge.config import Settings
@@ -50,6 +51,17 @@ service_log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 MAX_NAME = 128
 MAX_NUMBER = 64
+# session.info key: the pool-pressure change found before commit, logged after it.
+_POOL_FLIP = "forum_bridge.pool_flip"
+RESERVED_WORDS = {
+    "reserved": True,
+    "yes": True,
+    "true": True,
+    "1": True,
+    "no": False,
+    "false": False,
+    "0": False,
+}
 
 
 def utcnow() -> datetime:
@@ -126,12 +138,24 @@ def validate_number(number: str) -> str:
 class BridgeService:
     """Applies the Forum licence rules to one node's events, on a shared database."""
 
-    def __init__(self, settings: Settings, database: Database | None = None, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database | None = None,
+        clock: Clock = utcnow,
+        *,
+        watch_pool: bool = True,
+    ) -> None:
         self.settings = settings
         self.database = database if database is not None else Database(settings.database_url)
         self.clock = clock
         self.node = settings.node_name
         self._listeners: list[Callable[[CallRecord], None]] = []
+        self._failure_listeners: list[Callable[[], None]] = []
+        if watch_pool:
+            # Off for one-shot commands: their log goes nowhere, so a crossing they made is left for
+            # a running bridge to find (its keepalive sweep looks at the pool every few seconds).
+            self.database.add_commit_hooks(self._watch_pool, self._report_pool)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -146,6 +170,7 @@ class BridgeService:
             self.database.upgrade()
         self.database.require_current_schema()
         self.sync_configuration()
+        self.check_pool()
 
     def sync_configuration(self) -> None:
         """Create the configured profiles and as many licence slots as were purchased."""
@@ -157,6 +182,86 @@ class BridgeService:
     def add_listener(self, listener: Callable[[CallRecord], None]) -> None:
         """Call ``listener`` after every call decision (metrics use this)."""
         self._listeners.append(listener)
+
+    def add_failure_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a call could not be decided because the database failed."""
+        self._failure_listeners.append(listener)
+
+    def _decision_failed(self) -> None:
+        for listener in self._failure_listeners:
+            try:
+                listener()
+            except Exception:  # a broken listener must never affect a call
+                service_log.exception("failure listener failed")
+
+    # --- pool pressure ------------------------------------------------------------------------
+
+    def _watch_pool(self, session: Session) -> None:
+        """Before a transaction that changed the pool commits: raise or clear the shared warning."""
+        if not session.info.pop(ops.POOL_CHANGED, False):
+            return
+        try:
+            with session.begin_nested():
+                flip = ops.pool_warning(session, self.settings.licence_warn_at, self.clock())
+        except SQLAlchemyError:
+            # A warning must never cost a call its licence: the change commits without it.
+            service_log.exception("could not update the pool-pressure warning")
+            return
+        if flip is not None:
+            session.info[_POOL_FLIP] = flip
+
+    def _report_pool(self, session: Session) -> None:
+        """After commit: log the crossing this transaction made (once for all bridges of the pool)."""
+        flip: tuple[bool, ops.PoolCounts] | None = session.info.pop(_POOL_FLIP, None)
+        if flip is None:
+            return
+        raised, counts = flip
+        percent = round(100 * counts.floating_used / counts.floating) if counts.floating else 0
+        service_log.warning(
+            "licence pool %s used=%d floating=%d percent=%d warn_at=%d reserved=%d total=%d node=%s",
+            "above warn_at" if raised else "back below warn_at",
+            counts.floating_used,
+            counts.floating,
+            percent,
+            self.settings.licence_warn_at,
+            counts.reserved,
+            counts.total,
+            self.node,
+        )
+
+    def check_pool(self) -> None:
+        """Look at the pool pressure now (at start, and after changes made elsewhere)."""
+        with self.database.transaction() as session:
+            ops.mark_pool_changed(session)
+
+    def pool(self) -> ops.PoolCounts:
+        """The pool's counts: total, used, reserved, and what floats (metrics read this)."""
+        with self.database.transaction() as session:
+            return ops.pool_counts(session)
+
+    def keepalive_backlog(self) -> int:
+        """Contacts of this node past their keepalive deadline that no sweep has logged off yet.
+
+        Normally 0 (the sweep runs every few seconds); a number that stays up means expired phones
+        keep their licences because the keepalive clock is stuck.
+        """
+        now = self.clock()
+        with self.database.transaction() as session:
+            keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
+            default = keepalive.get(self.settings.default_profile, 120)
+            profiles: dict[str, str] = dict(
+                session.execute(select(SubscriberRow.logon, SubscriberRow.profile)).all()
+            )
+            return sum(
+                1
+                for row in ops.node_registrations(session, self.node)
+                if keepalive_expired(
+                    now,
+                    row.last_seen,
+                    keepalive.get(profiles.get(row.logon, ""), default),
+                    self.settings.keepalive_grace,
+                )
+            )
 
     # --- events -------------------------------------------------------------------------------
 
@@ -282,6 +387,7 @@ class BridgeService:
                 if channel:
                     ops.add_call(session, self.node, channel, logon, number, direction, now, decision)
         except StoreError:
+            self._decision_failed()
             if not emergency:
                 raise
             service_log.exception("database failed during an emergency call; letting it through")
@@ -336,7 +442,9 @@ class BridgeService:
             state,
             direction=direction,
             is_emergency=emergency,
-            licence_free=ops.free_licence_exists(session),
+            licence_free=state.logged_on
+            and not state.holds_licence
+            and ops.licence_available(session, logon),
             block_after_failed_logon=self.settings.block_after_failed_logon,
         )
         if not apply:
@@ -406,6 +514,9 @@ class BridgeService:
         now = self.clock()
         freed: list[str] = []
         with self.database.transaction() as session:
+            # The sweep runs every few seconds: it also catches pool changes made by one-shot
+            # commands (reset, reserve), which do not watch the pool themselves.
+            ops.mark_pool_changed(session)
             keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
             default = keepalive.get(self.settings.default_profile, 120)
             profiles: dict[str, str] = dict(
@@ -468,8 +579,10 @@ class BridgeService:
 
     # --- administration -----------------------------------------------------------------------
 
-    def add_subscriber(self, logon: str, number: str, profile: str | None = None) -> None:
-        """Provision a log-on with its call number."""
+    def add_subscriber(
+        self, logon: str, number: str, profile: str | None = None, *, reserved: bool = False
+    ) -> None:
+        """Provision a log-on with its call number; ``reserved`` keeps a licence for it."""
         logon, number = validate_logon(logon), validate_number(number)
         profile = profile or self.settings.default_profile
         with self.database.transaction() as session:
@@ -479,6 +592,10 @@ class BridgeService:
                 )
             if session.get(SubscriberRow, logon) is not None:
                 raise AlreadyExistsError(f"subscriber {logon!r} exists already")
+            if reserved:
+                ops.lock_pool(session)
+                ops.check_reservations(session, extra=1)
+                ops.mark_pool_changed(session)
             session.add(
                 SubscriberRow(
                     logon=logon,
@@ -486,8 +603,23 @@ class BridgeService:
                     profile=profile,
                     last_logon_failed=False,
                     created_at=self.clock(),
+                    reserved=reserved,
                 )
             )
+
+    def set_reserved(self, logon: str, reserved: bool) -> bool:
+        """Reserve a licence for ``logon`` or give it back to the floating pool.
+
+        Returns False when it was so already. A licence the log-on holds now stays with it. More
+        reservations than purchased licences is an :class:`InvalidInputError` and changes nothing.
+        """
+        with self.database.transaction() as session:
+            changed = ops.set_reserved(session, logon, reserved)
+        if changed:
+            service_log.info(
+                "licence %s logon=%s node=%s", "reserved" if reserved else "unreserved", logon, self.node
+            )
+        return changed
 
     def remove_subscriber(self, logon: str) -> None:
         """Stop managing a log-on; its licence is freed (reason: removal)."""
@@ -496,20 +628,23 @@ class BridgeService:
             if row is None:
                 raise NotFoundError(f"no subscriber {logon!r}")
             ops.release(session, logon, self.clock(), "removal", self.node)
+            if row.reserved:
+                ops.mark_pool_changed(session)
             session.delete(row)
 
     def import_subscribers(self, text: str) -> int:
-        """Import ``logon,number[,profile]`` CSV rows in one transaction: all or nothing."""
+        """Import ``logon,number[,profile[,reserved]]`` CSV rows in one transaction: all or nothing."""
         rows: list[tuple[str, str, str]] = []
+        reserve: set[str] = set()
         seen: set[str] = set()
         for lineno, fields_ in enumerate(csv.reader(io.StringIO(text)), start=1):
             if not fields_ or all(not f.strip() for f in fields_) or fields_[0].lstrip().startswith("#"):
                 continue
             if lineno == 1 and [f.strip().lower() for f in fields_[:2]] == ["logon", "number"]:
                 continue  # a header line
-            if len(fields_) not in (2, 3):
+            if len(fields_) not in (2, 3, 4):
                 raise InvalidInputError(
-                    f"line {lineno}: expected logon,number[,profile], got {len(fields_)} fields"
+                    f"line {lineno}: expected logon,number[,profile[,reserved]], got {len(fields_)} fields"
                 )
             try:
                 logon, number = validate_logon(fields_[0]), validate_number(fields_[1])
@@ -520,9 +655,16 @@ class BridgeService:
             seen.add(logon)
             profile = (
                 fields_[2].strip()
-                if len(fields_) == 3 and fields_[2].strip()
+                if len(fields_) >= 3 and fields_[2].strip()
                 else self.settings.default_profile
             )
+            flag = fields_[3].strip().lower() if len(fields_) == 4 else ""
+            if flag and flag not in RESERVED_WORDS:
+                raise InvalidInputError(
+                    f"line {lineno}: reserved must be yes or no, got {fields_[3].strip()!r}"
+                )
+            if RESERVED_WORDS.get(flag, False):
+                reserve.add(logon)
             rows.append((logon, number, profile))
         now = self.clock()
         with self.database.transaction() as session:
@@ -533,9 +675,18 @@ class BridgeService:
                     raise NotFoundError(f"log-on {logon!r}: no profile named {profile!r}")
                 if logon in existing:
                     raise AlreadyExistsError(f"subscriber {logon!r} exists already")
+            if reserve:
+                ops.lock_pool(session)
+                ops.check_reservations(session, extra=len(reserve))
+                ops.mark_pool_changed(session)
             session.add_all(
                 SubscriberRow(
-                    logon=logon, number=number, profile=profile, last_logon_failed=False, created_at=now
+                    logon=logon,
+                    number=number,
+                    profile=profile,
+                    last_logon_failed=False,
+                    created_at=now,
+                    reserved=logon in reserve,
                 )
                 for logon, number, profile in rows
             )
@@ -580,6 +731,12 @@ class BridgeService:
         for reg in session.scalars(select(RegistrationRow).order_by(RegistrationRow.last_seen.desc())):
             registrations.setdefault(reg.logon, []).append(reg)
         used = len(holders)
+        pool = ops.PoolCounts(
+            total=len(licences),
+            used=used,
+            reserved=sum(1 for sub in subscribers.values() if sub.reserved),
+            reserved_used=sum(1 for logon in holders if logon in subscribers and subscribers[logon].reserved),
+        )
         subscriber_docs = []
         for logon, sub in subscribers.items():
             regs = registrations.get(logon, [])
@@ -592,6 +749,7 @@ class BridgeService:
                     "profile": sub.profile,
                     "state": state,
                     "licensed": logon in holders,
+                    "reserved": sub.reserved,
                     "last_seen": iso(latest.last_seen) if latest else None,
                     "contact": latest.contact if latest else None,
                     "contacts": [r.contact for r in regs],
@@ -633,7 +791,12 @@ class BridgeService:
         return {
             "node": self.node,
             "generated_at": iso(now),
-            "licences": {"total": len(licences), "used": used, "free": len(licences) - used},
+            "licences": {
+                "total": pool.total,
+                "used": pool.used,
+                "free": pool.free,
+                "reserved": pool.reserved,
+            },
             "assignments": [
                 {
                     "slot": row.slot,

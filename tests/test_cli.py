@@ -14,6 +14,7 @@ from forum_bridge.cli import main
 from forum_bridge.config import load_settings
 from forum_bridge.core import LoggedOn
 from forum_bridge.service import BridgeService, utcnow
+from forum_bridge.store.database import HEAD_REVISION
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_status_json_has_the_documented_shape(cli: CliRunner, tmp_path: Path) ->
     service.authorize("21-desk", "600")
     service.database.dispose()
     doc = json.loads(run(cli, "status", "--json"))
-    assert doc["licences"] == {"total": 2, "used": 1, "free": 1}
+    assert doc["licences"] == {"total": 2, "used": 1, "free": 1, "reserved": 0}
     assignment = doc["assignments"][0]
     assert {"slot", "logon", "number", "since"} <= set(assignment)
     assert (assignment["slot"], assignment["logon"], assignment["number"]) == (1, "21-desk", "21")
@@ -146,7 +147,7 @@ def test_an_empty_database_gets_the_schema_on_first_use(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/new.db"
     out = CliRunner().invoke(main, ["--database", url, "subscriber", "add", "21-desk", "--number", "21"])
     assert out.exit_code == 0, out.output
-    assert CliRunner().invoke(main, ["--database", url, "db", "current"]).output.strip() == "0001"
+    assert CliRunner().invoke(main, ["--database", url, "db", "current"]).output.strip() == HEAD_REVISION
     doc = json.loads(CliRunner().invoke(main, ["--database", url, "status", "--json"]).output)
     assert [s["logon"] for s in doc["subscribers"]] == ["21-desk"]
 

@@ -61,7 +61,7 @@ def test_first_call_takes_a_licence_and_later_calls_keep_it(svc: BridgeService, 
     assert svc.authorize("21-desk", "600").reason is Reason.LICENCE_ACQUIRED
     assert svc.authorize("21-desk", "601").reason is Reason.LICENSED
     status = svc.status()
-    assert status["licences"] == {"total": 2, "used": 1, "free": 1}
+    assert status["licences"] == {"total": 2, "used": 1, "free": 1, "reserved": 0}
     assert [(a["slot"], a["logon"], a["number"]) for a in status["assignments"]] == [(1, "21-desk", "21")]
     assert status["assignments"][0]["since"] == "2026-11-24T08:00:00Z"
 
@@ -307,7 +307,7 @@ def test_licence_count_change_adds_and_drops_slots(
     svc.authorize("21-desk", "600")
     smaller = BridgeService(make_settings(**{"licences.count": 1}), clock=clock)
     smaller.start()
-    assert smaller.status()["licences"] == {"total": 1, "used": 1, "free": 0}
+    assert smaller.status()["licences"] == {"total": 1, "used": 1, "free": 0, "reserved": 0}
     smaller.database.dispose()
 
 

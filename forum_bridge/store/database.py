@@ -8,7 +8,7 @@ The schema belongs to Alembic (``migrations/``); nothing here calls ``create_all
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from forum_bridge.errors import ConfigError, SchemaError, StoreError
 
 log = logging.getLogger(__name__)
 
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 
 def migrations_dir() -> Path:
@@ -98,6 +98,15 @@ class Database:
                 yield session
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {_describe(exc)}") from exc
+
+    def add_commit_hooks(self, before: Callable[[Session], None], after: Callable[[Session], None]) -> None:
+        """Run ``before`` inside every transaction just before it commits, ``after`` once it has.
+
+        ``before`` may still read and write through the session (its work commits with the rest);
+        ``after`` must not touch the database. Used by the pool-pressure watch.
+        """
+        event.listen(self._sessions, "before_commit", before)
+        event.listen(self._sessions, "after_commit", after)
 
     def current_revision(self) -> str | None:
         """The Alembic revision the database is at, or None when it was never upgraded."""

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -81,6 +82,8 @@ class SubscriberRow(Base):
     last_logon_failed: Mapped[bool] = mapped_column(Boolean, default=False)
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # A reserved log-on always finds a licence; the floating pool is the purchased count minus these.
+    reserved: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
 
 
 class RegistrationRow(Base):
@@ -112,6 +115,20 @@ class LicenceRow(Base):
     )
     since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     node: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class PoolStateRow(Base):
+    """One row: whether the pool-pressure warning (``licences.warn_at``) is raised now.
+
+    It lives in the database, not in a process, so that bridges sharing one pool log each crossing
+    once between them.
+    """
+
+    __tablename__ = "pool_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    warned: Mapped[bool] = mapped_column(Boolean, default=False)
+    changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class CallRow(Base):

@@ -5,10 +5,17 @@ the service can combine several steps into one atomic change. Licence acquisitio
 contended step: on PostgreSQL it locks one free row with ``FOR UPDATE SKIP LOCKED``; on SQLite the
 whole transaction already holds the write lock (``BEGIN IMMEDIATE``). The unique constraint on
 ``licences.logon`` is the last line of defence: no log-on can ever hold two licences.
+
+Reserved log-ons share the same licence rows: a log-on without a reservation may take a free row
+only while fewer than ``count - reserved`` rows are held by such log-ons (the floating pool). That
+count is a fact about the whole pool, so every acquisition takes one pool-wide lock first (PostgreSQL:
+a transaction advisory lock; SQLite: the write lock it already holds), and two processes can never
+both take the last floating licence.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,15 +26,25 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from forum_bridge.core.rules import Decision, LogonState, Reason
+from forum_bridge.errors import ConfigError, InvalidInputError, NotFoundError
 from forum_bridge.store.models import (
     AuditRow,
     CallRow,
     LicenceRow,
+    PoolStateRow,
     ProfileRow,
     RegistrationRow,
     SubscriberRow,
     UsageRow,
 )
+
+log = logging.getLogger(__name__)
+
+# session.info key: set when a transaction changed who holds licences or how many are reserved, so
+# the pool-pressure watch (see forum_bridge.service) looks at the pool once before it commits.
+POOL_CHANGED = "forum_bridge.pool_changed"
+# Any fixed number: the key of the pool-wide advisory lock on PostgreSQL.
+_POOL_LOCK_KEY = 0x464F52554D
 
 
 def _rowcount(result: object) -> int:
@@ -81,6 +98,73 @@ def record_usage(session: Session, at: datetime) -> None:
     """Note how many licences are in use now (drives the 24-hour chart)."""
     total, used = licence_counts(session)
     session.add(UsageRow(at=at, used=used, total=total))
+    mark_pool_changed(session)
+
+
+def mark_pool_changed(session: Session) -> None:
+    """Tell the pool-pressure watch that this transaction changed the pool."""
+    session.info[POOL_CHANGED] = True
+
+
+def lock_pool(session: Session) -> None:
+    """Serialise every change of the pool's shape (acquisitions, reservations) until commit.
+
+    The floating limit is a count over many rows, which row locks cannot protect. SQLite needs
+    nothing: ``BEGIN IMMEDIATE`` already serialises writers.
+    """
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_POOL_LOCK_KEY)))
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    """The licence pool split into reserved and floating licences."""
+
+    total: int  # licence rows (licences.count as applied)
+    used: int  # rows held by anyone
+    reserved: int  # log-ons with a reservation
+    reserved_used: int  # rows held by those log-ons
+
+    @property
+    def floating(self) -> int:
+        """Licences that log-ons without a reservation share (never below zero)."""
+        return max(0, self.total - self.reserved)
+
+    @property
+    def floating_used(self) -> int:
+        """Licences held by log-ons without a reservation."""
+        return self.used - self.reserved_used
+
+    @property
+    def free(self) -> int:
+        """Licences a log-on without a reservation can take now."""
+        return max(0, min(self.floating - self.floating_used, self.total - self.used))
+
+
+def pool_counts(session: Session) -> PoolCounts:
+    """Count the pool in four small queries (no row is loaded)."""
+    total, used = licence_counts(session)
+    reserved = (
+        session.scalar(
+            select(func.count()).select_from(SubscriberRow).where(SubscriberRow.reserved.is_(True))
+        )
+        or 0
+    )
+    reserved_used = (
+        session.scalar(
+            select(func.count())
+            .select_from(LicenceRow)
+            .join(SubscriberRow, SubscriberRow.logon == LicenceRow.logon)
+            .where(SubscriberRow.reserved.is_(True))
+        )
+        or 0
+    )
+    return PoolCounts(total=total, used=used, reserved=reserved, reserved_used=reserved_used)
+
+
+def is_reserved(session: Session, logon: str) -> bool:
+    """True when ``logon`` is a managed log-on with a reserved licence."""
+    return bool(session.scalar(select(SubscriberRow.reserved).where(SubscriberRow.logon == logon)))
 
 
 def lock_logon(session: Session, logon: str) -> None:
@@ -104,14 +188,41 @@ def free_licence_exists(session: Session) -> bool:
     return session.scalar(select(LicenceRow.slot).where(LicenceRow.logon.is_(None)).limit(1)) is not None
 
 
-def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None:
-    """Give ``logon`` a licence; return its slot, or None when none is free.
+def licence_available(session: Session, logon: str) -> bool:
+    """True when ``logon`` could take a licence now (a hint; :func:`acquire` decides).
 
-    Idempotent: a log-on that holds a licence keeps the one it has.
+    A reserved log-on always can; any other needs a free licence of the floating pool.
+    """
+    if is_reserved(session, logon):
+        return pool_counts(session).total > 0
+    if not free_licence_exists(session):
+        return False
+    return pool_counts(session).free > 0
+
+
+def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None:
+    """Give ``logon`` a licence; return its slot, or None when none may be taken.
+
+    Idempotent: a log-on that holds a licence keeps the one it has. A log-on without a reservation
+    takes one only within the floating pool. A reserved log-on takes any free licence; when there is
+    none (the pool was full of floating holders when the reservation was made, or the count was
+    lowered), it takes over the licence of a floating holder, which then loses it as at a reset:
+    its call in progress goes on.
     """
     slot = held_slot(session, logon)
     if slot is not None:
         return slot
+    lock_pool(session)
+    reserved = is_reserved(session, logon)
+    if not reserved and pool_counts(session).free <= 0:
+        return None
+    slot = _claim_free(session, logon, node, at)
+    if slot is None and reserved:
+        slot = _take_over(session, logon, node, at)
+    return slot
+
+
+def _claim_free(session: Session, logon: str, node: str, at: datetime) -> int | None:
     query = select(LicenceRow.slot).where(LicenceRow.logon.is_(None)).order_by(LicenceRow.slot).limit(1)
     if session.bind is not None and session.bind.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
@@ -138,8 +249,32 @@ def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None
     return None
 
 
+def _take_over(session: Session, logon: str, node: str, at: datetime) -> int | None:
+    """Move the licence of a floating holder to reserved ``logon``; prefer a holder not in a call."""
+    in_call = select(CallRow.logon).where(CallRow.logon == LicenceRow.logon).exists()
+    victim = session.execute(
+        select(LicenceRow.slot, LicenceRow.logon)
+        .join(SubscriberRow, SubscriberRow.logon == LicenceRow.logon)
+        .where(SubscriberRow.reserved.is_(False))
+        .order_by(in_call, LicenceRow.since, LicenceRow.slot)
+        .limit(1)
+    ).first()
+    if victim is None:
+        return None
+    slot, holder = victim
+    release(session, holder or "", at, "reserved", node, detail=f"slot {slot} given to reserved {logon}")
+    log.warning("licence taken over slot=%s from=%s to=%s reason=reserved node=%s", slot, holder, logon, node)
+    return _claim_free(session, logon, node, at)
+
+
 def release(
-    session: Session, logon: str, at: datetime, reason: str, node: str = "", actor: str = ""
+    session: Session,
+    logon: str,
+    at: datetime,
+    reason: str,
+    node: str = "",
+    actor: str = "",
+    detail: str = "",
 ) -> int | None:
     """Free the licence of ``logon``; return the slot that was freed, or None if it held none."""
     slot = held_slot(session, logon)
@@ -151,7 +286,16 @@ def release(
         .values(logon=None, since=None, node=None)
         .execution_options(synchronize_session=False)
     )
-    audit(session, at, "release", logon=logon, reason=reason, node=node, actor=actor, detail=f"slot {slot}")
+    audit(
+        session,
+        at,
+        "release",
+        logon=logon,
+        reason=reason,
+        node=node,
+        actor=actor,
+        detail=detail or f"slot {slot}",
+    )
     record_usage(session, at)
     return slot
 
@@ -180,10 +324,23 @@ def reset_licences(session: Session, at: datetime, actor: str, node: str) -> lis
 
 
 def sync_slots(session: Session, count: int, at: datetime, node: str) -> None:
-    """Make the licence rows match the purchased count; slots above it are released and dropped."""
+    """Make the licence rows match the purchased count; slots above it are released and dropped.
+
+    A count below the number of reserved log-ons is refused (:class:`ConfigError` naming
+    ``licences.count``) and changes nothing: the reservations were promised to those log-ons.
+    """
+    lock_pool(session)
     existing = list(session.scalars(select(LicenceRow).order_by(LicenceRow.slot)))
     if len(existing) == count and all(row.slot == i + 1 for i, row in enumerate(existing)):
         return
+    reserved = reserved_logons(session)
+    if len(reserved) > count:
+        shown = ", ".join(reserved[:5]) + (", ..." if len(reserved) > 5 else "")
+        raise ConfigError(
+            "licences.count",
+            f"{count} is fewer than the {len(reserved)} reserved licences ({shown}); raise it, or run "
+            "'forum-bridge subscriber unreserve LOGON' first",
+        )
     numbers = {row.slot for row in existing}
     for row in existing:
         if row.slot > count:
@@ -195,6 +352,44 @@ def sync_slots(session: Session, count: int, at: datetime, node: str) -> None:
             session.add(LicenceRow(slot=slot))
     session.flush()
     record_usage(session, at)
+
+
+def pool_warning(session: Session, warn_at: int, at: datetime) -> tuple[bool, PoolCounts] | None:
+    """Raise or clear the shared pool-pressure flag; return (raised, counts) when it flipped.
+
+    The flag row is locked before the pool is counted, so bridges sharing the pool take turns and
+    each sees every licence change committed before it: each crossing flips the flag exactly once,
+    whichever process makes it. It is raised at ``warn_at`` percent of the floating pool in use and
+    cleared below ``warn_at - POOL_WARNING_HYSTERESIS``, so a pool hovering at the threshold does not
+    log a pair of lines per licence. ``warn_at`` 0 clears it for good.
+    """
+    query = select(PoolStateRow).where(PoolStateRow.id == 1).execution_options(populate_existing=True)
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        query = query.with_for_update()
+    state = session.scalar(query)
+    if state is None:
+        try:
+            with session.begin_nested():
+                session.add(PoolStateRow(id=1, warned=False, changed_at=None))
+        except IntegrityError:
+            pass  # another bridge created it meanwhile
+        state = session.scalar(query)
+        assert state is not None
+    counts = pool_counts(session)
+    percent = 100 * counts.floating_used / counts.floating if counts.floating else 0.0
+    if warn_at <= 0:
+        raise_it = False
+    elif state.warned:
+        raise_it = percent >= warn_at - POOL_WARNING_HYSTERESIS
+    else:
+        raise_it = percent >= warn_at
+    if raise_it == state.warned:
+        return None
+    state.warned, state.changed_at = raise_it, at
+    return raise_it, counts
+
+
+POOL_WARNING_HYSTERESIS = 5
 
 
 # --- subscribers and profiles -----------------------------------------------------------------
@@ -210,6 +405,44 @@ def logon_state(session: Session, logon: str) -> LogonState:
         logged_on=is_registered(session, logon),
         last_logon_failed=subscriber.last_logon_failed,
         holds_licence=held_slot(session, logon) is not None,
+    )
+
+
+def set_reserved(session: Session, logon: str, reserved: bool) -> bool:
+    """Reserve a licence for ``logon`` or give it back; return False when nothing changed.
+
+    Raises :class:`InvalidInputError` when a reservation would exceed the purchased licences.
+    """
+    lock_pool(session)
+    row = session.get(SubscriberRow, logon)
+    if row is None:
+        raise NotFoundError(f"no subscriber {logon!r}")
+    if row.reserved == reserved:
+        return False
+    if reserved:
+        check_reservations(session, extra=1)
+    row.reserved = reserved
+    session.flush()
+    mark_pool_changed(session)
+    return True
+
+
+def check_reservations(session: Session, extra: int) -> None:
+    """Refuse ``extra`` more reservations when they would not fit into the purchased licences."""
+    counts = pool_counts(session)
+    if counts.reserved + extra > counts.total:
+        raise InvalidInputError(
+            f"cannot reserve {extra} more licence(s): {counts.reserved} of {counts.total} licences "
+            "are reserved already (raise licences.count or unreserve a log-on first)"
+        )
+
+
+def reserved_logons(session: Session) -> list[str]:
+    """Every log-on with a reserved licence, by name."""
+    return list(
+        session.scalars(
+            select(SubscriberRow.logon).where(SubscriberRow.reserved.is_(True)).order_by(SubscriberRow.logon)
+        )
     )
 
 

@@ -117,7 +117,7 @@ def test_asterisk_unit_starts_and_stops_the_bridge(tmp_path: Path) -> None:
                     return doc
 
             doc = status()
-            assert doc["licences"] == {"total": 4, "used": 1, "free": 3}
+            assert doc["licences"] == {"total": 4, "used": 1, "free": 3, "reserved": 0}
             assert doc["node"] == "pbx1"
             assert "pw21desk" not in log.read_text(errors="replace")
             assert pbx.ami_secret not in log.read_text(errors="replace")

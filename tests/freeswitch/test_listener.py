@@ -51,7 +51,7 @@ def test_log_on_succeeds_with_no_licence_free(start_bridge: StartBridge) -> None
     bridge = start_bridge()
     bridge.register("1000")
     call(bridge, "c-1000", "1000", "600")
-    assert bridge.licences() == {"total": 1, "used": 1, "free": 0}
+    assert bridge.licences() == {"total": 1, "used": 1, "free": 0, "reserved": 0}
     bridge.register("1001")
     status = bridge.subscriber("1001")
     assert (status["state"], status["licensed"]) == ("logged_on", False)
@@ -66,7 +66,7 @@ def test_a_licence_is_taken_at_the_first_call_not_at_log_on(start_bridge: StartB
     assert bridge.subscriber("1000")["licensed"] is False
     call(bridge, "c-1", "1000", "600")
     status = bridge.service.status()
-    assert status["licences"] == {"total": 1, "used": 1, "free": 0}
+    assert status["licences"] == {"total": 1, "used": 1, "free": 0, "reserved": 0}
     assert [(a["slot"], a["logon"], a["number"]) for a in status["assignments"]] == [(1, "1000", "1000")]
     assert status["assignments"][0]["since"] == "2026-11-24T08:00:00Z"
     assert [(c["channel"], c["logon"], c["number"], c["direction"]) for c in status["calls"]] == [

@@ -5,12 +5,22 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
 
 from forum_bridge.errors import SchemaError
 from forum_bridge.store.database import HEAD_REVISION, Database
 from forum_bridge.store.models import Base
 
-TABLES = ["audit", "calls", "licence_usage", "licences", "profiles", "registrations", "subscribers"]
+TABLES = [
+    "audit",
+    "calls",
+    "licence_usage",
+    "licences",
+    "pool_state",
+    "profiles",
+    "registrations",
+    "subscribers",
+]
 
 
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
@@ -39,5 +49,47 @@ def test_schema_matches_models(database_url: str) -> None:
         with db.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
+    finally:
+        db.dispose()
+
+
+def test_reserved_licences_migration_keeps_every_log_on_and_licence(database_url: str) -> None:
+    """0002 adds reservations (existing log-ons float) and takes them away again without losing data."""
+    db = Database(database_url)
+    try:
+        db.upgrade("0001")
+        with db.engine.begin() as connection:
+            connection.execute(text("INSERT INTO profiles VALUES ('default', 120)"))
+            for logon in ("21-desk", "22-desk"):
+                connection.execute(
+                    text(
+                        "INSERT INTO subscribers (logon, number, profile, last_logon_failed, created_at) "
+                        "VALUES (:logon, '21', 'default', false, '2026-11-24 08:00:00')"
+                    ),
+                    {"logon": logon},
+                )
+            connection.execute(text("INSERT INTO licences (slot, logon) VALUES (1, '21-desk'), (2, NULL)"))
+        db.upgrade("0002")
+        with db.engine.begin() as connection:
+            assert connection.execute(
+                text("SELECT logon, reserved FROM subscribers ORDER BY logon")
+            ).all() == [("21-desk", False), ("22-desk", False)]
+            assert connection.execute(text("SELECT id, warned FROM pool_state")).all() == [(1, False)]
+            connection.execute(text("UPDATE subscribers SET reserved = true WHERE logon = '22-desk'"))
+        db.downgrade("0001")
+        assert db.current_revision() == "0001"
+        assert "pool_state" not in db.table_names()
+        with db.engine.begin() as connection:
+            assert connection.execute(text("SELECT logon FROM subscribers ORDER BY logon")).all() == [
+                ("21-desk",),
+                ("22-desk",),
+            ]
+            # No table copy on SQLite: the licence holder survives (foreign keys would have freed it).
+            assert connection.execute(text("SELECT slot, logon FROM licences ORDER BY slot")).all() == [
+                (1, "21-desk"),
+                (2, None),
+            ]
+        db.upgrade()
+        assert db.current_revision() == HEAD_REVISION
     finally:
         db.dispose()

@@ -68,7 +68,7 @@ def test_status_json_is_the_service_status_document(bridge: Bridge, client_for: 
     assert answer.headers["Content-Type"] == "application/json"
     # The clock stands still, so the two reads must agree field by field.
     assert answer.json() == bridge.service.status()
-    assert answer.json()["licences"] == {"total": 2, "used": 1, "free": 1}
+    assert answer.json()["licences"] == {"total": 2, "used": 1, "free": 1, "reserved": 0}
 
 
 def test_status_json_through_the_wsgi_callable(bridge: Bridge) -> None:
@@ -247,7 +247,7 @@ def test_reset_with_the_right_token_frees_every_licence_and_writes_the_audit_log
     answer = client.request("/reset", data=reset_form(client), headers={"Origin": origin})
     assert answer.status == 303
     assert answer.headers["Location"] == "/?reset=ok&freed=1"
-    assert bridge.service.status()["licences"] == {"total": 2, "used": 0, "free": 2}
+    assert bridge.service.status()["licences"] == {"total": 2, "used": 0, "free": 2, "reserved": 0}
     assert bridge.service.status()["assignments"] == []
     [reset] = resets(bridge)
     assert reset["actor"] == "web:127.0.0.1"

@@ -109,7 +109,7 @@ def test_see_the_licence_then_reset_it_with_the_right_token(office: Bridge, tab:
     assert dialogs == ["Free every licence now? Calls in progress go on."]
 
     status = bridge.service.status()
-    assert status["licences"] == {"total": 2, "used": 0, "free": 2}
+    assert status["licences"] == {"total": 2, "used": 0, "free": 2, "reserved": 0}
     [reset] = resets(bridge)
     assert reset["actor"] == "web:127.0.0.1"
     assert reset["at"] == status["generated_at"]  # the service clock's time of the reset
