@@ -2,7 +2,8 @@
 
 Several processes wait at a barrier and then ask for the last free licence at the same instant.
 Exactly one must win, every round; and one log-on asked for from every process at once (with
-licences to spare) must end up holding exactly one.
+licences to spare) must end up holding exactly one. With reserved log-ons in the same rush, every
+reserved one gets its licence and the floating ones share exactly what is left.
 """
 
 from __future__ import annotations
@@ -34,6 +35,26 @@ def _worker(url: str, index: int, barrier: Any, results: Any, rounds: int) -> No
         barrier.wait(timeout=60)  # the parent checks and resets between rounds
         barrier.wait(timeout=60)
     service.database.dispose()
+
+
+def _mixed_worker(url: str, index: int, barrier: Any, results: Any, rounds: int) -> None:
+    settings = load_settings(
+        environ={},
+        overrides={"database.url": url, "licences.count": MIXED_LICENCES, "node.name": f"n{index}"},
+    )
+    service = BridgeService(settings)
+    logon = f"res{index}" if index < MIXED_RESERVED else f"u{index}"
+    for round_ in range(rounds):
+        barrier.wait(timeout=60)
+        decision = service.authorize(logon, "600")
+        results.put((round_, logon, decision.allowed, decision.reason.value))
+        barrier.wait(timeout=60)
+        barrier.wait(timeout=60)
+    service.database.dispose()
+
+
+MIXED_LICENCES = 4
+MIXED_RESERVED = 2
 
 
 def _prepare(url: str, licences: int) -> BridgeService:
@@ -110,6 +131,53 @@ def test_one_log_on_never_holds_two_licences(database_url: str) -> None:
                 assert sorted(a[3] for a in answers) == ["licence_acquired"] + ["licensed"] * (WORKERS - 1)
             else:
                 assert sorted(holders) == sorted(f"u{i}" for i in range(WORKERS))
+            service.reset_licences("test")
+            barrier.wait(timeout=120)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+        service.database.dispose()
+    assert [p.exitcode for p in procs] == [0] * WORKERS
+
+
+@pytest.mark.timeout(240)
+def test_reserved_and_floating_log_ons_rushing_together_get_exactly_their_share(database_url: str) -> None:
+    service = _prepare(database_url, licences=MIXED_LICENCES)
+    for i in range(MIXED_RESERVED):
+        service.add_subscriber(f"res{i}", f"90{i}", reserved=True)
+        service.apply(LoggedOn(f"res{i}", at=utcnow(), contact=f"sip:res{i}@h"))
+    floating = MIXED_LICENCES - MIXED_RESERVED
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(WORKERS + 1)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_mixed_worker, args=(database_url, i, barrier, results, ROUNDS))
+        for i in range(WORKERS)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for round_ in range(ROUNDS):
+            barrier.wait(timeout=120)
+            barrier.wait(timeout=120)
+            answers = [results.get(timeout=30) for _ in range(WORKERS)]
+            assert {a[0] for a in answers} == {round_}
+            reserved = sorted(a[1:] for a in answers if a[1].startswith("res"))
+            assert reserved == [(f"res{i}", True, "licence_acquired") for i in range(MIXED_RESERVED)], answers
+            rushing = [a for a in answers if not a[1].startswith("res")]
+            winners = sorted(a[1] for a in rushing if a[2])
+            assert len(winners) == floating, f"round {round_}: {answers}"
+            assert sorted(a[3] for a in rushing if not a[2]) == ["emergency_only"] * (len(rushing) - floating)
+            status = service.status()
+            assert status["licences"] == {
+                "total": MIXED_LICENCES,
+                "used": MIXED_LICENCES,
+                "free": 0,
+                "reserved": MIXED_RESERVED,
+            }
+            assert sorted(a["logon"] for a in status["assignments"]) == sorted(
+                [f"res{i}" for i in range(MIXED_RESERVED)] + winners
+            )
             service.reset_licences("test")
             barrier.wait(timeout=120)
     finally:
