@@ -45,6 +45,8 @@ class _StateCollector(Collector):
             "forum_bridge_database_up",
             "forum_bridge_licences_total",
             "forum_bridge_licences_used",
+            "forum_bridge_licences_reserved",
+            "forum_bridge_licences_free",
             "forum_bridge_subscribers",
             "forum_bridge_unmanaged_endpoints",
         ):
@@ -73,6 +75,16 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "forum_bridge_licences_used", "Licences held by a log-on now", value=licences["used"]
         )
+        yield GaugeMetricFamily(
+            "forum_bridge_licences_reserved",
+            "Log-ons with a reserved licence (the floating pool is total minus these)",
+            value=licences["reserved"],
+        )
+        yield GaugeMetricFamily(
+            "forum_bridge_licences_free",
+            "Licences a log-on without a reservation can take now",
+            value=licences["free"],
+        )
         states = GaugeMetricFamily(
             "forum_bridge_subscribers", "Provisioned log-ons by state", labels=["state"]
         )
@@ -89,6 +101,29 @@ class _StateCollector(Collector):
         )
 
 
+class _BacklogCollector(Collector):
+    """Counts contacts past their keepalive deadline at scrape time (normally none)."""
+
+    def __init__(self, service: BridgeService) -> None:
+        self.service = service
+
+    def describe(self) -> Iterator[Metric]:
+        """The family :meth:`collect` yields, without reading the database."""
+        yield GaugeMetricFamily("forum_bridge_keepalive_overdue", "")
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            overdue = self.service.keepalive_backlog()
+        except ForumBridgeError:
+            return  # forum_bridge_database_up already says so
+        yield GaugeMetricFamily(
+            "forum_bridge_keepalive_overdue",
+            "Contacts of this node past their keepalive deadline that the keepalive clock has not "
+            "logged off yet; stays above 0 only when that clock is stuck",
+            value=overdue,
+        )
+
+
 class Metrics:
     """The bridge's metrics; registers itself as a decision listener of ``service``."""
 
@@ -96,6 +131,7 @@ class Metrics:
         self.pbx = pbx
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(service))
+        self.registry.register(_BacklogCollector(service))
         self.decisions = Counter(
             "forum_bridge_decisions",
             "Call decisions by result and reason",
@@ -119,7 +155,13 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=self.registry,
         )
+        self.decision_errors = Counter(
+            "forum_bridge_decision_errors",
+            "Calls that could not be decided because the database failed (the fail mode applied)",
+            registry=self.registry,
+        )
         service.add_listener(self.record_decision)
+        service.add_failure_listener(self.decision_errors.inc)
 
     def record_decision(self, record: CallRecord) -> None:
         """Count one call decision (the service calls this after every decision)."""

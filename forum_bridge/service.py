@@ -247,20 +247,8 @@ class BridgeService:
         """
         now = self.clock()
         with self.database.transaction() as session:
-            keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
-            default = keepalive.get(self.settings.default_profile, 120)
-            profiles: dict[str, str] = dict(
-                session.execute(select(SubscriberRow.logon, SubscriberRow.profile)).all()
-            )
-            return sum(
-                1
-                for row in ops.node_registrations(session, self.node)
-                if keepalive_expired(
-                    now,
-                    row.last_seen,
-                    keepalive.get(profiles.get(row.logon, ""), default),
-                    self.settings.keepalive_grace,
-                )
+            return ops.overdue_registrations(
+                session, self.node, now, self.settings.default_profile, self.settings.keepalive_grace
             )
 
     # --- events -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import CursorResult
@@ -533,6 +533,31 @@ def touch_registrations(session: Session, node: str, logon: str, at: datetime, c
     if contact:
         query = query.where(RegistrationRow.contact == contact)
     return _rowcount(session.execute(query.values(last_seen=at).execution_options(synchronize_session=False)))
+
+
+def overdue_registrations(
+    session: Session, node: str, now: datetime, default_profile: str, grace: int
+) -> int:
+    """How many contacts of ``node`` are past their profile's keepalive plus ``grace`` (one count per
+    profile, no row loaded); unmanaged contacts run on ``default_profile``, as the sweep does."""
+    keepalive = dict(session.execute(select(ProfileRow.name, ProfileRow.keepalive_seconds)).all())
+    total = 0
+    for name, seconds in keepalive.items():
+        query = (
+            select(func.count())
+            .select_from(RegistrationRow)
+            .outerjoin(SubscriberRow, SubscriberRow.logon == RegistrationRow.logon)
+            .where(
+                RegistrationRow.node == node,
+                RegistrationRow.last_seen < now - timedelta(seconds=seconds + grace),
+            )
+        )
+        if name == default_profile:
+            query = query.where((SubscriberRow.profile == name) | SubscriberRow.logon.is_(None))
+        else:
+            query = query.where(SubscriberRow.profile == name)
+        total += session.scalar(query) or 0
+    return total
 
 
 def node_registrations(session: Session, node: str) -> list[RegistrationRow]:
