@@ -4,9 +4,9 @@
 #   bash tests/run.sh [pytest arguments]
 #
 # As root it installs Debian's PostgreSQL, SIPp (sip-tester), debootstrap, Chromium and prometheus
-# (for promtool, which tests the alert rules), builds the
-# sandbox Asterisk 22 chroot once (cached), and creates the virtual environment .venv. Tests that
-# need one of these parts fail loudly when it cannot start; none of them is skipped.
+# (for promtool, which tests the alert rules), builds the sandbox Asterisk 22 chroot once (cached),
+# and creates the virtual environment .venv. Tests that need one of these parts fail loudly when it
+# cannot start; none of them is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
