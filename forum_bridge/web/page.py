@@ -206,6 +206,8 @@ def subscriber_cells(slots: Mapping[str, int]) -> Cells:
             if s["licensed"]
             else _badge("lic-no", "no")
         )
+        if s.get("reserved"):
+            licence += _badge("lic-reserved", "reserved")
         state = str(s["state"])
         return [
             h(s["logon"]),
@@ -324,6 +326,9 @@ def render_page(
       <span id="lic-used" class="big">{h(lic["used"])}</span><span class="note">held by a log-on</span></div>
     <div class="card free"><span class="label">Free</span>
       <span id="lic-free" class="big">{h(lic["free"])}</span><span class="note">for the next call</span></div>
+    <div class="card reserved"><span class="label">Reserved</span>
+      <span id="lic-reserved" class="big">{h(lic["reserved"])}</span><span class="note">kept for their
+      log-ons</span></div>
   </div>
   <div class="panel reset">
     <h2>Reset licences</h2>

@@ -288,3 +288,33 @@ def test_the_page_refreshes_by_itself(bridge: Bridge, tab: Tab) -> None:
     assert page.locator("#failed img").count() == 0
     assert alerts == []
     assert tab.errors == []
+
+
+def test_reserved_licences_are_shown_and_follow_changes(bridge: Bridge, tab: Tab) -> None:
+    bridge.log_on("21-desk", "21")
+    bridge.service.add_subscriber("lift", "90", reserved=True)
+    bridge.service.apply(LoggedOn("lift", at=bridge.clock(), contact="sip:lift@192.0.2.90:5060"))
+    assert bridge.service.authorize("lift", "90").takes_licence
+    page = tab.page
+    web = bridge.serve(refresh_seconds=1)
+    page.goto(web.url)
+    lift = page.locator("#subscribers tr", has_text="lift")
+    desk = page.locator("#subscribers tr", has_text="21-desk")
+    expect(page.locator("#lic-reserved")).to_have_text("1")
+    expect(page.locator("#lic-used")).to_have_text("1")
+    expect(page.locator("#lic-free")).to_have_text("1")  # two licences, one of them the lift's
+    expect(lift.locator(".lic-reserved")).to_have_text("reserved")
+    expect(lift).to_contain_text("slot 1")
+    expect(desk.locator(".lic-reserved")).to_have_count(0)
+    served = lift.locator("td").nth(3).inner_html()
+
+    # The script redraws the same cell from status.json, and follows a reservation moving.
+    page.evaluate("document.querySelector('#lic-reserved').textContent = 'stale'")
+    expect(page.locator("#lic-reserved")).to_have_text("1")
+    assert lift.locator("td").nth(3).inner_html() == served
+    bridge.service.set_reserved("lift", False)
+    bridge.service.set_reserved("21-desk", True)
+    expect(desk.locator(".lic-reserved")).to_have_text("reserved")
+    expect(lift.locator(".lic-reserved")).to_have_count(0)
+    expect(page.locator("#lic-free")).to_have_text("0")  # the lift keeps its licence, 21-desk's waits
+    assert tab.errors == []

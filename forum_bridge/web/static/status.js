@@ -139,6 +139,7 @@
     setText("lic-total", status.licences.total);
     setText("lic-used", status.licences.used);
     setText("lic-free", status.licences.free);
+    setText("lic-reserved", status.licences.reserved);
     drawChart(status);
     fill("usage", status.usage_history.slice(-USAGE_ROWS).reverse(),
       (p) => [time(p.at), txt(p.used), txt(p.total)], 3, "No licence use recorded.");
@@ -154,9 +155,12 @@
       const contacts = s.contacts || [];
       const contact = el("span", {}, clipped(s.contact));
       if (contacts.length > 1) contact.append(" ", el("span", { class: "muted" }, "(+" + (contacts.length - 1) + ")"));
-      const licence = s.licensed
+      // A fragment, so the cell holds the same badges side by side as the server renders.
+      const licence = document.createDocumentFragment();
+      licence.append(s.licensed
         ? badge("lic-yes", slots.has(s.logon) ? "slot " + slots.get(s.logon) : "yes")
-        : badge("lic-no", "no");
+        : badge("lic-no", "no"));
+      if (s.reserved) licence.append(badge("lic-reserved", "reserved"));
       return [
         txt(s.logon), txt(s.number), badge("st-" + s.state, STATE[s.state] || s.state), licence,
         txt(time(s.last_seen)), contact, clipped(s.user_agent), txt(s.profile), txt(s.node),
