@@ -27,7 +27,7 @@ CONFIG = "/etc/forum-bridge/forum-bridge.toml"
 
 KEYS = {
     "database": ["url"],
-    "licences": ["count"],
+    "licences": ["count", "warn_at"],
     "emergency": ["numbers", "region", "outside_line_prefix", "block_after_failed_logon"],
     "keepalive": ["grace", "default_profile"],
     "profiles.default": ["keepalive"],
