@@ -234,11 +234,6 @@ class BridgeService:
         with self.database.transaction() as session:
             ops.mark_pool_changed(session)
 
-    def pool(self) -> ops.PoolCounts:
-        """The pool's counts: total, used, reserved, and what floats (metrics read this)."""
-        with self.database.transaction() as session:
-            return ops.pool_counts(session)
-
     def keepalive_backlog(self) -> int:
         """Contacts of this node past their keepalive deadline that no sweep has logged off yet.
 
@@ -430,7 +425,9 @@ class BridgeService:
             state,
             direction=direction,
             is_emergency=emergency,
-            licence_free=state.logged_on
+            # Only asked when it can matter; an emergency call never waits for the pool count.
+            licence_free=not emergency
+            and state.logged_on
             and not state.holds_licence
             and ops.licence_available(session, logon),
             block_after_failed_logon=self.settings.block_after_failed_logon,
@@ -584,6 +581,7 @@ class BridgeService:
                 ops.lock_pool(session)
                 ops.check_reservations(session, extra=1)
                 ops.mark_pool_changed(session)
+                ops.audit(session, self.clock(), "reserve", logon=logon, node=self.node)
             session.add(
                 SubscriberRow(
                     logon=logon,
@@ -603,6 +601,10 @@ class BridgeService:
         """
         with self.database.transaction() as session:
             changed = ops.set_reserved(session, logon, reserved)
+            if changed:
+                ops.audit(
+                    session, self.clock(), "reserve" if reserved else "unreserve", logon=logon, node=self.node
+                )
         if changed:
             service_log.info(
                 "licence %s logon=%s node=%s", "reserved" if reserved else "unreserved", logon, self.node
@@ -667,6 +669,8 @@ class BridgeService:
                 ops.lock_pool(session)
                 ops.check_reservations(session, extra=len(reserve))
                 ops.mark_pool_changed(session)
+                for logon in sorted(reserve):
+                    ops.audit(session, now, "reserve", logon=logon, node=self.node, detail="import")
             session.add_all(
                 SubscriberRow(
                     logon=logon,

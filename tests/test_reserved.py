@@ -103,6 +103,11 @@ def test_reserving_more_than_the_count_is_refused_and_changes_nothing(
         svc.set_reserved("nobody", True)
     assert svc.status()["subscribers"] == before
     assert licences(svc)["reserved"] == 3
+    assert [(a["kind"], a["logon"]) for a in svc.audit_log()] == [
+        ("reserve", "desk2"),
+        ("reserve", "desk1"),
+        ("reserve", "lift"),
+    ]
     assert svc.set_reserved("desk1", True) is False  # already reserved: nothing to do
 
 
