@@ -8,13 +8,15 @@ reserved one gets its licence and the floating ones share exactly what is left.
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import multiprocessing
 from typing import Any
 
 import pytest
 
 from forum_bridge.config import load_settings
-from forum_bridge.core import LoggedOn
+from forum_bridge.core import LoggedOff, LoggedOn
 from forum_bridge.service import BridgeService, utcnow
 from forum_bridge.store.database import Database
 
@@ -55,6 +57,43 @@ def _mixed_worker(url: str, index: int, barrier: Any, results: Any, rounds: int)
 
 MIXED_LICENCES = 4
 MIXED_RESERVED = 2
+
+
+def _warning_worker(url: str, index: int, barrier: Any, results: Any, rounds: int) -> None:
+    # Every pool warning this process logs goes to the parent through the queue, stamped with the round.
+    current = {"round": -1}
+
+    def stamp(record: logging.LogRecord) -> bool:
+        record.round = current["round"]
+        return True
+
+    handler = logging.handlers.QueueHandler(results)
+    handler.addFilter(stamp)
+    logger = logging.getLogger("forum_bridge.service")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    settings = load_settings(
+        environ={},
+        overrides={
+            "database.url": url,
+            "licences.count": WORKERS,
+            "licences.warn_at": 50,
+            "node.name": f"n{index}",
+        },
+    )
+    service = BridgeService(settings)
+    logon = f"u{index}"
+    for round_ in range(rounds):
+        current["round"] = round_
+        service.apply(LoggedOn(logon, at=utcnow(), contact=f"sip:{logon}@n{index}"))
+        barrier.wait(timeout=60)
+        service.authorize(logon, "600")  # all at once: the pool goes from 0 to 100 %
+        barrier.wait(timeout=60)
+        barrier.wait(timeout=60)
+        service.apply(LoggedOff(logon, at=utcnow()))  # all at once again: back to 0 %
+        barrier.wait(timeout=60)
+        barrier.wait(timeout=60)
+    service.database.dispose()
 
 
 def _prepare(url: str, licences: int) -> BridgeService:
@@ -185,3 +224,41 @@ def test_reserved_and_floating_log_ons_rushing_together_get_exactly_their_share(
             proc.join(timeout=60)
         service.database.dispose()
     assert [p.exitcode for p in procs] == [0] * WORKERS
+
+
+@pytest.mark.timeout(240)
+def test_processes_crossing_warn_at_together_log_it_once(database_url: str) -> None:
+    service = _prepare(database_url, licences=WORKERS)
+    for i in range(WORKERS):  # the workers log on and off on their own nodes
+        service.apply(LoggedOff(f"u{i}", at=utcnow()))
+    rounds = ROUNDS // 2
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(WORKERS + 1)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_warning_worker, args=(database_url, i, barrier, results, rounds))
+        for i in range(WORKERS)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for _round in range(rounds):
+            barrier.wait(timeout=120)  # go: every process takes a licence
+            barrier.wait(timeout=120)
+            assert service.status()["licences"]["used"] == WORKERS
+            barrier.wait(timeout=120)  # go: every process logs off
+            barrier.wait(timeout=120)
+            assert service.status()["licences"]["used"] == 0
+            barrier.wait(timeout=120)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+        service.database.dispose()
+    assert [p.exitcode for p in procs] == [0] * WORKERS
+    records = []
+    while not results.empty():  # every worker has exited, so everything it logged is here
+        records.append(results.get(timeout=5))
+    lines = sorted((r.round, r.getMessage().split(" used=")[0]) for r in records)
+    expected = [(n, "licence pool above warn_at") for n in range(rounds)]
+    expected += [(n, "licence pool back below warn_at") for n in range(rounds)]
+    assert lines == sorted(expected)
