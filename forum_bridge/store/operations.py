@@ -194,7 +194,7 @@ def licence_available(session: Session, logon: str) -> bool:
     A reserved log-on always can; any other needs a free licence of the floating pool.
     """
     if is_reserved(session, logon):
-        return pool_counts(session).total > 0
+        return licence_counts(session)[0] > 0
     if not free_licence_exists(session):
         return False
     return pool_counts(session).free > 0
