@@ -321,3 +321,18 @@ def test_warn_at_is_a_percentage(make_settings: SettingsFactory) -> None:
     ):
         make_settings(**{"licences.warn_at": 101})
     assert make_settings().licence_warn_at == 80
+
+
+def test_a_broken_warning_state_never_costs_a_call_its_licence(
+    pool: BridgeService, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy import text
+
+    with pool.database.engine.begin() as connection:
+        connection.execute(text("DROP TABLE pool_state"))
+    caplog.set_level(logging.INFO, logger=POOL_LOGGER)
+    for n in range(18):  # across warn_at: the warning cannot be kept, the calls go on
+        assert pool.authorize(f"d{n}", "600").reason is Reason.LICENCE_ACQUIRED
+    assert licences(pool)["used"] == 18
+    assert pool_lines(caplog) == []
+    assert "could not update the pool-pressure warning" in caplog.text
