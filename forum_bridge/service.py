@@ -152,6 +152,7 @@ class BridgeService:
         self.node = settings.node_name
         self._listeners: list[Callable[[CallRecord], None]] = []
         self._failure_listeners: list[Callable[[], None]] = []
+        self._watch = watch_pool
         if watch_pool:
             # Off for one-shot commands: their log goes nowhere, so a crossing they made is left for
             # a running bridge to find (its keepalive sweep looks at the pool every few seconds).
@@ -231,6 +232,8 @@ class BridgeService:
 
     def check_pool(self) -> None:
         """Look at the pool pressure now (at start, and after changes made elsewhere)."""
+        if not self._watch:
+            return
         with self.database.transaction() as session:
             ops.mark_pool_changed(session)
 
