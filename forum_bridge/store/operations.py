@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 POOL_CHANGED = "forum_bridge.pool_changed"
 # Any fixed number: the key of the pool-wide advisory lock on PostgreSQL.
 _POOL_LOCK_KEY = 0x464F52554D
+# Percentage points the pool must fall below licences.warn_at before the warning is cleared.
+POOL_WARNING_HYSTERESIS = 5
 
 
 def _rowcount(result: object) -> int:
@@ -387,9 +389,6 @@ def pool_warning(session: Session, warn_at: int, at: datetime) -> tuple[bool, Po
         return None
     state.warned, state.changed_at = raise_it, at
     return raise_it, counts
-
-
-POOL_WARNING_HYSTERESIS = 5
 
 
 # --- subscribers and profiles -----------------------------------------------------------------
