@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from forum_bridge.config import Settings
@@ -33,6 +32,7 @@ from forum_bridge.core.events import (
 )
 from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call, keepalive_expired
 from forum_bridge.errors import AlreadyExistsError, InvalidInputError, NotFoundError, StoreError
+from forum_bridge.pool_watch import PoolWatch
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
 from forum_bridge.store.models import (
@@ -51,8 +51,6 @@ service_log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 MAX_NAME = 128
 MAX_NUMBER = 64
-# session.info key: the pool-pressure change found before commit, logged after it.
-_POOL_FLIP = "forum_bridge.pool_flip"
 RESERVED_WORDS = {
     "reserved": True,
     "yes": True,
@@ -152,11 +150,11 @@ class BridgeService:
         self.node = settings.node_name
         self._listeners: list[Callable[[CallRecord], None]] = []
         self._failure_listeners: list[Callable[[], None]] = []
-        self._watch = watch_pool
-        if watch_pool:
-            # Off for one-shot commands: their log goes nowhere, so a crossing they made is left for
-            # a running bridge to find (its keepalive sweep looks at the pool every few seconds).
-            self.database.add_commit_hooks(self._watch_pool, self._report_pool)
+        # Off for one-shot commands: their log goes nowhere, so a crossing they made is left for a
+        # running bridge to find (its keepalive sweep looks at the pool every second).
+        self._pool_watch = (
+            PoolWatch(self.database, settings.licence_warn_at, self.node, clock) if watch_pool else None
+        )
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -197,45 +195,10 @@ class BridgeService:
 
     # --- pool pressure ------------------------------------------------------------------------
 
-    def _watch_pool(self, session: Session) -> None:
-        """Before a transaction that changed the pool commits: raise or clear the shared warning."""
-        if not session.info.pop(ops.POOL_CHANGED, False):
-            return
-        try:
-            with session.begin_nested():
-                flip = ops.pool_warning(session, self.settings.licence_warn_at, self.clock())
-        except SQLAlchemyError:
-            # A warning must never cost a call its licence: the change commits without it.
-            service_log.exception("could not update the pool-pressure warning")
-            return
-        if flip is not None:
-            session.info[_POOL_FLIP] = flip
-
-    def _report_pool(self, session: Session) -> None:
-        """After commit: log the crossing this transaction made (once for all bridges of the pool)."""
-        flip: tuple[bool, ops.PoolCounts] | None = session.info.pop(_POOL_FLIP, None)
-        if flip is None:
-            return
-        raised, counts = flip
-        percent = round(100 * counts.floating_used / counts.floating) if counts.floating else 0
-        service_log.warning(
-            "licence pool %s used=%d floating=%d percent=%d warn_at=%d reserved=%d total=%d node=%s",
-            "above warn_at" if raised else "back below warn_at",
-            counts.floating_used,
-            counts.floating,
-            percent,
-            self.settings.licence_warn_at,
-            counts.reserved,
-            counts.total,
-            self.node,
-        )
-
     def check_pool(self) -> None:
         """Look at the pool pressure now (at start, and after changes made elsewhere)."""
-        if not self._watch:
-            return
-        with self.database.transaction() as session:
-            ops.mark_pool_changed(session)
+        if self._pool_watch is not None:
+            self._pool_watch.check()
 
     def keepalive_backlog(self) -> int:
         """Contacts of this node past their keepalive deadline that no sweep has logged off yet.
