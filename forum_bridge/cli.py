@@ -42,7 +42,7 @@ class Context:
     def service(self, *, started: bool = True) -> BridgeService:
         """The service; ``started`` checks the schema and syncs slots and profiles first."""
         if self._service is None:
-            # One-shot commands leave the pool-pressure log to the running bridges (see service).
+            # One-shot commands leave the pool-pressure log to the running bridges (see pool_watch).
             self._service = BridgeService(self.settings, watch_pool=False)
             if started:
                 self._service.start()

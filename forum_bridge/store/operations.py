@@ -41,7 +41,7 @@ from forum_bridge.store.models import (
 log = logging.getLogger(__name__)
 
 # session.info key: set when a transaction changed who holds licences or how many are reserved, so
-# the pool-pressure watch (see forum_bridge.service) looks at the pool once before it commits.
+# the pool-pressure watch (forum_bridge.pool_watch) looks at the pool once before it commits.
 POOL_CHANGED = "forum_bridge.pool_changed"
 # Any fixed number: the key of the pool-wide advisory lock on PostgreSQL.
 _POOL_LOCK_KEY = 0x464F52554D
