@@ -43,6 +43,7 @@ from forum_bridge.store.models import (
     RegistrationRow,
     SubscriberRow,
     UsageRow,
+    stored,
 )
 
 log = logging.getLogger("forum_bridge.decision")
@@ -493,7 +494,11 @@ class BridgeService:
         """Make this node's registrations and calls match what the PBX reports now."""
         now = self.clock()
         report = ResyncReport()
-        wanted = {(r.logon, r.contact): r for r in registrations}
+        # Keyed as stored, so an over-long contact is recognised as the one stored before.
+        wanted = {
+            (stored(RegistrationRow.logon, r.logon), stored(RegistrationRow.contact, r.contact)): r
+            for r in registrations
+        }
         with self.database.transaction() as session:
             known = {(row.logon, row.contact) for row in ops.node_registrations(session, self.node)}
             for logon, contact in sorted(known - set(wanted)):

@@ -7,6 +7,7 @@ by a unique constraint, so no race can ever give one log-on two licences.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +57,76 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# Audit details are free text from peers and people; the column is unbounded, the value is not.
+MAX_DETAIL = 1024
+_MARK = "\u2026"  # "…" then 8 hex digits of the whole value's hash: the tail of a shortened value
+
+
+def fit(value: str, length: int) -> str:
+    """``value`` as every database stores it in a column of ``length`` characters.
+
+    Values come from peers (SIP headers, AMI and ESL fields, the dialled number): PostgreSQL refuses
+    a value that is too long, or that holds a NUL or an unpaired surrogate, and fails the whole
+    transaction, while SQLite stores anything. So both get the same, always storable, value: NUL
+    becomes U+FFFD, an unpaired surrogate "?", and an over-long value keeps its head plus a hash of
+    the whole, so two long values that differ only at the end stay two distinct values (a unique
+    constraint on contacts must not merge two phones).
+    """
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    if len(value) <= length:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
+    keep = max(length - len(_MARK) - len(digest), 0)
+    return (value[:keep] + _MARK + digest)[:length]
+
+
+def stored(column: Any, value: str) -> str:
+    """``value`` as it is stored in ``column`` (a mapped attribute such as ``RegistrationRow.contact``).
+
+    For code that compares what a peer reports with what is stored, in Python rather than in SQL.
+    """
+    kind = column.type
+    return fit(value, kind.length) if isinstance(kind, Bounded | BoundedText) else value
+
+
+class Bounded(TypeDecorator[str]):
+    """A string column whose values are made to fit on the way in (see :func:`fit`).
+
+    Every write path (events, resync, hook, calls, audit) and every lookup by such a column goes
+    through here, so a column's length is known in one place, and a lookup by an over-long value
+    finds what storing that same value stored.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else fit(value, self.length)
+
+
+class BoundedText(TypeDecorator[str]):
+    """A text column (no length in the schema) that still keeps each value to ``length`` characters."""
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, length: int = MAX_DETAIL) -> None:
+        super().__init__()
+        self.length = length
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else fit(value, self.length)
+
+
 class Base(DeclarativeBase):
     """Declarative base with deterministic constraint names (Alembic needs them to drop constraints)."""
 
@@ -67,7 +138,7 @@ class ProfileRow(Base):
 
     __tablename__ = "profiles"
 
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(Bounded(64), primary_key=True)
     keepalive_seconds: Mapped[int] = mapped_column(Integer)
 
 
@@ -76,8 +147,8 @@ class SubscriberRow(Base):
 
     __tablename__ = "subscribers"
 
-    logon: Mapped[str] = mapped_column(String(128), primary_key=True)
-    number: Mapped[str] = mapped_column(String(64), index=True)
+    logon: Mapped[str] = mapped_column(Bounded(128), primary_key=True)
+    number: Mapped[str] = mapped_column(Bounded(64), index=True)
     profile: Mapped[str] = mapped_column(ForeignKey("profiles.name"))
     last_logon_failed: Mapped[bool] = mapped_column(Boolean, default=False)
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -95,11 +166,11 @@ class RegistrationRow(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    node: Mapped[str] = mapped_column(String(128))
-    logon: Mapped[str] = mapped_column(String(128), index=True)
-    contact: Mapped[str] = mapped_column(String(512))
-    source: Mapped[str] = mapped_column(String(128), default="")
-    user_agent: Mapped[str] = mapped_column(String(256), default="")
+    node: Mapped[str] = mapped_column(Bounded(128))
+    logon: Mapped[str] = mapped_column(Bounded(128), index=True)
+    contact: Mapped[str] = mapped_column(Bounded(512))
+    source: Mapped[str] = mapped_column(Bounded(128), default="")
+    user_agent: Mapped[str] = mapped_column(Bounded(256), default="")
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -114,7 +185,7 @@ class LicenceRow(Base):
         ForeignKey("subscribers.logon", ondelete="SET NULL"), nullable=True, unique=True
     )
     since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    node: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    node: Mapped[str | None] = mapped_column(Bounded(128), nullable=True)
 
 
 class PoolStateRow(Base):
@@ -136,15 +207,15 @@ class CallRow(Base):
 
     __tablename__ = "calls"
 
-    node: Mapped[str] = mapped_column(String(128), primary_key=True)
-    channel: Mapped[str] = mapped_column(String(256), primary_key=True)
-    logon: Mapped[str] = mapped_column(String(128), index=True)
-    number: Mapped[str] = mapped_column(String(64))
-    direction: Mapped[str] = mapped_column(String(16))
+    node: Mapped[str] = mapped_column(Bounded(128), primary_key=True)
+    channel: Mapped[str] = mapped_column(Bounded(256), primary_key=True)
+    logon: Mapped[str] = mapped_column(Bounded(128), index=True)
+    number: Mapped[str] = mapped_column(Bounded(64))
+    direction: Mapped[str] = mapped_column(Bounded(16))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # The decision taken on this leg, so a leg seen twice (event and hook) is decided once.
     allowed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
-    reason: Mapped[str] = mapped_column(String(32), default="")
+    reason: Mapped[str] = mapped_column(Bounded(32), default="")
 
 
 class AuditRow(Base):
@@ -155,13 +226,13 @@ class AuditRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
-    kind: Mapped[str] = mapped_column(String(32), index=True)
-    logon: Mapped[str] = mapped_column(String(128), default="")
-    number: Mapped[str] = mapped_column(String(64), default="")
-    reason: Mapped[str] = mapped_column(String(64), default="")
-    node: Mapped[str] = mapped_column(String(128), default="")
-    actor: Mapped[str] = mapped_column(String(128), default="")
-    detail: Mapped[str] = mapped_column(Text, default="")
+    kind: Mapped[str] = mapped_column(Bounded(32), index=True)
+    logon: Mapped[str] = mapped_column(Bounded(128), default="")
+    number: Mapped[str] = mapped_column(Bounded(64), default="")
+    reason: Mapped[str] = mapped_column(Bounded(64), default="")
+    node: Mapped[str] = mapped_column(Bounded(128), default="")
+    actor: Mapped[str] = mapped_column(Bounded(128), default="")
+    detail: Mapped[str] = mapped_column(BoundedText(), default="")
 
 
 class UsageRow(Base):
