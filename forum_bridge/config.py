@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from forum_bridge.core.emergency import EmergencyNumbers, region_is_known
 from forum_bridge.errors import ConfigError
@@ -102,6 +103,50 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     log_level: str = "INFO"
     source: str = ""  # the file the settings came from, for messages
+
+    def secret_values(self) -> list[str]:
+        """Every secret of these settings, for the log's redaction: the PBX credentials, the web
+        token and the database password (with the pieces a mistyped URL could scatter)."""
+        found = [self.asterisk.ami_secret, self.freeswitch.esl_password, self.web.token]
+        found += url_secrets(self.database_url)
+        return [s for s in found if s]
+
+
+# A piece of a password shorter than this is not worth redacting on its own (it would blank out
+# ordinary words); the whole password always is.
+_MIN_FRAGMENT = 4
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password of a database URL, as written and decoded, and the pieces of it that a URL
+    parser could report elsewhere when it holds an unescaped ``@``, ``:`` or ``/``.
+
+    The userinfo is taken up to the *last* ``@`` of the authority, because that is where a person
+    meant it to end; a parser stops at the first, and then reports the rest as the host name.
+    """
+    if "://" not in url:
+        return []
+    rest = url.split("://", 1)[1].split("?", 1)[0]
+    if "@" not in rest:
+        return []
+    userinfo = rest.rsplit("@", 1)[0]
+    password = userinfo.partition(":")[2]
+    if not password:
+        return []
+    found = {password, unquote(password)}
+    for candidate in list(found):
+        for separator in "@:/":
+            found.update(p for p in candidate.split(separator) if len(p) >= _MIN_FRAGMENT)
+    # What a parser that stopped at the first "@" would call the host: it starts with a password piece.
+    found.update(p for p in rest.split("@")[1:-1] if len(p) >= _MIN_FRAGMENT)
+    return sorted(found, key=len, reverse=True)
+
+
+def redact_url_secrets(text: str, url: str) -> str:
+    """``text`` with every piece of ``url``'s password replaced by ``[redacted]``."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 # key -> (type, setter) tables keep parsing declarative and every key's error message uniform.

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from forum_bridge.config import redact_url_secrets
 from forum_bridge.errors import ConfigError, SchemaError, StoreError
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,23 @@ def _normalised_url(url: str) -> str:
 
 
 def make_engine(url: str) -> Engine:
-    """Create an engine for ``url`` with the per-dialect settings the store relies on."""
+    """Create an engine for ``url`` with the per-dialect settings the store relies on.
+
+    A URL that cannot be right is refused with a :class:`ConfigError` that never quotes it (it may
+    hold a password).
+    """
     try:
         parsed = make_url(_normalised_url(url))
     except ArgumentError as exc:
         raise ConfigError("database.url", "not a database URL") from exc
+    except ValueError as exc:  # a port that is not a number
+        raise ConfigError("database.url", "the port is not a number") from exc
+    if "@" in (parsed.host or "") or "@" in (parsed.database or "").split("/", 1)[0]:
+        # The parser ended the password at its first "@" and took the rest for the host name.
+        raise ConfigError(
+            "database.url",
+            "the user name or password holds an '@': write it as %40 (and ':' as %3A, '/' as %2F)",
+        )
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:":
@@ -83,7 +96,13 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _redact(self, text: str) -> str:
+        # Drivers quote host names and connection strings in their errors; a mistyped URL can put
+        # a piece of the password there.
+        return redact_url_secrets(text, self.url)
 
     @property
     def dialect(self) -> str:
@@ -97,7 +116,7 @@ class Database:
             with self._sessions.begin() as session:
                 yield session
         except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {_describe(exc)}") from exc
+            raise StoreError(f"database error: {self._redact(_describe(exc))}") from exc
 
     def add_commit_hooks(self, before: Callable[[Session], None], after: Callable[[Session], None]) -> None:
         """Run ``before`` inside every transaction just before it commits, ``after`` once it has.
@@ -116,7 +135,7 @@ class Database:
             with self.engine.connect() as connection:
                 return MigrationContext.configure(connection).get_current_revision()
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the database: {_describe(exc)}") from exc
+            raise StoreError(f"cannot open the database: {self._redact(_describe(exc))}") from exc
 
     def require_current_schema(self) -> None:
         """Stop with a clear message unless the schema is at the version this code needs."""
@@ -140,7 +159,7 @@ class Database:
         try:
             command.upgrade(self._alembic(), revision)
         except SQLAlchemyError as exc:
-            raise StoreError(f"upgrade failed: {_describe(exc)}") from exc
+            raise StoreError(f"upgrade failed: {self._redact(_describe(exc))}") from exc
 
     def downgrade(self, revision: str = "base") -> None:
         """Take the schema back to ``revision`` (default: empty)."""
@@ -149,7 +168,7 @@ class Database:
         try:
             command.downgrade(self._alembic(), revision)
         except SQLAlchemyError as exc:
-            raise StoreError(f"downgrade failed: {_describe(exc)}") from exc
+            raise StoreError(f"downgrade failed: {self._redact(_describe(exc))}") from exc
 
     def table_names(self) -> list[str]:
         """The tables that exist now (for tests and diagnostics)."""

@@ -94,15 +94,11 @@ async def serve(
     await Bridge(settings, service, observer).serve(stop)
 
 
-def _secrets(settings: Settings) -> list[str]:
-    return [s for s in (settings.asterisk.ami_secret, settings.web.token) if s]
-
-
 def run(settings: Settings) -> int:
     """Run the bridge as a process until SIGTERM or SIGINT; return the exit code."""
     from forum_bridge.logsetup import configure_logging
 
-    configure_logging(settings.log_level, _secrets(settings))
+    configure_logging(settings.log_level, settings.secret_values())
     if settings.log_level != "DEBUG":
         # The schema check at start-up makes Alembic log its routine set-up at INFO.
         logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -36,8 +36,7 @@ def _configure_logging(settings: Settings) -> None:
     """Log like the rest of the bridge, at the configured level, with the secrets redacted."""
     from forum_bridge.logsetup import configure_logging
 
-    secrets = [settings.freeswitch.esl_password, settings.web.token, settings.database_url]
-    configure_logging(settings.log_level, [s for s in secrets if s])
+    configure_logging(settings.log_level, settings.secret_values())
 
 
 def _start_web(service: Any, settings: Settings) -> tuple[Any, Any]:
