@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from forum_bridge.core.emergency import EmergencyNumbers, region_is_known
+from forum_bridge.core.names import invisible_character
 from forum_bridge.errors import ConfigError
 
 ENV_PREFIX = "FORUM_BRIDGE_"
@@ -281,7 +282,7 @@ def _build(flat: dict[str, Any], source: str) -> Settings:
             if not isinstance(value, list) or not all(isinstance(n, str | int) for n in value):
                 raise ConfigError(key, 'expected a list of numbers as strings, e.g. ["110", "112"]')
             numbers = [str(n).strip() for n in value]
-            bad = [n for n in numbers if not n or not all(c.isdigit() or c in "*#+" for c in n)]
+            bad = [n for n in numbers if not n or not all(c in "0123456789*#+" for c in n)]
             if bad:
                 raise ConfigError(key, f"not a dialable number: {bad[0]!r}")
         elif key == "profiles":
@@ -303,6 +304,10 @@ def _build(flat: dict[str, Any], source: str) -> Settings:
 
 def _profile(name: str, body: Any) -> Profile:
     key = f"profiles.{name}"
+    hidden = invisible_character(name)
+    if hidden is not None or not name or len(name) > 64:
+        problem = f"holds an invisible or control character ({hidden})" if hidden else "1 to 64 characters"
+        raise ConfigError(key, f"not a profile name: {problem}")
     if not isinstance(body, Mapping):
         raise ConfigError(key, "expected a table with keepalive = SECONDS")
     unknown = set(body) - {"keepalive"}
@@ -347,6 +352,10 @@ def _validated(
     node = values.get("node.name", settings.node_name).strip()
     if not node:
         raise ConfigError("node.name", "must not be empty")
+    hidden = invisible_character(node)
+    if hidden is not None or len(node) > 128:
+        problem = f"holds an invisible or control character ({hidden})" if hidden else "over 128 characters"
+        raise ConfigError("node.name", problem)
     asterisk = replace(settings.asterisk, **sections["asterisk"])
     freeswitch = replace(settings.freeswitch, **sections["freeswitch"])
     _check_section("asterisk", asterisk.enforce, ENFORCE_MODES, asterisk.fail_mode)

@@ -30,6 +30,7 @@ from forum_bridge.core.events import (
     LoggedOn,
     LogonFailed,
 )
+from forum_bridge.core.names import invisible_character
 from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call, keepalive_expired
 from forum_bridge.errors import AlreadyExistsError, InvalidInputError, NotFoundError, StoreError
 from forum_bridge.pool_watch import PoolWatch
@@ -119,17 +120,27 @@ class ResyncReport:
 
 
 def validate_logon(logon: str) -> str:
-    """A log-on name: SIP user part characters, no spaces, at most 128 characters."""
+    """A log-on name: SIP user part characters, nothing invisible, at most 128 characters.
+
+    A name with an invisible character (a spreadsheet's byte order mark, a zero-width space) would
+    look like another log-on's name and never match what the PBX reports, so the phone would be
+    treated as unmanaged: refused, never stored.
+    """
     value = logon.strip()
-    if not value or len(value) > MAX_NAME or any(c.isspace() or c in "/,;:@<>\"'" for c in value):
+    hidden = invisible_character(value)
+    if hidden is not None:
+        raise InvalidInputError(
+            f"invalid log-on {logon!r}: it holds an invisible or control character ({hidden})"
+        )
+    if not value or len(value) > MAX_NAME or any(c in "/,;:@<>\"'" for c in value):
         raise InvalidInputError(f"invalid log-on {logon!r}: use a SIP user name without spaces or / , ; : @")
     return value
 
 
 def validate_number(number: str) -> str:
-    """A call number: digits and * # +, at most 64 characters."""
+    """A call number: the ASCII digits and * # +, at most 64 characters (no other script's digits)."""
     value = number.strip()
-    if not value or len(value) > MAX_NUMBER or not all(c.isdigit() or c in "*#+" for c in value):
+    if not value or len(value) > MAX_NUMBER or not all(c in "0123456789*#+" for c in value):
         raise InvalidInputError(f"invalid call number {number!r}: use digits, * # or +")
     return value
 
@@ -598,6 +609,8 @@ class BridgeService:
         rows: list[tuple[str, str, str]] = []
         reserve: set[str] = set()
         seen: set[str] = set()
+        # Spreadsheet programs start UTF-8 files with a byte order mark; it is not part of a name.
+        text = text.removeprefix("\ufeff")
         for lineno, fields_ in enumerate(csv.reader(io.StringIO(text)), start=1):
             if not fields_ or all(not f.strip() for f in fields_) or fields_[0].lstrip().startswith("#"):
                 continue
@@ -658,7 +671,7 @@ class BridgeService:
     def set_profile(self, name: str, keepalive: int) -> None:
         """Create or change a profile's keepalive interval (seconds)."""
         name = name.strip()
-        if not name or len(name) > 64 or any(c.isspace() for c in name):
+        if not name or len(name) > 64 or invisible_character(name) is not None:
             raise InvalidInputError(f"invalid profile name {name!r}")
         if keepalive < 1:
             raise InvalidInputError(f"keepalive must be at least 1 second, got {keepalive}")
