@@ -1,18 +1,26 @@
 """Serve the status page from a daemon thread with the standard library's ``wsgiref``.
 
 One thread per request (``ThreadingMixIn``), so a slow client cannot stall the page or a Prometheus
-scrape; under gevent's monkey-patching those threads are greenlets. Requests are logged through
-``logging`` (successful ones at DEBUG, so a page refreshing every few seconds does not flood the
-journal), with the path but never the query string or the body, where a token could travel.
+scrape; under gevent's monkey-patching those threads are greenlets. The page shares its process
+with the call hook and the database, so it is bounded: at most ``web.max_connections`` requests
+are served at once (further clients wait in the listen queue, holding no file descriptor of this
+process), and each request must arrive within :data:`REQUEST_DEADLINE` seconds in all, however
+slowly it trickles in. Requests are logged through ``logging`` (successful ones at DEBUG, so a
+page refreshing every few seconds does not flood the journal), with the path but never the query
+string or the body, where a token could travel; so are the server's own errors, never as a bare
+traceback on stderr.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import resource
 import socket
 import socketserver
+import sys
 import threading
+import time
 from http import HTTPStatus
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -25,7 +33,12 @@ from forum_bridge.service import BridgeService
 from forum_bridge.web.app import make_app
 
 log = logging.getLogger("forum_bridge.web")
-REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request; stops idle sockets piling up
+REQUEST_DEADLINE = 10.0  # seconds a client has to send its whole request (line, headers and body)
+WRITE_TIMEOUT = 10.0  # seconds a client has to take the answer
+LISTEN_BACKLOG = 128  # clients waiting to be served, in the kernel: no descriptor of ours
+# The page takes at most this share of the process's open-file limit, whatever is configured:
+# the rest is for the call hook, the PBX connection and the database.
+FD_SHARE = 4
 
 
 class _ErrorLog(io.TextIOBase):
@@ -37,8 +50,43 @@ class _ErrorLog(io.TextIOBase):
         return len(text)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The socket's input, with one deadline for all reads together (not a timeout per read).
+
+    A per-read timeout lets a client that sends one header line every 20 s hold a connection,
+    a thread and a descriptor for ever; here every read gets only what is left of the deadline.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _ServerHandler(ServerHandler):
+    def log_exception(self, exc_info: Any) -> None:
+        # wsgiref prints the traceback to wsgi.errors; through logging it is one logfmt record,
+        # redacted like every other.
+        log.error("web server: error while answering", exc_info=exc_info)
+
+
 class _Handler(WSGIRequestHandler):
-    timeout = REQUEST_TIMEOUT
+    timeout = REQUEST_DEADLINE
+
+    def setup(self) -> None:
+        super().setup()
+        deadline = time.monotonic() + REQUEST_DEADLINE
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
 
     def handle(self) -> None:
         # WSGIRequestHandler.handle, with wsgi.multithread telling the truth about ThreadingMixIn.
@@ -49,7 +97,10 @@ class _Handler(WSGIRequestHandler):
             return
         if not self.parse_request():
             return
-        handler = ServerHandler(
+        # The request (but for a form body, which the application reads within the deadline) is
+        # in; the answer gets its own bound.
+        self.connection.settimeout(WRITE_TIMEOUT)
+        handler = _ServerHandler(
             self.rfile,
             self.wfile,  # type: ignore[arg-type]  # typeshed: BufferedIOBase, wsgiref wants IO[bytes]
             _ErrorLog(),
@@ -82,6 +133,40 @@ class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int = 32) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.stopping = False
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Waiting here stops accepting: further clients stay in the kernel's listen queue instead
+        # of each taking a descriptor and a thread; they are served as slots come free.
+        while not self._slots.acquire(timeout=0.2):
+            if self.stopping:
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a bare traceback to stderr, past the log's format and redaction.
+        client = client_address[0] if isinstance(client_address, tuple) else "-"
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # a client that went away or was too slow: routine
+            log.info("http client=%s connection ended: %s", client, type(error).__name__)
+        else:
+            log.error("web server: error while serving client=%s", client, exc_info=True)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would resolve the host's FQDN (a DNS lookup that can hang); the
@@ -91,6 +176,14 @@ class _Server(ThreadingMixIn, WSGIServer):
         self.server_name = str(host)
         self.server_port = int(port)
         self.setup_environ()
+
+
+def connection_cap(configured: int) -> int:
+    """``web.max_connections``, lowered if needed to a quarter of the open-file limit."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return configured
+    return max(1, min(configured, soft // FD_SHARE))
 
 
 class _Server6(_Server):
@@ -114,6 +207,7 @@ class WebServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting requests, close the socket and wait for the serving thread."""
+        self._server.stopping = True
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout)
@@ -134,12 +228,21 @@ def start_web(
     taken, or a host that is not an address of this machine, raises :class:`ConfigError`.
     """
     host, port = settings.web.host, settings.web.port
+    app = make_app(service, settings, metrics, refresh_seconds=refresh_seconds)  # checks the token
+    cap = connection_cap(settings.web.max_connections)
+    if cap < settings.web.max_connections:
+        log.warning(
+            "status page serves at most %d requests at once (web.max_connections = %d is more than "
+            "a quarter of the open-file limit; raise LimitNOFILE)",
+            cap,
+            settings.web.max_connections,
+        )
     server_class = _Server6 if ":" in host else _Server
     try:
-        server = server_class((host, port), _Handler)
+        server = server_class((host, port), _Handler, cap)
     except OSError as exc:
         raise ConfigError("web.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    server.set_app(make_app(service, settings, metrics, refresh_seconds=refresh_seconds))
+    server.set_app(app)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="forum-bridge-web", daemon=True
     )
