@@ -84,6 +84,19 @@ class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8088
     token: str = field(default="", repr=False)
+    # Host names the page answers to (DNS rebinding defence); empty: the loopback names and ``host``.
+    allowed_hosts: tuple[str, ...] = ()
+    # Requests served at once; more wait in the listen queue, so the page can never take the file
+    # descriptors that the call hook and the database need.
+    max_connections: int = 32
+
+
+@dataclass(frozen=True)
+class Retention:
+    """``[retention]``: how many days of history the database keeps (0: for ever)."""
+
+    audit_days: int = 400
+    usage_days: int = 90
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,7 @@ class Settings:
     asterisk: AsteriskSettings = field(default_factory=AsteriskSettings)
     freeswitch: FreeswitchSettings = field(default_factory=FreeswitchSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    retention: Retention = field(default_factory=Retention)
     log_level: str = "INFO"
     source: str = ""  # the file the settings came from, for messages
 
@@ -166,6 +180,9 @@ _SCALARS: dict[str, type] = {
     "web.host": str,
     "web.port": int,
     "web.token": str,
+    "web.max_connections": int,
+    "retention.audit_days": int,
+    "retention.usage_days": int,
 }
 _SECTION_TYPES = {"asterisk": AsteriskSettings, "freeswitch": FreeswitchSettings}
 SECRET_KEYS = frozenset({"asterisk.ami_secret", "freeswitch.esl_password", "web.token", "database.url"})
@@ -285,6 +302,12 @@ def _build(flat: dict[str, Any], source: str) -> Settings:
             bad = [n for n in numbers if not n or not all(c in "0123456789*#+" for c in n)]
             if bad:
                 raise ConfigError(key, f"not a dialable number: {bad[0]!r}")
+        elif key == "web.allowed_hosts":
+            if isinstance(value, str):  # from the environment: comma separated
+                value = [h for h in value.split(",") if h.strip()]
+            if not isinstance(value, list) or not all(isinstance(h, str) and h.strip() for h in value):
+                raise ConfigError(key, 'expected a list of host names, e.g. ["pbx1.example.net"]')
+            values[key] = tuple(h.strip().lower().rstrip(".") for h in value)
         elif key == "profiles":
             if not isinstance(value, Mapping):
                 raise ConfigError(key, "expected tables such as [profiles.default] keepalive = 120")
@@ -375,7 +398,23 @@ def _validated(
         host=values.get("web.host", settings.web.host),
         port=values.get("web.port", settings.web.port),
         token=values.get("web.token", settings.web.token),
+        allowed_hosts=values.get("web.allowed_hosts", settings.web.allowed_hosts),
+        max_connections=values.get("web.max_connections", settings.web.max_connections),
     )
+    if not 1 <= web.max_connections <= 1024:
+        raise ConfigError("web.max_connections", f"must be between 1 and 1024, got {web.max_connections}")
+    retention = Retention(
+        audit_days=values.get("retention.audit_days", settings.retention.audit_days),
+        usage_days=values.get("retention.usage_days", settings.retention.usage_days),
+    )
+    for key, days in (
+        ("retention.audit_days", retention.audit_days),
+        ("retention.usage_days", retention.usage_days),
+    ):
+        if days < 0:
+            raise ConfigError(key, f"must be 0 (keep for ever) or a number of days, got {days}")
+        if 0 < days < 2 and key == "retention.usage_days":
+            raise ConfigError(key, "must be 0 or at least 2: the status page draws the last 24 hours")
     url = values.get("database.url", settings.database_url).strip()
     if "://" not in url:
         raise ConfigError(
@@ -400,6 +439,7 @@ def _validated(
         asterisk=asterisk,
         freeswitch=freeswitch,
         web=web,
+        retention=retention,
         log_level=level,
     )
 

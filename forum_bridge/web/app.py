@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
@@ -28,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from forum_bridge.config import Settings
-from forum_bridge.errors import ForumBridgeError
+from forum_bridge.errors import ConfigError, ForumBridgeError
 from forum_bridge.metrics import Metrics
 from forum_bridge.service import BridgeService
 from forum_bridge.web import page
@@ -62,6 +67,7 @@ class Refused(Exception):
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after: int | None = None
 
 
 def _security_headers(nonce: str | None) -> list[tuple[str, str]]:
@@ -116,6 +122,87 @@ def same_origin(environ: WSGIEnvironment) -> bool:
     return True
 
 
+MIN_TOKEN_LENGTH = 16
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104  # recognised here, never bound by this module
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str]:
+    """The host names the page answers to: ``web.allowed_hosts``, or the loopback names and the
+    address it is bound to (and this machine's name when it listens on every address)."""
+    if settings.web.allowed_hosts:
+        return frozenset(settings.web.allowed_hosts)
+    names = {*_LOOPBACK_NAMES, settings.web.host.strip("[]").lower()}
+    if settings.web.host in _WILDCARDS:
+        names.add(socket.gethostname().lower())
+    return frozenset(names)
+
+
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, without the port, lower case, without a trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):  # [::1]:8088
+        return header[1:].split("]", 1)[0]
+    if header.count(":") == 1:
+        header = header.split(":", 1)[0]
+    return header.rstrip(".")
+
+
+class FailureLimit:
+    """Wrong administrator tokens per client: after ``limit`` within ``window`` seconds the client
+    must wait until the oldest of them is ``window`` seconds old, whatever it sends.
+
+    IPv6 clients count by their /64, since one host can use a whole /64. At most ``clients``
+    addresses are remembered (the oldest are forgotten first), so the table itself stays bounded.
+    """
+
+    def __init__(
+        self,
+        limit: int = 5,
+        window: float = 300.0,
+        clients: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.clients = clients
+        self.clock = clock
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(client: str) -> str:
+        """The address a failure counts against."""
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return client
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:
+                return str(address.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return str(address)
+
+    def wait(self, client: str) -> float:
+        """Seconds ``client`` must wait before it may try a token again (0: it may now)."""
+        now = self.clock()
+        with self._lock:
+            stamps = [t for t in self._failures.get(self.key(client), []) if now - t < self.window]
+            if len(stamps) < self.limit:
+                return 0.0
+            return max(stamps[0] + self.window - now, 0.0)
+
+    def failed(self, client: str) -> None:
+        """Count one wrong token from ``client``."""
+        now = self.clock()
+        key = self.key(client)
+        with self._lock:
+            stamps = [t for t in self._failures.pop(key, []) if now - t < self.window]
+            self._failures[key] = [*stamps, now][-self.limit :]
+            while len(self._failures) > self.clients:
+                self._failures.popitem(last=False)
+
+
 class StatusApp:
     """The WSGI callable; see :func:`make_app`."""
 
@@ -126,6 +213,16 @@ class StatusApp:
         self.metrics = metrics
         self.refresh_seconds = refresh_seconds
         self._token = settings.web.token
+        if self._token and len(self._token) < MIN_TOKEN_LENGTH:
+            # Never quote it, not even its length: one line that says what to do.
+            raise ConfigError(
+                "web.token",
+                f"too short: use at least {MIN_TOKEN_LENGTH} random characters "
+                "(e.g. from 'python3 -c \"import secrets; print(secrets.token_urlsafe(24))\"')",
+            )
+        self._hosts = allowed_hosts(settings)
+        self._any_host = "*" in self._hosts
+        self.failures = FailureLimit()
         # Per process: restarting the bridge invalidates open forms, which then ask for a reload.
         self._secret = secrets.token_bytes(32)
         self._routes = {
@@ -144,6 +241,7 @@ class StatusApp:
         path = str(environ.get("PATH_INFO") or "/")
         route = self._routes.get(path)
         try:
+            self._check_host(environ)
             if route is None:
                 raise Refused(404, "not_found", "There is nothing at this address.")
             allowed, handler = route
@@ -155,6 +253,8 @@ class StatusApp:
                 response = handler(environ)
         except Refused as refused:
             response = self._error(environ, refused)
+            if refused.retry_after is not None:
+                response.headers.append(("Retry-After", str(refused.retry_after)))
         except ForumBridgeError as exc:
             log.warning("web: %s %s failed: %s", method, path, exc)
             unavailable = Refused(503, "unavailable", "The licence state cannot be read now.")
@@ -176,6 +276,34 @@ class StatusApp:
         title = f"{refused.status} {HTTPStatus(refused.status).phrase}"
         html = page.render_message(title, refused.message, nonce=nonce)
         return Response(refused.status, html.encode(), _HTML, nonce=nonce)
+
+    def _check_host(self, environ: WSGIEnvironment) -> None:
+        """Answer only to the names this page is known by.
+
+        A web page elsewhere can point a name it controls at 127.0.0.1 (DNS rebinding) and then
+        read this page as its own origin; the browser still sends that name in ``Host``. Clients
+        that send no ``Host`` at all (HTTP/1.0 scripts) are no browser and pass.
+        """
+        header = environ.get("HTTP_HOST")
+        if header is None or self._any_host:
+            return
+        if host_name(str(header)) not in self._hosts:
+            log.warning("web: request from %s refused: host name not in web.allowed_hosts", _client(environ))
+            raise Refused(400, "host", "Unknown host name; see web.allowed_hosts.")
+
+    def _token_wait(self, client: str) -> None:
+        """Refuse, without looking at the token, a client that sent too many wrong ones."""
+        wait = self.failures.wait(client)
+        if wait > 0:
+            log.warning("web: licence reset refused from %s: too many wrong tokens", client)
+            refused = Refused(429, "too_many", "Too many wrong tokens. Wait and try again.")
+            refused.retry_after = int(wait) + 1
+            raise refused
+
+    def _wrong_token(self, client: str) -> Refused:
+        self.failures.failed(client)
+        log.warning("web: licence reset refused from %s: wrong administrator token", client)
+        return Refused(403, "wrong_token", "Refused: wrong administrator token. Nothing was changed.")
 
     # --- CSRF -----------------------------------------------------------------------------------
 
@@ -258,7 +386,12 @@ class StatusApp:
         if not self._token:
             raise Refused(403, "read_only", "Read-only: no administrator token is configured.")
         authorization = str(environ.get("HTTP_AUTHORIZATION", ""))
-        if authorization:
+        # A reverse proxy that asks for a password of its own passes "Authorization: Basic" on to
+        # every request, the page's form included; only a bearer token, or a request without a
+        # form, is a script's reset.
+        if authorization.partition(" ")[0].lower() == "bearer" or (
+            authorization and not self._is_form(environ)
+        ):
             return self._reset_by_script(authorization, client)
         if not same_origin(environ):
             log.warning("web: licence reset refused from %s: cross-site request", client)
@@ -269,10 +402,10 @@ class StatusApp:
             raise Refused(403, "csrf", "Refused: the form has expired. Reload the page and try again.")
         if "yes" not in form.get("confirm", []):
             raise Refused(400, "confirm", "Not reset: confirm=yes is required.")
+        self._token_wait(client)
         given = form.get("token", [""])[0]
         if not hmac.compare_digest(given.encode("utf-8"), self._token.encode("utf-8")):
-            log.warning("web: licence reset refused from %s: wrong administrator token", client)
-            raise Refused(403, "wrong_token", "Refused: wrong administrator token. Nothing was changed.")
+            raise self._wrong_token(client)
         freed = self.service.reset_licences(f"web:{client}")
         message = f"Licences reset: {freed} freed."
         if _wants_json(environ):
@@ -287,20 +420,23 @@ class StatusApp:
         A browser never sends this header cross-site without a CORS preflight, which this app does
         not answer, so no CSRF token is needed; the request itself is the explicit confirmation.
         """
+        self._token_wait(client)
         scheme, _, given = authorization.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode("utf-8"), self._token.encode("utf-8")
         ):
-            log.warning("web: licence reset refused from %s: wrong administrator token", client)
-            raise Refused(403, "wrong_token", "Refused: wrong administrator token. Nothing was changed.")
+            raise self._wrong_token(client)
         freed = self.service.reset_licences(f"api:{client}")
         body = {"ok": True, "freed": freed, "message": f"Licences reset: {freed} freed."}
         return Response(200, json.dumps(body).encode(), _JSON)
 
     @staticmethod
-    def _form(environ: WSGIEnvironment) -> dict[str, list[str]]:
+    def _is_form(environ: WSGIEnvironment) -> bool:
         kind = str(environ.get("CONTENT_TYPE", "")).split(";", 1)[0].strip().lower()
-        if kind != "application/x-www-form-urlencoded":
+        return kind == "application/x-www-form-urlencoded"
+
+    def _form(self, environ: WSGIEnvironment) -> dict[str, list[str]]:
+        if not self._is_form(environ):
             raise Refused(415, "content_type", "Send the form as application/x-www-form-urlencoded.")
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)

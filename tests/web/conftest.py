@@ -77,8 +77,11 @@ class Bridge:
         return self.web
 
 
-def make_bridge(tmp_path: Path, *, token: str = TOKEN, clock: Clock | None = None) -> Bridge:
-    """A started service with two licences on a fresh SQLite file."""
+def make_bridge(
+    tmp_path: Path, *, token: str = TOKEN, clock: Clock | None = None, **overrides: Any
+) -> Bridge:
+    """A started service with two licences on a fresh SQLite file; ``overrides`` are dotted keys
+    with ``__`` for the dot (``web__max_connections=2``)."""
     settings = load_settings(
         environ={},
         overrides={
@@ -88,6 +91,7 @@ def make_bridge(tmp_path: Path, *, token: str = TOKEN, clock: Clock | None = Non
             "web.token": token,
             "web.host": "127.0.0.1",
             "web.port": 0,
+            **{key.replace("__", "."): value for key, value in overrides.items()},
         },
     )
     db = Database(settings.database_url)

@@ -33,7 +33,8 @@ KEYS = {
     "profiles.default": ["keepalive"],
     "node": ["name"],
     "log": ["level"],
-    "web": ["enabled", "host", "port", "token"],
+    "retention": ["audit_days", "usage_days"],
+    "web": ["enabled", "host", "port", "token", "allowed_hosts", "max_connections"],
     "asterisk": [
         "ami_host",
         "ami_port",
@@ -191,6 +192,7 @@ def test_unit_has_the_required_directives(pbx: str) -> None:
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
+        "LimitNOFILE": "65536",
     }
     for key, value in expected.items():
         assert service.get(key) == [value], key
