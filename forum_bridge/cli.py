@@ -141,6 +141,39 @@ def db_downgrade(obj: Context, revision: str, yes: bool) -> None:
     click.echo(f"database at revision {service.database.current_revision() or 'base'}")
 
 
+@db.command("prune")
+@json_option
+@pass_context
+@handle_errors
+def db_prune(obj: Context, as_json: bool) -> None:
+    """Delete audit lines and licence-use history older than [retention] allows (the running
+    bridge does this every hour by itself)."""
+    service = obj.service()
+    retention = service.settings.retention
+    audit = usage = 0
+    while True:
+        report = service.prune_history()
+        audit, usage = audit + report.audit, usage + report.usage
+        if not report.more:
+            break
+    if as_json:
+        print_json(
+            {
+                "audit": audit,
+                "usage": usage,
+                "audit_days": retention.audit_days,
+                "usage_days": retention.usage_days,
+            }
+        )
+        return
+
+    def kept(days: int) -> str:
+        return "kept for ever" if days == 0 else f"older than {days} days"
+
+    click.echo(f"deleted {audit} audit line(s) {kept(retention.audit_days)}")
+    click.echo(f"deleted {usage} licence-use row(s) {kept(retention.usage_days)}")
+
+
 @db.command("current")
 @pass_context
 @handle_errors

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,13 @@ from forum_bridge.core.events import (
 )
 from forum_bridge.core.names import invisible_character
 from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call, keepalive_expired
-from forum_bridge.errors import AlreadyExistsError, InvalidInputError, NotFoundError, StoreError
+from forum_bridge.errors import (
+    AlreadyExistsError,
+    ForumBridgeError,
+    InvalidInputError,
+    NotFoundError,
+    StoreError,
+)
 from forum_bridge.pool_watch import PoolWatch
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
@@ -97,6 +104,19 @@ class Outcome:
     # Set when the event changed whether its log-on is blocked by a failed log-on (True: blocked
     # now, False: the block was cleared), so the adapter can tell the PBX at once; see blocked_logons.
     blocked: bool | None = None
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What :meth:`BridgeService.prune_history` deleted; ``more`` when old lines are left."""
+
+    audit: int = 0
+    usage: int = 0
+    more: bool = False
+
+
+PRUNE_BATCH = 2000  # rows per table and call: a short write transaction, even on SQLite
+PRUNE_EVERY = 3600.0  # seconds between prunes in the running bridge (sooner while lines are left)
 
 
 @dataclass(frozen=True)
@@ -167,6 +187,8 @@ class BridgeService:
         self._pool_watch = (
             PoolWatch(self.database, settings.licence_warn_at, self.node, clock) if watch_pool else None
         )
+        self._next_prune = 0.0  # monotonic time of the next prune_if_due; 0: at the first call
+        self._prune_failing = False
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -535,6 +557,44 @@ class BridgeService:
             len(report.released),
             len(calls),
         )
+        return report
+
+    def prune_history(self, batch: int | None = None) -> PruneReport:
+        """Delete audit lines and licence-use rows older than ``[retention]`` allows.
+
+        At most ``batch`` (default :data:`PRUNE_BATCH`) rows of each table per call, in one short
+        transaction; ``more`` says
+        whether old rows are left. A retention of 0 days keeps that table for ever.
+        """
+        batch = batch or PRUNE_BATCH
+        retention = self.settings.retention
+        now = self.clock()
+        audit = usage = 0
+        with self.database.transaction() as session:
+            if retention.audit_days:
+                audit = ops.prune_audit(session, now - timedelta(days=retention.audit_days), batch)
+            if retention.usage_days:
+                usage = ops.prune_usage(session, now - timedelta(days=retention.usage_days), batch)
+        if audit or usage:
+            service_log.info("pruned history: audit=%d usage=%d node=%s", audit, usage, self.node)
+        return PruneReport(audit, usage, more=audit >= batch or usage >= batch)
+
+    def prune_if_due(self) -> PruneReport | None:
+        """For the running bridge's clock: :meth:`prune_history` once an hour, and at every call
+        while old rows are left; None when not due. Database trouble is logged once, never raised:
+        history must never stop the keepalive clock."""
+        if time.monotonic() < self._next_prune:
+            return None
+        try:
+            report = self.prune_history()
+        except ForumBridgeError as exc:
+            if not self._prune_failing:
+                service_log.warning("pruning history failed: %s (trying again in an hour)", exc)
+            self._prune_failing = True
+            self._next_prune = time.monotonic() + PRUNE_EVERY
+            return None
+        self._prune_failing = False
+        self._next_prune = 0.0 if report.more else time.monotonic() + PRUNE_EVERY
         return report
 
     def reset_licences(self, actor: str) -> int:

@@ -611,3 +611,35 @@ def replace_calls(session: Session, node: str, channels: Sequence[str]) -> int:
     if channels:
         query = query.where(CallRow.channel.not_in(list(channels)))
     return _rowcount(session.execute(query.execution_options(synchronize_session=False)))
+
+
+# --- retention --------------------------------------------------------------------------------
+
+
+def prune_audit(session: Session, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` of the oldest audit lines older than ``before``; return how many.
+
+    Bounded, so that one call never holds the write lock for long; call again while it returns
+    ``limit``. The same statement works on SQLite and PostgreSQL.
+    """
+    oldest = select(AuditRow.id).where(AuditRow.at < before).order_by(AuditRow.id).limit(limit)
+    query = delete(AuditRow).where(AuditRow.id.in_(oldest.scalar_subquery()))
+    return _rowcount(session.execute(query.execution_options(synchronize_session=False)))
+
+
+def prune_usage(session: Session, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` of the oldest licence-use rows older than ``before``; return how many.
+
+    The newest row is always kept, however old: the chart starts from it.
+    """
+    newest = session.scalar(select(func.max(UsageRow.id)))
+    if newest is None:
+        return 0
+    oldest = (
+        select(UsageRow.id)
+        .where(UsageRow.at < before, UsageRow.id < newest)
+        .order_by(UsageRow.id)
+        .limit(limit)
+    )
+    query = delete(UsageRow).where(UsageRow.id.in_(oldest.scalar_subquery()))
+    return _rowcount(session.execute(query.execution_options(synchronize_session=False)))

@@ -76,6 +76,8 @@ class Bridge:
         while not stop.is_set():
             try:
                 await loop.run_in_executor(self.executor, self.service.expire_keepalives)
+                # Retention: at most one short, bounded delete an hour (never raises).
+                await loop.run_in_executor(self.executor, self.service.prune_if_due)
                 if failing:
                     log.info("keepalive clock works again")
                 failing = False

@@ -305,6 +305,7 @@ class KeepaliveSweeper:
         if self._failing:
             log.warning("keepalive sweep works again")
             self._failing = False
+        self.service.prune_if_due()  # retention: one short, bounded delete an hour; never raises
         return freed
 
     def stop(self) -> None:
