@@ -69,7 +69,7 @@ def test_asterisk_unit_starts_and_stops_the_bridge(tmp_path: Path) -> None:
                 "FORUM_BRIDGE_ASTERISK_AMI_SECRET": pbx.ami_secret,
                 "FORUM_BRIDGE_ASTERISK_AGI_PORT": str(agi_port),
                 "FORUM_BRIDGE_WEB_PORT": str(web_port),
-                "FORUM_BRIDGE_WEB_TOKEN": "unit-test-token",
+                "FORUM_BRIDGE_WEB_TOKEN": "unit-test-token-long",
             }
         )
         pre = subprocess.run(commands["ExecStartPre"], env=env, capture_output=True, text=True, timeout=60)
@@ -126,5 +126,5 @@ def test_asterisk_unit_starts_and_stops_the_bridge(tmp_path: Path) -> None:
             code = bridge.wait(timeout=15)  # TimeoutStopSec=15
         assert code == 0, log.read_text(errors="replace")
         text = log.read_text(errors="replace")
-        assert "unit-test-token" not in text
+        assert "unit-test-token-long" not in text
         assert "result=allowed" in text  # one line per decision
