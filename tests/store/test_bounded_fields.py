@@ -17,6 +17,8 @@ from forum_bridge.core import CallStarted, Direction, LoggedOff, LoggedOn, Logon
 from forum_bridge.service import BridgeService, CallSnapshot
 from forum_bridge.store import Registration
 from forum_bridge.store.models import AuditRow, CallRow, RegistrationRow, fit
+from tests.asterisk.aio import run
+from tests.asterisk.test_asterisk_agi import ask, started
 from tests.conftest import FakeClock, SettingsFactory
 
 ServiceFactory = Callable[[Settings], BridgeService]
@@ -128,3 +130,34 @@ def test_a_resync_with_long_call_fields_keeps_the_calls(svc: BridgeService) -> N
     assert len(svc.status()["calls"]) == 2
     report = svc.resync([Registration("21-desk", "sip:21-desk@192.0.2.7")], calls)
     assert report.calls_dropped == 0  # the long channel is recognised as the one kept before
+
+
+def test_the_fastagi_hook_decides_an_over_long_number_by_the_rules(
+    make_settings: SettingsFactory, make_service: ServiceFactory, database_url: str, clock: FakeClock
+) -> None:
+    """Through the hook, as Asterisk asks, with fail_mode open: before, the store's exception let
+    the call through as ``bridge_error``; now the full pool denies it like any other call."""
+    settings = make_settings(
+        **{
+            "database.url": database_url,
+            "licences.count": 1,
+            "asterisk.agi_port": 0,
+            "asterisk.fail_mode": "open",
+        }
+    )
+    svc = make_service(settings)
+    svc.add_subscriber("21-desk", "21")
+    svc.add_subscriber("22-desk", "22")
+    svc.apply(LoggedOn("21-desk", clock(), contact="sip:21-desk@192.0.2.7"))
+    svc.apply(LoggedOn("22-desk", clock(), contact="sip:22-desk@192.0.2.8"))
+    assert svc.authorize("21-desk", "600").reason is Reason.LICENCE_ACQUIRED  # the only licence
+
+    async def scenario() -> dict[str, str]:
+        server = await started(settings, svc)
+        try:
+            return await ask(server.port, "outbound", LONG_NUMBER, channel="PJSIP/22-desk-00000002")
+        finally:
+            await server.close()
+
+    answer = run(scenario())
+    assert answer == {"FORUM_BRIDGE_RESULT": "deny", "FORUM_BRIDGE_REASON": "emergency_only"}
