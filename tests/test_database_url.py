@@ -113,3 +113,15 @@ def test_the_database_password_is_one_of_the_secrets_the_log_redacts() -> None:
     )
     secrets = settings.secret_values()
     assert "Hidden/Pw55" in secrets and "Hidden%2FPw55" in secrets and "t" * 20 in secrets
+
+
+def test_an_at_sign_in_a_sqlite_file_name_is_fine(tmp_path: Path) -> None:
+    result = forum_bridge("--database", f"sqlite:///{tmp_path}/pbx@site/fb.db", "db", "upgrade")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pbx@site" / "fb.db").exists()
+
+
+def test_a_slash_in_the_password_before_an_at_is_refused_too() -> None:
+    result = forum_bridge("--database", "postgresql://bridge:Pa/rt@Tail77@127.0.0.1:5/fb", "status")
+    out = one_line(result)
+    assert result.returncode == 2 and "Tail77" not in out and "rt@" not in out

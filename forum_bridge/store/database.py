@@ -54,8 +54,12 @@ def make_engine(url: str) -> Engine:
         raise ConfigError("database.url", "not a database URL") from exc
     except ValueError as exc:  # a port that is not a number
         raise ConfigError("database.url", "the port is not a number") from exc
-    if "@" in (parsed.host or "") or "@" in (parsed.database or "").split("/", 1)[0]:
-        # The parser ended the password at its first "@" and took the rest for the host name.
+    misplaced = parsed.host or ""
+    if parsed.get_backend_name() != "sqlite":
+        misplaced += (parsed.database or "").split("/", 1)[0]
+    if "@" in misplaced:
+        # The parser ended the password at its first "@" (or "/") and took the rest for the host
+        # name or the database name.
         raise ConfigError(
             "database.url",
             "the user name or password holds an '@': write it as %40 (and ':' as %3A, '/' as %2F)",
@@ -96,7 +100,6 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def _redact(self, text: str) -> str:

@@ -224,9 +224,7 @@ def _free_media_port() -> int:
 
 
 def _scenario_text(name: str, values: dict[str, str]) -> str:
-    text = (importlib.resources.files("tests.sandbox") / "scenarios" / name).read_text(
-        encoding="utf-8"
-    )
+    text = (importlib.resources.files("tests.sandbox") / "scenarios" / name).read_text(encoding="utf-8")
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
     leftover = re.search(r"@[A-Z_]+@", text)
