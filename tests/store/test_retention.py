@@ -182,3 +182,15 @@ def test_the_command_prunes_everything_due(tmp_path: Path, monkeypatch: pytest.M
     assert "licence-use row(s) older than 90 days" in result.output
     again = runner.invoke(main, ["db", "prune", "--json"])
     assert '"audit": 0' in again.output
+
+
+def test_the_freeswitch_keepalive_clock_prunes_too(
+    make_settings: SettingsFactory, make_service: ServiceFactory, clock: FakeClock
+) -> None:
+    from forum_bridge.adapters.freeswitch.listener import KeepaliveSweeper
+
+    service = make_service(make_settings(**{"retention.audit_days": 30}))
+    clock.advance(86400 * 400)
+    age_history(service, clock, [90, 60, 1])
+    KeepaliveSweeper(service).sweep_once()
+    assert oldest_ages(service, clock)[0] == pytest.approx(1)
