@@ -204,6 +204,20 @@ class BridgeService:
         self.database.require_current_schema()
         self.sync_configuration()
         self.check_pool()
+        self._warn_about_hidden_names()
+
+    def _warn_about_hidden_names(self) -> None:
+        # Names stored before invisible characters were refused (a CSV's byte order mark) never
+        # match what the PBX reports, so those phones run unmanaged: say so until they are fixed.
+        with self.database.transaction() as session:
+            hidden = [n for n in session.scalars(select(SubscriberRow.logon)) if invisible_character(n)]
+        for logon in hidden:
+            service_log.warning(
+                "subscriber %r holds an invisible character (%s) and matches no phone: remove it "
+                "('forum-bridge subscriber remove') and add it again",
+                logon,
+                invisible_character(logon),
+            )
 
     def sync_configuration(self) -> None:
         """Create the configured profiles and as many licence slots as were purchased."""

@@ -15,6 +15,7 @@ from forum_bridge.config import Settings, load_settings
 from forum_bridge.core import LoggedOn, Reason
 from forum_bridge.errors import AlreadyExistsError, ConfigError, InvalidInputError
 from forum_bridge.service import BridgeService
+from forum_bridge.store.models import SubscriberRow
 from tests.conftest import FakeClock, SettingsFactory
 
 ServiceFactory = Callable[[Settings], BridgeService]
@@ -103,3 +104,22 @@ def test_the_command_imports_a_spreadsheet_file(tmp_path: Path, monkeypatch: pyt
     assert '"logon": "21-desk"' in listed.output and "\\ufeff" not in listed.output
     again = runner.invoke(main, ["subscriber", "add", "21-desk", "--number", "21"])
     assert again.exit_code == 1 and "exists already" in again.output
+
+
+def test_a_name_stored_before_the_check_is_reported_at_start(
+    make_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings()
+    svc = make_service(settings)
+    with svc.database.transaction() as session:  # as an earlier release stored a spreadsheet's name
+        session.add(
+            SubscriberRow(logon="\ufeff21-desk", number="21", profile="default", created_at=svc.clock())
+        )
+    caplog.clear()
+    svc.start()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("'\\ufeff21-desk'" in w and "U+FEFF" in w for w in warnings), warnings
+    svc.remove_subscriber("\ufeff21-desk")  # removing it needs no valid name
+    caplog.clear()
+    svc.start()
+    assert not [r for r in caplog.records if "invisible" in r.getMessage()]

@@ -74,10 +74,11 @@ def fit(value: str, length: int) -> str:
     """
     if "\x00" in value:
         value = value.replace("\x00", "\ufffd")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        value = value.encode("utf-8", "replace").decode("utf-8")
+    if not value.isascii():  # the common case skips the encoding check
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "replace").decode("utf-8")
     if len(value) <= length:
         return value
     digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
