@@ -4,7 +4,7 @@ One thread per request (``ThreadingMixIn``), so a slow client cannot stall the p
 scrape; under gevent's monkey-patching those threads are greenlets. The page shares its process
 with the call hook and the database, so it is bounded: at most ``web.max_connections`` requests
 are served at once (further clients wait in the listen queue, holding no file descriptor of this
-process), and each request must arrive within :data:`REQUEST_DEADLINE` seconds in all, however
+process), and each request must arrive within :data:`REQUEST_TIMEOUT` seconds in all, however
 slowly it trickles in. Requests are logged through ``logging`` (successful ones at DEBUG, so a
 page refreshing every few seconds does not flood the journal), with the path but never the query
 string or the body, where a token could travel; so are the server's own errors, never as a bare
@@ -33,7 +33,7 @@ from forum_bridge.service import BridgeService
 from forum_bridge.web.app import make_app
 
 log = logging.getLogger("forum_bridge.web")
-REQUEST_DEADLINE = 10.0  # seconds a client has to send its whole request (line, headers and body)
+REQUEST_TIMEOUT = 10.0  # seconds a client has to send its whole request (line, headers and body)
 WRITE_TIMEOUT = 10.0  # seconds a client has to take the answer
 LISTEN_BACKLOG = 128  # clients waiting to be served, in the kernel: no descriptor of ours
 # The page takes at most this share of the process's open-file limit, whatever is configured:
@@ -81,11 +81,11 @@ class _ServerHandler(ServerHandler):
 
 
 class _Handler(WSGIRequestHandler):
-    timeout = REQUEST_DEADLINE
+    timeout = REQUEST_TIMEOUT
 
     def setup(self) -> None:
         super().setup()
-        deadline = time.monotonic() + REQUEST_DEADLINE
+        deadline = time.monotonic() + REQUEST_TIMEOUT
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
 
     def handle(self) -> None:

@@ -158,7 +158,7 @@ def test_the_failure_limit_forgets_in_time_and_stays_bounded() -> None:
 def test_a_client_trickling_its_headers_is_cut_off_at_the_deadline(
     bridge: Bridge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_module, "REQUEST_DEADLINE", 1.0)
+    monkeypatch.setattr(server_module, "REQUEST_TIMEOUT", 1.0)
     web = bridge.serve()
     with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -182,7 +182,7 @@ def test_a_client_trickling_its_headers_is_cut_off_at_the_deadline(
 def test_the_page_serves_a_capped_number_of_clients_and_recovers(
     bridges: Callable[..., Bridge], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_module, "REQUEST_DEADLINE", 60.0)
+    monkeypatch.setattr(server_module, "REQUEST_TIMEOUT", 60.0)
     bridge = bridges(web__max_connections=2)
     web = bridge.serve()
     idle = [socket.create_connection(("127.0.0.1", web.port), timeout=10) for _ in range(2)]
