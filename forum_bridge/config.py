@@ -24,6 +24,8 @@ ENV_PREFIX = "FORUM_BRIDGE_"
 ENFORCE_MODES = ("hook", "ami", "both")
 FREESWITCH_ENFORCE_MODES = ("hook", "esl", "both")
 FAIL_MODES = ("closed", "open")
+# Twice the bridge's heartbeat into the PBX (every 30 s), so one late heartbeat never drops a block.
+MIN_BLOCK_STALE_AFTER = 60
 
 
 def default_database_url() -> str:
@@ -60,6 +62,8 @@ class AsteriskSettings:
     fail_mode: str = "closed"
     reconnect_max: float = 30.0
     action_timeout: float = 5.0
+    # How long the dialplan waits for the hook before it applies fail_mode (TIMEOUT(absolute)).
+    hook_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,9 @@ class Settings:
     licence_warn_at: int = 80  # percent of the floating pool in use that logs a warning; 0: never
     emergency: EmergencyNumbers = field(default_factory=EmergencyNumbers)
     block_after_failed_logon: bool = True
+    # Seconds after the bridge's last heartbeat in the PBX from which its blocks no longer keep a
+    # phone from emergency numbers; 0: never.
+    block_stale_after: int = 300
     profiles: Mapping[str, Profile] = field(default_factory=lambda: {"default": Profile("default", 120)})
     default_profile: str = "default"
     keepalive_grace: int = 10
@@ -172,6 +179,7 @@ _SCALARS: dict[str, type] = {
     "emergency.region": str,
     "emergency.outside_line_prefix": str,
     "emergency.block_after_failed_logon": bool,
+    "emergency.block_stale_after": int,
     "keepalive.grace": int,
     "keepalive.default_profile": str,
     "node.name": str,
@@ -363,6 +371,12 @@ def _validated(
     prefix = values.get("emergency.outside_line_prefix", "").strip()
     if prefix and not prefix.isdigit():
         raise ConfigError("emergency.outside_line_prefix", f"must be digits, got {prefix!r}")
+    stale_after = values.get("emergency.block_stale_after", settings.block_stale_after)
+    if stale_after != 0 and not MIN_BLOCK_STALE_AFTER <= stale_after <= 86_400:
+        raise ConfigError(
+            "emergency.block_stale_after",
+            f"must be 0 (never stale) or from {MIN_BLOCK_STALE_AFTER} to 86400 seconds, got {stale_after}",
+        )
     grace = values.get("keepalive.grace", settings.keepalive_grace)
     if grace < 0:
         raise ConfigError("keepalive.grace", f"must not be negative, got {grace}")
@@ -382,6 +396,10 @@ def _validated(
     asterisk = replace(settings.asterisk, **sections["asterisk"])
     freeswitch = replace(settings.freeswitch, **sections["freeswitch"])
     _check_section("asterisk", asterisk.enforce, ENFORCE_MODES, asterisk.fail_mode)
+    if not 0.5 <= asterisk.hook_timeout <= 30.0:
+        raise ConfigError(
+            "asterisk.hook_timeout", f"must be from 0.5 to 30 seconds, got {asterisk.hook_timeout:g}"
+        )
     _check_section("freeswitch", freeswitch.enforce, FREESWITCH_ENFORCE_MODES, freeswitch.fail_mode)
     for key, port in (
         ("asterisk.ami_port", asterisk.ami_port),
@@ -432,6 +450,7 @@ def _validated(
         licence_warn_at=warn_at,
         emergency=emergency,
         block_after_failed_logon=values.get("emergency.block_after_failed_logon", True),
+        block_stale_after=stale_after,
         profiles=profiles,
         default_profile=default_profile,
         keepalive_grace=grace,

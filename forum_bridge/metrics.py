@@ -149,6 +149,12 @@ class Metrics:
             registry=self.registry,
         )
         self.connected.labels(pbx=pbx).set(0)
+        self.module_missing = Gauge(
+            "forum_bridge_pbx_module_missing",
+            "1 when the PBX lacks a module the bridge's dialplan needs, else 0 (checked at each connect)",
+            ["pbx", "module"],
+            registry=self.registry,
+        )
         self.event_lag = Histogram(
             "forum_bridge_event_lag_seconds",
             "Delay between the PBX emitting an event and the bridge applying it",
@@ -171,6 +177,10 @@ class Metrics:
     def set_connected(self, up: bool) -> None:
         """Note whether the PBX event connection is up."""
         self.connected.labels(pbx=self.pbx).set(1 if up else 0)
+
+    def set_module_missing(self, module: str, missing: bool) -> None:
+        """Note whether the PBX lacks ``module`` (the PBX adapter checks after every connect)."""
+        self.module_missing.labels(pbx=self.pbx, module=module).set(1 if missing else 0)
 
     def observe_event_lag(self, seconds: float) -> None:
         """Record how late one event was applied; negative values (clock skew) count as zero."""

@@ -457,6 +457,9 @@ ASTERISK_MODULES: tuple[str, ...] = (
     "func_math.so",
     "func_hangupcause.so",
     "func_dialplan.so",
+    # The forum_bridge snippet: DB() reads the blocked log-ons, TIMEOUT() bounds the hook.
+    "func_db.so",
+    "func_timeout.so",
     # FastAGI; res_agi refuses to load without res_speech.
     "res_speech.so",
     "res_agi.so",

@@ -280,10 +280,13 @@ class AmiListener:
         ping_interval: float = 10.0,
         reconnect_min: float = _RECONNECT_MIN,
         decisions: RecentDecisions | None = None,
+        on_blocked: Callable[[str, bool], None] | None = None,
     ) -> None:
         """Prepare a listener; nothing connects until :meth:`run`.
 
         ``decisions`` is shared with the FastAGI hook so a call leg is decided once.
+        ``on_blocked(logon, blocked)`` hears of every change of a failed log-on's block
+        (``Outcome.blocked``), so that it can be copied into Asterisk at once.
         """
         self._settings = settings
         self._ami = settings.asterisk
@@ -296,6 +299,7 @@ class AmiListener:
         self.action_timeout = float(self._ami.action_timeout)
         self._enforce = self._ami.enforce in ("ami", "both")
         self._decisions = decisions
+        self._on_blocked = on_blocked
         self._mapper = AmiEventMapper(number_of=self._number_of)
         self._manager: _Manager | None = None
         self._queue: asyncio.Queue[_Frame | _Resync] = asyncio.Queue()
@@ -676,6 +680,8 @@ class AmiListener:
         if stamped is not None and self._observer is not None:
             with contextlib.suppress(Exception):
                 self._observer.observe_event_lag((datetime.now(UTC) - stamped).total_seconds())
+        if outcome.blocked is not None:
+            self._blocked_changed(event, outcome.blocked)
         if isinstance(event, LoggedOn):
             self._unknown_logons.discard(event.logon)
         if outcome.unknown_registration and isinstance(event, Keepalive):
@@ -713,6 +719,15 @@ class AmiListener:
             self._db_failing = False
             log.info("database is back")
         return event, outcome
+
+    def _blocked_changed(self, event: Event, blocked: bool) -> None:
+        logon = getattr(event, "logon", "")
+        if self._on_blocked is None or not logon:
+            return
+        try:
+            self._on_blocked(logon, blocked)
+        except Exception:  # telling the PBX is best effort; the periodic rewrite repairs it
+            log.exception("could not pass on the block of logon=%s", logon)
 
     def _store_failed(self, event: Event, exc: StoreError, enforce: bool) -> Outcome:
         if not self._db_failing:

@@ -15,6 +15,7 @@ from typing import Any
 
 from forum_bridge.adapters.asterisk.agi import FastAgiServer
 from forum_bridge.adapters.asterisk.ami import AmiListener, AmiObserver, RecentDecisions
+from forum_bridge.adapters.asterisk.astdb import EmergencyState, ModuleObserver
 from forum_bridge.config import Settings
 from forum_bridge.errors import ForumBridgeError, StoreError
 from forum_bridge.service import BridgeService
@@ -41,9 +42,32 @@ class Bridge:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="forum-bridge-db")
         decisions = RecentDecisions()
         self.ami = AmiListener(
-            settings, service, observer=observer, executor=self.executor, decisions=decisions
+            settings,
+            service,
+            observer=observer,
+            executor=self.executor,
+            decisions=decisions,
+            on_blocked=self._blocked_changed,
         )
-        self.agi = FastAgiServer(settings, service, before_decision=self.ami.caught_up, decisions=decisions)
+        # The blocked set is read in the event thread, so it sees every event applied before it.
+        self.emergency = EmergencyState(
+            service.blocked_logons,
+            self.ami,
+            executor=self.executor,
+            observer=observer if isinstance(observer, ModuleObserver) else None,
+            db_timeout=float(settings.asterisk.action_timeout),
+        )
+        # Answer (with the fail mode, logged) before the dialplan's own bound gives up on the hook.
+        decision_timeout = min(
+            float(settings.asterisk.action_timeout), max(0.2, settings.asterisk.hook_timeout - 0.5)
+        )
+        self.agi = FastAgiServer(
+            settings,
+            service,
+            before_decision=self.ami.caught_up,
+            decisions=decisions,
+            decision_timeout=decision_timeout,
+        )
         self.started = asyncio.Event()
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -53,6 +77,7 @@ class Bridge:
             tasks = [
                 asyncio.create_task(self.ami.run(stop), name="forum-bridge-ami"),
                 asyncio.create_task(self._sweep(stop), name="forum-bridge-keepalive"),
+                asyncio.create_task(self.emergency.run(stop), name="forum-bridge-emergency-state"),
             ]
             self.started.set()
             stopping = asyncio.ensure_future(stop.wait())
@@ -69,6 +94,9 @@ class Bridge:
         finally:
             await self.agi.close()
             self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _blocked_changed(self, logon: str, blocked: bool) -> None:
+        self.emergency.blocked_changed(logon, blocked)
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,321 @@
+"""What Asterisk needs to decide emergency calls without the bridge, kept in Asterisk over AMI.
+
+The dialplan snippet decides an emergency call inside Asterisk (see
+:mod:`forum_bridge.adapters.asterisk.dialplan`). The one fact it needs from the bridge is which
+log-ons are blocked by a failed log-on; :class:`EmergencyState` keeps that set in AstDB:
+
+* each change as it happens (``Outcome.blocked`` of an applied event): ``DBPut`` / ``DBDel`` of
+  ``forum-bridge/blocked/<log-on>``;
+* the whole set after every login and resync, and again every :data:`HEARTBEAT_SECONDS` as a
+  cheap self-heal: read with ``DBGetTree``, then only the differences are written, so there is no
+  moment in which a blocked log-on is missing (a ``DBDelTree`` first would open one);
+* after each full pass that read the set from the database, a heartbeat (Unix seconds) in
+  ``forum-bridge/heartbeat``. The snippet honours blocks only while it is fresh
+  (``emergency.block_stale_after``): a bridge that is stopped, hung or cut off from its database
+  stops confirming, and its blocks stop keeping phones from 112 on stale facts.
+
+After every login it also checks (``ModuleCheck``) that Asterisk has every module the snippet uses
+and logs one error naming what is missing; the metrics show it per module.
+
+Every AMI action used here (``DBPut``, ``DBDel``, ``DBGetTree``, ``ModuleCheck``) needs only
+``write = system``, which the bridge's least-privilege AMI user has already.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Executor
+from typing import Any, Protocol, runtime_checkable
+
+from forum_bridge.adapters.asterisk.dialplan import (
+    BLOCKED_FAMILY,
+    HEARTBEAT_FAMILY,
+    HEARTBEAT_KEY,
+    REQUIRED_MODULES,
+)
+from forum_bridge.adapters.asterisk.events import headers_of
+from forum_bridge.errors import PbxError, StoreError
+
+__all__ = ["HEARTBEAT_SECONDS", "AmiActions", "EmergencyState", "ModuleObserver"]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 30
+"""How often the bridge confirms the blocked set (and rewrites what differs) while connected."""
+
+_MAX_TREE = 100_000  # entries of the blocked family read back; far above any real installation
+
+
+@runtime_checkable
+class ModuleObserver(Protocol):
+    """Who is told which modules the PBX lacks (the metrics implement this)."""
+
+    def set_module_missing(self, module: str, missing: bool) -> None:
+        """``module`` is missing (True) or loaded (False)."""
+
+
+class AmiActions(Protocol):
+    """The part of :class:`forum_bridge.adapters.asterisk.ami.AmiListener` used here."""
+
+    connected: bool
+    logins: int
+    resyncs: int
+
+    async def send_action(self, action: Mapping[str, str], timeout: float | None = None) -> list[Any]:
+        """Send one action on the logged-in session; PbxError when that is not possible."""
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds after some frame, login or resync."""
+
+
+def _ok(responses: list[Any]) -> tuple[bool, str]:
+    first = responses[0] if responses else None
+    if first is None:
+        return False, "no answer"
+    return bool(first.success), str(first.get("Message", "") or "")
+
+
+class EmergencyState:
+    """Keeps the blocked log-ons and the heartbeat in AstDB and checks the snippet's modules."""
+
+    def __init__(
+        self,
+        blocked_logons: Callable[[], list[str]],
+        ami: AmiActions,
+        *,
+        executor: Executor | None = None,
+        observer: ModuleObserver | None = None,
+        interval: float = HEARTBEAT_SECONDS,
+        db_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``blocked_logons`` reads the set from the database (run in ``executor``)."""
+        self._blocked_logons = blocked_logons
+        self._ami = ami
+        self._executor = executor
+        self._observer = observer
+        self.interval = interval
+        self._db_timeout = db_timeout
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._pending: dict[str, bool] = {}
+        self._wake = asyncio.Event()
+        self._db_failing = False
+        self._ami_failing = False
+        self.syncs = 0  # full passes that ended with a heartbeat
+        self.pushes = 0  # single changes written
+        self.missing_modules: list[str] | None = None  # None: not checked yet
+
+    # --- called by the AMI listener ------------------------------------------------------------
+
+    def blocked_changed(self, logon: str, blocked: bool) -> None:
+        """An applied event blocked ``logon`` (True) or cleared its block (False): tell Asterisk now."""
+        self._pending[logon] = blocked
+        self._wake.set()
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: check modules after each login, sync after each login/resync and periodically."""
+        seen_login = seen_resync = 0
+        last_sync = float("-inf")
+        while not stop.is_set():
+            ami = self._ami
+            due = last_sync + self.interval - time.monotonic()
+            if ami.connected and (ami.logins != seen_login or ami.resyncs != seen_resync or due <= 0):
+                if ami.logins != seen_login:
+                    seen_login = ami.logins
+                    await self._guarded(self.check_modules)
+                seen_resync = ami.resyncs
+                await self._guarded(self.sync)
+                last_sync = time.monotonic()
+                continue
+            if ami.connected and self._pending:
+                await self._guarded(self.flush)
+                continue
+            self._wake.clear()
+            timeout = max(0.05, min(self.interval, due if due > 0 else self.interval))
+            await self._wait(stop, functools.partial(self._session_changed, seen_login, seen_resync), timeout)
+
+    def _session_changed(self, login: int, resync: int) -> bool:
+        return self._ami.logins != login or self._ami.resyncs != resync
+
+    async def _wait(self, stop: asyncio.Event, changed: Callable[[], bool], timeout: float) -> None:
+        waiters = [
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._ami.wait_until(changed, timeout)),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _guarded(self, step: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not end the bridge; the next pass tries again
+            log.exception("keeping the emergency state in Asterisk failed")
+
+    # --- the steps -----------------------------------------------------------------------------
+
+    async def sync(self) -> bool:
+        """Make AstDB's blocked set equal the database's, then write the heartbeat; True when done."""
+        async with self._lock:
+            # Changes reported so far are in the database already: the read below covers them.
+            earlier, self._pending = self._pending, {}
+            try:
+                wanted = set(await self._in_db(self._blocked_logons))
+            except (StoreError, TimeoutError) as exc:
+                for logon, blocked in earlier.items():
+                    self._pending.setdefault(logon, blocked)
+                if not self._db_failing:
+                    self._db_failing = True
+                    log.error(
+                        "cannot read the blocked log-ons (%s): the heartbeat in Asterisk is withheld,"
+                        " so its blocks stop applying to emergency calls once it is stale",
+                        "timed out" if isinstance(exc, TimeoutError) else exc,
+                    )
+                return False
+            if self._db_failing:
+                self._db_failing = False
+                log.info("blocked log-ons readable again; heartbeat in Asterisk resumed")
+            try:
+                present = await self._read_blocked()
+                for logon in sorted(wanted - present):
+                    await self._put(logon)
+                for logon in sorted(present - wanted):
+                    await self._delete(logon)
+                await self._action(
+                    {
+                        "Action": "DBPut",
+                        "Family": HEARTBEAT_FAMILY,
+                        "Key": HEARTBEAT_KEY,
+                        "Val": str(int(self._clock())),
+                    }
+                )
+            except PbxError as exc:
+                self._ami_failed(exc)
+                return False
+            self._ami_ok()
+            if wanted != present:
+                log.info(
+                    "blocked log-ons in Asterisk rewritten: %d blocked (%d added, %d removed)",
+                    len(wanted),
+                    len(wanted - present),
+                    len(present - wanted),
+                )
+            self.syncs += 1
+            return True
+
+    async def flush(self) -> None:
+        """Write the changes reported since the last pass, one action each."""
+        async with self._lock:
+            changes, self._pending = self._pending, {}
+            done: list[str] = []
+            try:
+                for logon, blocked in changes.items():
+                    if blocked:
+                        await self._put(logon)
+                    else:
+                        await self._delete(logon)
+                    done.append(logon)
+                    self.pushes += 1
+                    log.info(
+                        "emergency block of logon=%s %s in Asterisk", logon, "set" if blocked else "cleared"
+                    )
+            except PbxError as exc:
+                # Newer changes win; the next full pass repairs whatever is left.
+                for logon, blocked in changes.items():
+                    if logon not in done:
+                        self._pending.setdefault(logon, blocked)
+                self._ami_failed(exc)
+                return
+            self._ami_ok()
+
+    async def check_modules(self) -> list[str] | None:
+        """Ask Asterisk for every module the snippet needs; log one error naming the missing ones."""
+        missing: list[str] = []
+        for module, _why in REQUIRED_MODULES:
+            try:
+                responses = await self._ami.send_action({"Action": "ModuleCheck", "Module": f"{module}.so"})
+            except PbxError as exc:
+                log.warning("cannot check Asterisk's modules: %s", exc)
+                return None
+            ok, message = _ok(responses)
+            if not ok and "not loaded" not in message.lower():
+                log.warning("cannot check Asterisk's modules: ModuleCheck answered %r", message[:200])
+                return None
+            if not ok:
+                missing.append(module)
+            if self._observer is not None:
+                try:
+                    self._observer.set_module_missing(module, not ok)
+                except Exception:  # metrics must never stop the bridge
+                    log.exception("module observer failed")
+        if missing:
+            why = dict(REQUIRED_MODULES)
+            log.error(
+                "Asterisk lacks modules the forum_bridge dialplan needs: %s; load them (modules.conf)"
+                " and restart Asterisk, or emergency calls and the hook fail",
+                ", ".join(f"{module} ({why[module]})" for module in missing),
+            )
+        elif self.missing_modules != []:
+            log.info("Asterisk has every module the dialplan needs (%d checked)", len(REQUIRED_MODULES))
+        self.missing_modules = missing
+        return missing
+
+    # --- AMI and database helpers --------------------------------------------------------------
+
+    async def _in_db(self, func: Callable[[], list[str]]) -> list[str]:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, functools.partial(func))
+        return await asyncio.wait_for(future, self._db_timeout)
+
+    async def _action(self, action: Mapping[str, str], *, missing_ok: bool = False) -> None:
+        ok, message = _ok(await self._ami.send_action(action))
+        if not ok and not (missing_ok and ("not found" in message.lower() or "could not" in message.lower())):
+            raise PbxError(f"Asterisk refused {action['Action']}: {message or 'no reason given'}")
+
+    async def _put(self, logon: str) -> None:
+        await self._action(
+            {"Action": "DBPut", "Family": BLOCKED_FAMILY, "Key": logon, "Val": str(int(self._clock()))}
+        )
+
+    async def _delete(self, logon: str) -> None:
+        # Gone already is what we wanted.
+        await self._action({"Action": "DBDel", "Family": BLOCKED_FAMILY, "Key": logon}, missing_ok=True)
+
+    async def _read_blocked(self) -> set[str]:
+        responses = await self._ami.send_action({"Action": "DBGetTree", "Family": BLOCKED_FAMILY})
+        ok, message = _ok(responses)
+        if not ok:
+            raise PbxError(f"Asterisk refused DBGetTree: {message or 'no reason given'}")
+        prefix = f"/{BLOCKED_FAMILY}/"
+        found: set[str] = set()
+        for response in responses[1 : _MAX_TREE + 1]:
+            headers = headers_of(response)
+            if headers.get("event", "").lower() != "dbgettreeresponse":
+                continue
+            key = headers.get("key", "")
+            if key.startswith(prefix) and len(key) > len(prefix):
+                found.add(key[len(prefix) :])
+        return found
+
+    def _ami_failed(self, exc: PbxError) -> None:
+        if not self._ami_failing:
+            self._ami_failing = True
+            log.warning("could not update the blocked log-ons in Asterisk: %s; retrying", exc)
+
+    def _ami_ok(self) -> None:
+        if self._ami_failing:
+            self._ami_failing = False
+            log.info("blocked log-ons in Asterisk up to date again")
