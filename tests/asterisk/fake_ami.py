@@ -53,6 +53,9 @@ class FakeAmi:
         self.refused_actions: set[str] = set()  # lower-case names answered "Permission denied"
         self.login_error: str | None = None  # e.g. "Asterisk is shutting down": refuse every login
         self.sessions: list[Session] = []
+        # AstDB as full keys ("/family/key") and the loaded modules (None: every module is loaded).
+        self.astdb: dict[str, str] = {}
+        self.modules: set[str] | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
@@ -236,6 +239,8 @@ class FakeAmi:
                 session.send(render({"Response": "Success", **head, "Message": "Channel Hungup"}))
             else:
                 session.send(render({"Response": "Error", **head, "Message": "No such channel"}))
+        elif name in ("dbput", "dbdel", "dbdeltree", "dbgettree", "modulecheck"):
+            self._astdb_action(session, head, name, action)
         elif name == "logoff":
             session.send(render({"Response": "Goodbye", **head, "Message": "Thanks for all the fish."}))
             return False
@@ -250,6 +255,46 @@ class FakeAmi:
                 )
             )
         return True
+
+    def _astdb_action(
+        self, session: Session, head: dict[str, str], name: str, action: dict[str, str]
+    ) -> None:
+        """AstDB and ModuleCheck as main/db.c and main/manager.c answer them."""
+        family, key = action.get("Family", ""), action.get("Key", "")
+        full = f"/{family}/{key}"
+        if name == "modulecheck":
+            module = action.get("Module", "").removesuffix(".so")
+            if self.modules is None or module in self.modules:
+                session.send(render({"Response": "Success", **head, "Version": ""}))
+            else:
+                session.send(render({"Response": "Error", **head, "Message": "Module not loaded"}))
+        elif name == "dbput":
+            self.astdb[full] = action.get("Val", "")
+            session.send(render({"Response": "Success", **head, "Message": "Updated database successfully"}))
+        elif name == "dbdel":
+            if self.astdb.pop(full, None) is None:
+                message = "Database entry could not be deleted"
+                session.send(render({"Response": "Error", **head, "Message": message}))
+            else:
+                session.send(render({"Response": "Success", **head, "Message": "Key deleted successfully"}))
+        elif name == "dbdeltree":
+            prefix = f"/{family}/{key}/" if key else f"/{family}/"
+            gone = [k for k in self.astdb if k.startswith(prefix)]
+            for k in gone:
+                del self.astdb[k]
+            if gone:
+                session.send(
+                    render({"Response": "Success", **head, "Message": "Key tree deleted successfully"})
+                )
+            else:
+                session.send(render({"Response": "Error", **head, "Message": "Database entry not found"}))
+        else:
+            prefix = f"/{family}/{key}/" if key else f"/{family}/"
+            rows = [{"Key": k, "Val": v} for k, v in sorted(self.astdb.items()) if k.startswith(prefix)]
+            self._list(
+                session, head, ("DBGetTreeResponse", "DBGetTreeComplete"), rows, "Result will follow", ""
+            )
+        self._notify()
 
     @staticmethod
     def _list(

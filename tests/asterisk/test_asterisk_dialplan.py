@@ -119,7 +119,7 @@ def test_the_outbound_fallback_follows_the_fail_mode_after_the_answer_is_read() 
     decide = steps.index('GotoIf($["${FORUM_BRIDGE_RESULT}" = "allow"]?allow)')
     assert steps[decide : decide + 6] == [
         'GotoIf($["${FORUM_BRIDGE_RESULT}" = "allow"]?allow)',
-        'GotoIf($["${FORUM_BRIDGE_RESULT}" = "deny"]?deny)',
+        'GotoIf($["${FORUM_BRIDGE_RESULT}" = "deny" & "${FORUM_BRIDGE_REASON}" != "bridge_error"]?deny)',
         "Set(FORUM_BRIDGE_REASON=bridge_unavailable)",
         f"Hangup({UNAVAILABLE_CAUSE})",
         "Return()",

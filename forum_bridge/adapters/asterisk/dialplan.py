@@ -29,7 +29,8 @@ timeout of its own, and without that variable it keeps waiting for a hung script
 timeout), and the routine's ``T`` extension, which the PBX core runs when that timeout fires,
 applies the same fallback as a hook that did not answer. ``AGISTATUS`` cannot tell "the hook
 answered" from "the hook accepted the connection and closed it", so the routines look only at the
-variables the hook sets, cleared before each call. Without an answer, ``asterisk.fail_mode`` applies:
+variables the hook sets, cleared before each call. Without an answer, or with the hook's own
+"could not decide" (``deny``/``bridge_error``, e.g. its database is down), ``asterisk.fail_mode`` applies:
 ``closed`` rejects with cause 34 (503 Service Unavailable, so phones and traces show the difference
 between "the bridge said no" and "the bridge could not be asked"), ``open`` lets the call go. The
 inbound routine rings nobody then.
@@ -129,8 +130,8 @@ exten => s,1,Set(FORUM_BRIDGE_RESULT=)
  same => n,AGI(${{fb_agi}}/outbound,${{ARG1}})
  same => n,Set(TIMEOUT(absolute)=${{fb_timeout}})
  same => n(decide),GotoIf($["${{FORUM_BRIDGE_RESULT}}" = "allow"]?allow)
- same => n,GotoIf($["${{FORUM_BRIDGE_RESULT}}" = "deny"]?deny)
- ; No answer from the hook in time: the fail mode.
+ same => n,GotoIf($["${{FORUM_BRIDGE_RESULT}}" = "deny" & "${{FORUM_BRIDGE_REASON}}" != "bridge_error"]?deny)
+ ; No answer from the hook in time, or it could not decide (bridge_error): the fail mode.
  same => n,Set(FORUM_BRIDGE_REASON=bridge_unavailable)
 {fallback}
  same => n(allow),Return()

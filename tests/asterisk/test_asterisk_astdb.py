@@ -1,0 +1,238 @@
+"""The blocked log-ons and the heartbeat in AstDB, and the module check, against the fake AMI server.
+
+The running bridge (AMI listener, hook, and :class:`EmergencyState` wired as the runner wires them)
+talks to a fake Asterisk whose AstDB and module list the tests set and read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from forum_bridge.adapters.asterisk.dialplan import REQUIRED_MODULES
+from forum_bridge.adapters.asterisk.runner import Bridge
+from forum_bridge.config import Settings
+from forum_bridge.core.events import LogonFailed
+from forum_bridge.errors import StoreError
+from forum_bridge.service import BridgeService
+from tests.asterisk.aio import run
+from tests.asterisk.conftest import RecordingObserver, challenge_failed, contact_status, fake_ami
+from tests.asterisk.fake_ami import FakeAmi
+from tests.conftest import FakeClock
+
+ServiceFactory = Callable[[Settings], BridgeService]
+SettingsFactory = Callable[..., Settings]
+ASTDB_LOGGER = "forum_bridge.adapters.asterisk.astdb"
+BLOCKED = "/forum-bridge/blocked/"
+HEARTBEAT = "/forum-bridge/heartbeat"
+
+
+class ModuleRecorder(RecordingObserver):
+    """The metrics' side of the module check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modules: dict[str, bool] = {}
+
+    def set_module_missing(self, module: str, missing: bool) -> None:
+        self.modules[module] = missing
+
+
+async def settled(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds (the bridge counts a write once Asterisk's answer is read)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def blocked(fake: FakeAmi) -> set[str]:
+    return {key[len(BLOCKED) :] for key in fake.astdb if key.startswith(BLOCKED)}
+
+
+@contextlib.asynccontextmanager
+async def bridge_running(
+    settings: Settings, service: BridgeService, observer: Any = None, interval: float | None = None
+) -> AsyncIterator[Bridge]:
+    """The Asterisk bridge as ``forum-bridge run asterisk`` builds it, until the block ends."""
+    bridge = Bridge(settings, service, observer)
+    bridge.ami.reconnect_min = 0.02
+    if interval is not None:
+        bridge.emergency.interval = interval
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.serve(stop))
+    try:
+        await asyncio.wait_for(bridge.started.wait(), 5)
+        yield bridge
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def test_the_login_rewrites_the_blocked_set_without_a_gap_and_writes_a_heartbeat(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+            for logon in ("21-desk", "22-soft", "23-gone"):
+                service.add_subscriber(logon, logon[:2])
+            service.apply(LogonFailed(logon="21-desk", at=clock(), reason="wrong_password"))
+            # Left from before: one block still true, one lifted while the bridge was away.
+            fake.astdb[BLOCKED + "21-desk"] = "1795000000"
+            fake.astdb[BLOCKED + "23-gone"] = "1795000000"
+            fake.astdb["/other/family"] = "kept"
+            before = int(time.time())
+            async with bridge_running(service.settings, service) as bridge:
+                await fake.wait_until(lambda: HEARTBEAT in fake.astdb, 5)
+                assert blocked(fake) == {"21-desk"}
+                assert before <= int(fake.astdb[HEARTBEAT]) <= int(time.time())
+                assert fake.astdb["/other/family"] == "kept"
+                # Only differences written: the true block was never deleted, nothing dropped a tree.
+                assert fake.actions_named("DBDelTree") == []
+                assert [a["Key"] for a in fake.actions_named("DBDel")] == ["23-gone"]
+                assert [a["Key"] for a in fake.actions_named("DBPut") if a["Family"] != "forum-bridge"] == []
+                await settled(lambda: bridge.emergency.syncs >= 1)
+
+    run(scenario())
+
+
+def test_each_change_of_a_block_reaches_astdb_at_once(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory
+) -> None:
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            async with bridge_running(service.settings, service, interval=3600) as bridge:
+                await fake.wait_until(lambda: HEARTBEAT in fake.astdb, 5)
+                fake.push(challenge_failed("21-desk"))
+                await fake.wait_until(lambda: blocked(fake) == {"21-desk"}, 5)
+                stamp = int(fake.astdb[BLOCKED + "21-desk"])
+                assert abs(stamp - time.time()) < 60
+                fake.push(contact_status("21-desk"))  # the right password: registered again
+                await fake.wait_until(lambda: blocked(fake) == set(), 5)
+                # Written by the pushes themselves (the periodic pass is an hour away).
+                await settled(lambda: bridge.emergency.pushes == 2)
+
+    run(scenario())
+
+
+def test_the_periodic_pass_repairs_astdb_and_refreshes_the_heartbeat(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            service.apply(LogonFailed(logon="21-desk", at=clock(), reason="wrong_password"))
+            async with bridge_running(service.settings, service, interval=0.2) as bridge:
+                await fake.wait_until(lambda: blocked(fake) == {"21-desk"}, 5)
+                del fake.astdb[BLOCKED + "21-desk"]  # e.g. "database deltree" by an operator
+                fake.astdb[HEARTBEAT] = "0"
+                await fake.wait_until(lambda: blocked(fake) == {"21-desk"}, 5)
+                await fake.wait_until(lambda: int(fake.astdb[HEARTBEAT]) > 0, 5)
+                await settled(lambda: bridge.emergency.syncs >= 2)
+
+    run(scenario())
+
+
+def test_without_its_database_the_bridge_withholds_the_heartbeat_and_says_so_once(
+    bridge_settings: SettingsFactory,
+    make_service: ServiceFactory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+
+            def broken() -> list[str]:
+                raise StoreError("database is unreachable")
+
+            monkeypatch.setattr(service, "blocked_logons", broken)
+            fake.astdb[HEARTBEAT] = "1795000000"
+            async with bridge_running(service.settings, service, interval=0.1):
+                await fake.wait_until(lambda: len(fake.actions_named("ModuleCheck")) >= 1, 5)
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline:  # several periodic passes
+                    await asyncio.sleep(0.1)
+            assert fake.astdb[HEARTBEAT] == "1795000000"
+            assert not [a for a in fake.actions_named("DBPut") if a.get("Key") == "heartbeat"]
+
+    with caplog.at_level(logging.INFO, logger=ASTDB_LOGGER):
+        run(scenario())
+    errors = [r for r in caplog.records if r.name == ASTDB_LOGGER and r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "cannot read the blocked log-ons" in errors[0].getMessage()
+
+
+def test_missing_modules_are_logged_once_by_name_and_reported_after_each_login(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    needed = [name for name, _ in REQUIRED_MODULES]
+
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            fake.modules = set(needed) - {"func_db"}
+            service = make_service(bridge_settings(fake.port))
+            observer = ModuleRecorder()
+            async with bridge_running(service.settings, service, observer) as bridge:
+                await settled(lambda: observer.modules.get("func_db") is True)
+                assert {m for m, missing in observer.modules.items() if missing} == {"func_db"}
+                assert set(observer.modules) == set(needed)
+                await settled(lambda: bridge.emergency.syncs >= 1)
+                # Asterisk restarted with the module loaded: checked again after the new login.
+                fake.modules = None
+                await fake.drop()
+                await settled(lambda: observer.modules.get("func_db") is False)
+                assert bridge.emergency.missing_modules == []
+
+    with caplog.at_level(logging.INFO, logger=ASTDB_LOGGER):
+        run(scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "func_db (DB()" in errors[0] and "res_agi" not in errors[0]
+    assert any("has every module" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refused_module_check_is_a_warning_not_a_verdict(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            fake.refused_actions.add("modulecheck")
+            service = make_service(bridge_settings(fake.port))
+            observer = ModuleRecorder()
+            async with bridge_running(service.settings, service, observer) as bridge:
+                await fake.wait_until(lambda: HEARTBEAT in fake.astdb, 5)
+                assert observer.modules == {}
+                assert bridge.emergency.missing_modules is None
+
+    with caplog.at_level(logging.INFO, logger=ASTDB_LOGGER):
+        run(scenario())
+    assert any("cannot check Asterisk's modules" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_failed_write_is_retried_by_the_next_pass(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            fake.refused_actions.add("dbput")
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            service.apply(LogonFailed(logon="21-desk", at=clock(), reason="wrong_password"))
+            async with bridge_running(service.settings, service, interval=0.1):
+                await fake.wait_until(lambda: len(fake.actions_named("DBPut")) >= 2, 5)
+                assert blocked(fake) == set()
+                fake.refused_actions.clear()
+                await fake.wait_until(lambda: blocked(fake) == {"21-desk"} and HEARTBEAT in fake.astdb, 5)
+
+    run(scenario())
