@@ -79,6 +79,11 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("[emergency]\nnumbers = ['11a']\n", "emergency.numbers"),
         ("[emergency]\nregion = 'XX'\n", "emergency.region"),
         ("[emergency]\nblock_after_failed_logon = 'maybe'\n", "emergency.block_after_failed_logon"),
+        ("[emergency]\nblock_stale_after = 30\n", "emergency.block_stale_after"),
+        ("[emergency]\nblock_stale_after = -1\n", "emergency.block_stale_after"),
+        ("[emergency]\nblock_stale_after = 'soon'\n", "emergency.block_stale_after"),
+        ("[asterisk]\nhook_timeout = 0.1\n", "asterisk.hook_timeout"),
+        ("[asterisk]\nhook_timeout = 31\n", "asterisk.hook_timeout"),
         ("[profiles.desk]\nkeepalive = 0\n", "profiles.desk.keepalive"),
         ("[profiles.desk]\n", "profiles.desk.keepalive"),
         ("[asterisk]\nenforce = 'never'\n", "asterisk.enforce"),
@@ -94,6 +99,18 @@ def test_bad_values_name_their_key(tmp_path: Path, text: str, key: str) -> None:
     assert info.value.key == key
     assert key in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_the_emergency_bounds_default_and_read(tmp_path: Path) -> None:
+    defaults = load_settings(environ={})
+    assert defaults.block_stale_after == 300
+    assert defaults.asterisk.hook_timeout == 2.0
+    text = "[emergency]\nblock_stale_after = 0\n[asterisk]\nhook_timeout = 1.5\n"
+    settings = load_settings(
+        write(tmp_path, text), environ={"FORUM_BRIDGE_EMERGENCY_BLOCK_STALE_AFTER": "600"}
+    )
+    assert settings.block_stale_after == 600  # the environment over the file
+    assert settings.asterisk.hook_timeout == 1.5
 
 
 def test_broken_toml_and_missing_file_are_one_line(tmp_path: Path) -> None:

@@ -144,6 +144,31 @@ def test_112_is_answered_within_3_s_while_the_bridges_database_is_down(tmp_path:
             inst.close()
 
 
+def test_an_absolute_timeout_the_dialplan_set_before_the_routine_is_put_back(
+    make_installation: Callable[..., Installation],
+) -> None:
+    inst = make_installation(licences=1)
+    # A dialplan that set its own absolute timeout before asking (pbx_config merges the second
+    # [phones] into the sandbox's): it must find it again after the routine, or the call fails.
+    keeps_its_timeout = """
+[phones]
+exten => _55X,1,Set(TIMEOUT(absolute)=60)
+ same => n,Gosub(forum-bridge-outbound,s,1(${EXTEN}))
+ same => n,GotoIf($[${TIMEOUT(absolute)} > 50]?kept)
+ same => n,Hangup(27)
+ same => n(kept),Answer()
+ same => n,Echo()
+"""
+    inst.sandbox.reload_dialplan(inst.snippet + keeps_its_timeout)
+    assert inst.phone("22-soft").register() == 200
+    inst.wait_status(lambda s: by_logon(s)["22-soft"]["state"] == "logged_on")
+    assert timed_call(inst, "22-soft", "551") == 200  # the hook answered
+    settings = load_settings(inst.config, environ={}, overrides={"asterisk.fail_mode": "open"})
+    inst.sandbox.reload_dialplan(render_dialplan(settings) + keeps_its_timeout)
+    with hung(inst):
+        assert timed_call(inst, "22-soft", "552") == 200  # the bound fired (T), then fail_mode open
+
+
 # --- blocked by a failed log-on: refused inside Asterisk, never answered ---------------------------
 
 
