@@ -71,7 +71,7 @@ def hung(inst: Installation) -> Iterator[None]:
 # --- not blocked: emergency numbers are decided inside Asterisk -----------------------------------
 
 
-def test_with_the_bridge_hung_112_is_answered_and_other_calls_get_the_fail_mode_within_3_s(
+def test_with_the_bridge_hung_or_stopped_112_is_answered_and_other_calls_get_the_fail_mode_in_3_s(
     make_installation: Callable[..., Installation],
 ) -> None:
     inst = make_installation(licences=1, **{"emergency.outside_line_prefix": "0"})
@@ -98,6 +98,14 @@ def test_with_the_bridge_hung_112_is_answered_and_other_calls_get_the_fail_mode_
     inst.wait_status(lambda s: s["licences"]["used"] == 1)
     # Emergency calls never asked the hook: the bridge saw them only over AMI, as allowed.
     inst.wait_log("decision logon=22-soft number=112 direction=outbound result=allowed reason=emergency")
+    # Stopped: nobody listens on the hook's port; the same answers, without even the bound.
+    inst.stop_bridge()
+    answered = timed_call(inst, "22-soft", "112")
+    assert answered == 200
+    assert answered.elapsed < ANSWER_WITHIN, answered
+    refused = timed_call(inst, "22-soft", "600")
+    assert refused == 503
+    assert refused.elapsed < HOOK_TIMEOUT, refused
 
 
 def test_with_the_bridge_hung_an_inbound_call_rings_nobody_after_the_bound(
@@ -261,6 +269,29 @@ def test_a_missing_module_is_logged_and_shown_in_metrics_and_112_still_passes(
     present = 'forum_bridge_pbx_module_missing{module="func_db",pbx="asterisk"} 0.0'
     wait_until(lambda: present in metrics(web_port), 20, "the gauge to show func_db loaded")
     inst.wait_log("Asterisk has every module the dialplan needs")
+
+
+def test_the_sample_least_privilege_ami_user_may_keep_astdb_and_check_modules(
+    make_installation: Callable[..., Installation],
+) -> None:
+    inst = make_installation(licences=1, start=False)
+    sample = _base.sample_ami_user()
+    manager = inst.sandbox.config_dir / "manager.conf"
+    lines = []
+    for line in manager.read_text().splitlines():
+        name = line.split("=", 1)[0].strip()
+        lines.extend(sample[name] if name in ("read", "write") else [line])
+    manager.write_text("\n".join(lines) + "\n")
+    inst.sandbox.cli("manager reload")
+    assert "write perm: system\n" in inst.sandbox.cli(f"manager show user {inst.sandbox.ami_username}")
+    inst.start_bridge()
+    inst.wait_log("Asterisk has every module the dialplan needs")
+    fail_a_logon(inst, "21-desk")  # DBPut as that user
+    assert "heartbeat" in astdb(inst)
+    assert inst.phone("21-desk").register() == 200
+    wait_until(lambda: "blocked/21-desk" not in astdb(inst), 10, "DBDel as that user")
+    log = inst.log_text()
+    assert "Permission denied" not in log and "could not update the blocked log-ons" not in log
 
 
 # --- a PostgreSQL server of this test's own, so it can be stopped -----------------------------------

@@ -90,3 +90,18 @@ def test_connection_state_and_event_lag(bridge: Bridge) -> None:
     assert values[("forum_bridge_event_lag_seconds_sum", ())] == 1.503
     assert values[("forum_bridge_event_lag_seconds_bucket", (("le", "0.005"),))] == 2
     assert values[("forum_bridge_event_lag_seconds_bucket", (("le", "2.5"),))] == 3
+
+
+def test_a_missing_pbx_module_is_a_gauge_per_module(bridge: Bridge) -> None:
+    name = "forum_bridge_pbx_module_missing"
+    assert not [key for key in samples(bridge.metrics) if key[0] == name]  # nothing known before a check
+    bridge.metrics.set_module_missing("func_db", True)
+    bridge.metrics.set_module_missing("res_agi", False)
+    found = {labels: value for (sample, labels), value in samples(bridge.metrics).items() if sample == name}
+    pbx = bridge.metrics.pbx
+    assert found == {
+        (("module", "func_db"), ("pbx", pbx)): 1.0,
+        (("module", "res_agi"), ("pbx", pbx)): 0.0,
+    }
+    bridge.metrics.set_module_missing("func_db", False)
+    assert samples(bridge.metrics)[(name, (("module", "func_db"), ("pbx", pbx)))] == 0.0
