@@ -236,3 +236,16 @@ def test_a_failed_write_is_retried_by_the_next_pass(
                 await fake.wait_until(lambda: blocked(fake) == {"21-desk"} and HEARTBEAT in fake.astdb, 5)
 
     run(scenario())
+
+
+def test_the_hook_answers_before_the_dialplans_bound_gives_up_on_it(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory
+) -> None:
+    for bound, expected in ((2.0, 1.5), (0.5, 0.2), (30.0, 3.0)):
+        settings = bridge_settings(1, **{"asterisk.hook_timeout": bound})  # action_timeout 3.0
+        bridge = Bridge(settings, make_service(settings))
+        try:
+            # The hook's own fail-mode answer (logged by the bridge) comes first, with room to spare.
+            assert bridge.agi.decision_timeout == expected
+        finally:
+            bridge.executor.shutdown(wait=False)

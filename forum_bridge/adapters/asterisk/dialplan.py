@@ -188,6 +188,10 @@ def _seconds(value: float) -> str:
 def _emergency_test(numbers: list[str]) -> str:
     # "x" first: ast_expr2 compares two numeric-looking operands as numbers, so "0112" would
     # equal "112"; with a letter in front both are strings and only an exact match counts.
+    # Asterisk substitutes ${ARG1} as text before it parses the expression, so a dial string
+    # holding a double quote could change the expression. No dialable number has one, the
+    # comparison needs no module this way (FILTER() would need func_strings), and with
+    # enforce = ami or both the bridge still decides such a call from its AMI events.
     return " | ".join(f'"x${{ARG1}}" = "x{number}"' for number in numbers)
 
 
