@@ -272,6 +272,8 @@ def test_database_errors_follow_the_fail_mode_but_emergency_calls_run(
                 await fake.wait_until(lambda: len(fake.hangups) >= 1)
                 await processed(listener, 0)
             assert [h["Channel"] for h in fake.hangups] == [normal["Channel"]]
+            # Not decided (the database failed): 503 like the dialplan's fail mode, not 403.
+            assert [h["Cause"] for h in fake.hangups] == ["34"]
 
     run(scenario())
 

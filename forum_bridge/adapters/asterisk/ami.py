@@ -66,6 +66,9 @@ EVENT_CLASSES = "system,call,security"
 HANGUP_CAUSE_REJECTED = 21
 """Q.850 CALL_REJECTED: chan_pjsip answers a call not yet answered with 403 Forbidden."""
 
+HANGUP_CAUSE_UNAVAILABLE = 34
+"""Q.850 NO_CIRCUIT_AVAILABLE: 503, for a call hung up because the bridge could not decide it."""
+
 _MAX_FRAME = 1 << 20  # bytes of one unfinished frame; far above any real AMI event
 _MAX_BACKLOG = 20_000  # queued frames before the listener gives up on them and resyncs instead
 _RECONNECT_MIN = 0.5
@@ -688,7 +691,9 @@ class AmiListener:
             self._unknown_logons.add(event.logon)
             self._schedule_unknown_resync()
         if outcome.hangup and isinstance(event, CallStarted):
-            self._spawn(self.hangup(event.channel))
+            # No decision means the database failed: 503 like the dialplan's fail mode, not 403.
+            cause = HANGUP_CAUSE_REJECTED if outcome.decision is not None else HANGUP_CAUSE_UNAVAILABLE
+            self._spawn(self.hangup(event.channel, cause))
 
     def _apply_frame(self, headers: dict[str, str]) -> tuple[Event, Outcome] | None:
         """Map and apply one frame (in the database thread). Never raises."""
