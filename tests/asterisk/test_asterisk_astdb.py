@@ -22,7 +22,14 @@ from forum_bridge.core.events import LogonFailed
 from forum_bridge.errors import StoreError
 from forum_bridge.service import BridgeService
 from tests.asterisk.aio import run
-from tests.asterisk.conftest import RecordingObserver, challenge_failed, contact_status, fake_ami
+from tests.asterisk.conftest import (
+    RecordingObserver,
+    challenge_failed,
+    contact_status,
+    fake_ami,
+    new_channel,
+    running,
+)
 from tests.asterisk.fake_ami import FakeAmi
 from tests.conftest import FakeClock
 
@@ -249,3 +256,34 @@ def test_the_hook_answers_before_the_dialplans_bound_gives_up_on_it(
             assert bridge.agi.decision_timeout == expected
         finally:
             bridge.executor.shutdown(wait=False)
+
+
+@pytest.mark.parametrize(("enforce", "hung_up"), [("both", False), ("ami", True)])
+def test_an_emergency_call_is_never_cut_over_ami_when_the_dialplan_decides(
+    bridge_settings: SettingsFactory,
+    make_service: ServiceFactory,
+    clock: FakeClock,
+    enforce: str,
+    hung_up: bool,
+) -> None:
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port, **{"asterisk.enforce": enforce}))
+            service.add_subscriber("21-desk", "21")
+            service.apply(LogonFailed(logon="21-desk", at=clock(), reason="wrong_password"))
+            async with running(service.settings, service) as listener:
+                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
+                emergency, other = new_channel("21-desk", "112"), new_channel("21-desk", "600")
+                fake.channels = [emergency, other]
+                fake.push(emergency)
+                fake.push(other)
+                # Hang-ups go out in the order of the frames: once the second call's has come, an
+                # emergency call's hang-up would have come before it.
+                expected = [emergency["Channel"], other["Channel"]] if hung_up else [other["Channel"]]
+                await fake.wait_until(lambda: len(fake.hangups) >= len(expected))
+                await fake.wait_until(lambda: other["Channel"] in [h["Channel"] for h in fake.hangups])
+            assert [h["Channel"] for h in fake.hangups] == expected
+            denied = [a for a in service.audit_log() if a["kind"] == "deny" and a["number"] == "112"]
+            assert len(denied) == 1  # decided and audited all the same
+
+    run(scenario())

@@ -690,7 +690,7 @@ class AmiListener:
         if outcome.unknown_registration and isinstance(event, Keepalive):
             self._unknown_logons.add(event.logon)
             self._schedule_unknown_resync()
-        if outcome.hangup and isinstance(event, CallStarted):
+        if outcome.hangup and isinstance(event, CallStarted) and not self._spare_emergency_call(event):
             # No decision means the database failed: 503 like the dialplan's fail mode, not 403.
             cause = HANGUP_CAUSE_REJECTED if outcome.decision is not None else HANGUP_CAUSE_UNAVAILABLE
             self._spawn(self.hangup(event.channel, cause))
@@ -724,6 +724,27 @@ class AmiListener:
             self._db_failing = False
             log.info("database is back")
         return event, outcome
+
+    def _spare_emergency_call(self, event: CallStarted) -> bool:
+        """True for an emergency call the AMI side must not hang up (enforce = both).
+
+        There the dialplan refuses a blocked log-on's emergency call before it is routed (from
+        AstDB); a call it let through (e.g. the block was stale) may be connected to the
+        emergency service by the time this event is applied (a backlog after a hang), and is
+        never cut. With enforce = ami the hang-up is the only enforcement and stays.
+        """
+        if self._ami.enforce != "both" or event.direction is not Direction.OUTBOUND:
+            return False
+        if not self._service.is_emergency(event.number):
+            return False
+        log.info(
+            "emergency call channel=%s logon=%s number=%s denied but not hung up over AMI:"
+            " the dialplan refuses it before routing, and never cuts one it let through",
+            event.channel,
+            event.logon,
+            event.number,
+        )
+        return True
 
     def _blocked_changed(self, event: Event, blocked: bool) -> None:
         logon = getattr(event, "logon", "")
