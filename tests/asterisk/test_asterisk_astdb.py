@@ -58,6 +58,10 @@ async def settled(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
+def block_puts(fake: FakeAmi) -> list[dict[str, str]]:
+    return [a for a in fake.actions_named("DBPut") if a.get("Family") == "forum-bridge/blocked"]
+
+
 def blocked(fake: FakeAmi) -> set[str]:
     return {key[len(BLOCKED) :] for key in fake.astdb if key.startswith(BLOCKED)}
 
@@ -285,5 +289,27 @@ def test_an_emergency_call_is_never_cut_over_ami_when_the_dialplan_decides(
             assert [h["Channel"] for h in fake.hangups] == expected
             denied = [a for a in service.audit_log() if a["kind"] == "deny" and a["number"] == "112"]
             assert len(denied) == 1  # decided and audited all the same
+
+    run(scenario())
+
+
+def test_a_refused_change_is_retried_with_a_pause_not_in_a_tight_loop(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory
+) -> None:
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            async with bridge_running(service.settings, service, interval=3600):
+                await fake.wait_until(lambda: HEARTBEAT in fake.astdb, 5)
+                fake.refused_actions.add("dbput")
+                fake.push(challenge_failed("21-desk"))
+                pushed = time.monotonic()
+                # Three refused tries of the block: a tight loop makes them in milliseconds, the
+                # pause makes them take two seconds at least.
+                await fake.wait_until(lambda: len(block_puts(fake)) >= 3, 10)
+                assert time.monotonic() - pushed >= 1.5
+                fake.refused_actions.clear()
+                await fake.wait_until(lambda: blocked(fake) == {"21-desk"}, 5)
 
     run(scenario())

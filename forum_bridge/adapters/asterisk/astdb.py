@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 30
 """How often the bridge confirms the blocked set (and rewrites what differs) while connected."""
 
+_RETRY_SECONDS = 1.0  # pause after a failed write before the pending changes are tried again
 _MAX_TREE = 100_000  # entries of the blocked family read back; far above any real installation
 
 
@@ -106,6 +107,7 @@ class EmergencyState:
         self._wake = asyncio.Event()
         self._db_failing = False
         self._ami_failing = False
+        self._retry_at = float("-inf")
         self.syncs = 0  # full passes that ended with a heartbeat
         self.pushes = 0  # single changes written
         self.missing_modules: list[str] | None = None  # None: not checked yet
@@ -134,11 +136,15 @@ class EmergencyState:
                 await self._guarded(self.sync)
                 last_sync = time.monotonic()
                 continue
-            if ami.connected and self._pending:
+            # After a failed write, wait a little before the next try instead of hammering Asterisk.
+            retry_in = self._retry_at - time.monotonic()
+            if ami.connected and self._pending and retry_in <= 0:
                 await self._guarded(self.flush)
                 continue
             self._wake.clear()
             timeout = max(0.05, min(self.interval, due if due > 0 else self.interval))
+            if self._pending and retry_in > 0:
+                timeout = min(timeout, retry_in)
             await self._wait(stop, functools.partial(self._session_changed, seen_login, seen_resync), timeout)
 
     def _session_changed(self, login: int, resync: int) -> bool:
@@ -311,6 +317,7 @@ class EmergencyState:
         return found
 
     def _ami_failed(self, exc: PbxError) -> None:
+        self._retry_at = time.monotonic() + _RETRY_SECONDS
         if not self._ami_failing:
             self._ami_failing = True
             log.warning("could not update the blocked log-ons in Asterisk: %s; retrying", exc)
