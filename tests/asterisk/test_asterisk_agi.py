@@ -120,7 +120,8 @@ def test_outbound_allow_then_deny_when_the_pool_is_full_but_emergency_passes(
             assert full == {"FORUM_BRIDGE_RESULT": "deny", "FORUM_BRIDGE_REASON": "emergency_only"}
             emergency = await ask(server.port, "outbound", "112", channel="PJSIP/22-soft-00000003")
             assert emergency == {"FORUM_BRIDGE_RESULT": "allow", "FORUM_BRIDGE_REASON": "emergency"}
-            again = await ask(server.port, "outbound", "700")
+            # A new call, so a new channel (Asterisk numbers them); the same channel is one decision.
+            again = await ask(server.port, "outbound", "700", channel="PJSIP/21-desk-00000004")
             assert again == {"FORUM_BRIDGE_RESULT": "allow", "FORUM_BRIDGE_REASON": "licensed"}
             assert (server.requests, server.answered) == (4, 4)
         finally:

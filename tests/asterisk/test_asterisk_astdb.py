@@ -201,8 +201,8 @@ def test_missing_modules_are_logged_once_by_name_and_reported_after_each_login(
                 # Asterisk restarted with the module loaded: checked again after the new login.
                 fake.modules = None
                 await fake.drop()
-                await settled(lambda: observer.modules.get("func_db") is False)
-                assert bridge.emergency.missing_modules == []
+                await settled(lambda: bridge.emergency.missing_modules == [])
+                assert observer.modules.get("func_db") is False
 
     with caplog.at_level(logging.INFO, logger=ASTDB_LOGGER):
         run(scenario())

@@ -264,7 +264,10 @@ class FastAgiServer:
             if known is not None:
                 decision = known  # decided (and logged) when its Newchannel came over AMI
             else:
-                decision = await self._call(self._service.authorize, logon, number, Direction.OUTBOUND)
+                # Keyed by the channel, so an AMI event deciding the same leg at the same moment
+                # gets this answer (and one audit line) instead of deciding again.
+                authorize = functools.partial(self._service.authorize, channel=channel)
+                decision = await self._call(authorize, logon, number, Direction.OUTBOUND)
         except (StoreError, TimeoutError) as exc:
             allowed = self._service.is_emergency(number) or self._settings.asterisk.fail_mode == "open"
             reason = Reason.EMERGENCY.value if self._service.is_emergency(number) else BRIDGE_ERROR
