@@ -313,3 +313,31 @@ def test_a_refused_change_is_retried_with_a_pause_not_in_a_tight_loop(
                 await fake.wait_until(lambda: blocked(fake) == {"21-desk"}, 5)
 
     run(scenario())
+
+
+def test_the_listener_reports_each_block_change_and_survives_a_failing_receiver(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[tuple[str, bool]] = []
+
+    def receiver(logon: str, blocked: bool) -> None:
+        heard.append((logon, blocked))
+        raise RuntimeError("receiver broke")
+
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            async with running(service.settings, service, on_blocked=receiver) as listener:
+                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
+                fake.push(challenge_failed("21-desk"))
+                fake.push(challenge_failed("21-desk"))  # blocked already: no change to report
+                fake.push(contact_status("21-desk"))
+                await listener.wait_until(lambda: len(heard) >= 2, 5)
+                state = service.status()["subscribers"][0]["state"]
+            assert heard == [("21-desk", True), ("21-desk", False)]
+            assert state == "logged_on"  # events went on being applied
+
+    with caplog.at_level(logging.ERROR):
+        run(scenario())
+    assert any("could not pass on the block of logon=21-desk" in r.getMessage() for r in caplog.records)
