@@ -11,6 +11,7 @@ connected plus the BYE: a generous reading against the callers.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -306,14 +307,16 @@ class _OwnPostgres:
         self.running = False
 
     def _pg(self, *args: str) -> subprocess.CompletedProcess[str]:
-        as_user = ["runuser", "-u", "postgres", "--"] if shutil.which("runuser") else []
+        # PostgreSQL refuses to run as root; as root it runs as Debian's postgres user (as in conftest).
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         return subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120, check=False)
 
     def start(self) -> None:
         data, sockets = self.workdir / "data", self.workdir / "run"
         sockets.mkdir()
-        shutil.chown(self.workdir, "postgres", "postgres")
-        shutil.chown(sockets, "postgres", "postgres")
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres", "postgres")
+            shutil.chown(sockets, "postgres", "postgres")
         init = self._pg(str(self._bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
         assert init.returncode == 0, f"initdb failed: {init.stderr[-500:]}"
         options = f"-p {self.port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
