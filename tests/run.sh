@@ -4,9 +4,10 @@
 #   bash tests/run.sh [pytest arguments]
 #
 # As root it installs Debian's PostgreSQL, SIPp (sip-tester), debootstrap, Chromium and prometheus
-# (for promtool, which tests the alert rules), builds the sandbox Asterisk 22 chroot once (cached),
-# and creates the virtual environment .venv. Tests that need one of these parts fail loudly when it
-# cannot start; none of them is skipped.
+# (for promtool, which tests the alert rules), installs the real FreeSWITCH 1.10 from
+# ../shared/freeswitch, builds the sandbox Asterisk 22 chroot once (cached), and creates the virtual
+# environment .venv. Tests that need one of these parts fail loudly when it cannot start; none of
+# them is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "==> installing forum-bridge and its test tools into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# FreeSWITCH is not in Debian's archive: the shared folder beside the clone carries a build of its
+# public source and its installer (idempotent, seconds). The FreeSWITCH tests need it; no skipping.
+freeswitch_installer=../shared/freeswitch/install.sh
+if [ "$(id -u)" = 0 ]; then
+    echo "==> installing FreeSWITCH (../shared/freeswitch)"
+    if [ ! -f "$freeswitch_installer" ]; then
+        echo "cannot install FreeSWITCH: $freeswitch_installer is missing" >&2
+        exit 1
+    fi
+    bash "$freeswitch_installer"
+elif [ ! -x /opt/fs/bin/freeswitch ]; then
+    echo "FreeSWITCH is not installed and this is not root: run bash $freeswitch_installer as root" >&2
+    exit 1
+fi
 
 echo "==> building the sandbox Asterisk (cached after the first run)"
 .venv/bin/python -m tests.sandbox build

@@ -391,9 +391,15 @@ class SippPhone:
         local_port: int | None = None,
         *,
         sipp_binary: str = "sipp",
+        from_user: str | None = None,
     ) -> None:
-        """Describe the phone; nothing runs until a method is called."""
-        for kind, value in (("logon", logon), ("password", password)):
+        """Describe the phone; nothing runs until a method is called.
+
+        ``from_user`` makes the phone claim another user in its From, To and Contact headers while
+        it still authenticates as ``logon`` (a spoofed caller identity); by default both are ``logon``.
+        """
+        from_user = logon if from_user is None else from_user
+        for kind, value in (("logon", logon), ("password", password), ("from_user", from_user)):
             # Both end up inside SIPp's [authentication ...] keyword in a ';'-separated CSV.
             if not _SAFE_TOKEN.match(value):
                 raise ValueError(f"unsuitable {kind} for a SIPp injection file: {value!r}")
@@ -402,6 +408,7 @@ class SippPhone:
             raise SippError(f"{sipp_binary!r} not found; install Debian's sip-tester")
         self._binary = binary
         self.logon = logon
+        self.from_user = from_user
         self._password = password
         self.server_port = sip_port_of_asterisk
         self.local_port = local_port if local_port is not None else free_udp_port()
@@ -412,7 +419,7 @@ class SippPhone:
     @property
     def contact_uri(self) -> str:
         """The contact this phone registers."""
-        return f"sip:{self.logon}@{_HOST}:{self.local_port}"
+        return f"sip:{self.from_user}@{_HOST}:{self.local_port}"
 
     # -- actions ------------------------------------------------------------------------------
 
@@ -522,7 +529,8 @@ class SippPhone:
         workdir.mkdir(parents=True)
         (workdir / scenario).write_text(_scenario_text(scenario, values), encoding="utf-8")
         (workdir / "phone.csv").write_text(
-            f"SEQUENTIAL\n{self.logon};[authentication username={self.logon} password={self._password}];\n",
+            f"SEQUENTIAL\n{self.from_user};"
+            f"[authentication username={self.logon} password={self._password}];\n",
             encoding="utf-8",
         )
         argv = [self._binary]
