@@ -20,11 +20,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EVENTS_CAPTURE = FIXTURES / "esl-events-1.10.12.txt"
 MISC_CAPTURE = FIXTURES / "esl-misc-1.10.12.txt"
+IDENTITY_CAPTURE = FIXTURES / "esl-identity-1.10.12.txt"
 
 AUTH_REQUEST = b"Content-Type: auth/request\n\n"
 ACCEPTED = b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n"
@@ -112,6 +114,30 @@ def captured(name: str, *, subclass: str = "", channel: str = "") -> str:
     raise LookupError(f"no captured {name} {subclass or channel}")
 
 
+def identity_frames(content_type: str) -> list[str]:
+    """Bodies of one content type in the identity capture (spoofed From/To, wrong passwords)."""
+    return [
+        body.decode()
+        for headers, body in split_stream(IDENTITY_CAPTURE.read_bytes())
+        if dict(headers).get("Content-Type") == content_type
+    ]
+
+
+def identity_events(name: str) -> list[Any]:
+    """The events of the identity capture with this subclass (CUSTOM) or Event-Name, parsed."""
+    from forum_bridge.adapters.freeswitch.esl import parse_event_plain
+
+    events = [parse_event_plain(body.encode()) for body in identity_frames("text/event-plain")]
+    return [e for e in events if name in (e.subclass, e.name) and (e.name != "CUSTOM" or e.subclass == name)]
+
+
+def identity_answers() -> list[str]:
+    """The api answers at the end of the identity capture, in order: ``sofia xmlstatus``,
+    ``sofia xmlstatus profile internal reg``, ``show channels as json`` (twice), ``uuid_getvar`` of
+    the live channel's ``sip_auth_username`` and of a channel that does not exist."""
+    return identity_frames("api/response")
+
+
 def header_values(body: str) -> dict[str, str]:
     """First decoded value of each header of a serialized event."""
     values: dict[str, str] = {}
@@ -183,10 +209,17 @@ def expire_event(user: str, port: int = 5091) -> str:
     return edit_event(body, {"contact": contact_of(user, port), "Event-Date-Timestamp": now_stamp()})
 
 
-def register_failure_event(user: str) -> str:
-    """``sofia::register_failure`` (403: wrong password or unknown user)."""
-    body = retarget(captured("CUSTOM", subclass="sofia::register_failure"), {"1001": user})
-    return edit_event(body, {"Event-Date-Timestamp": now_stamp()})
+def register_failure_event(user: str, port: int = 5091) -> str:
+    """What FreeSWITCH sends for ``user``'s wrong password (403): ``sofia::register_attempt`` with
+    ``auth-result: FORBIDDEN`` naming the digest user. (The ``sofia::register_failure`` that follows
+    names only the To header, which the bridge does not trust.)"""
+    forbidden = next(
+        body
+        for body in identity_frames("text/event-plain")
+        if "register_attempt" in body and "FORBIDDEN" in body
+    )
+    body = retarget(forbidden, {"1000": user, "59423": str(port)})
+    return edit_event(body, {"contact": contact_of(user, port), "Event-Date-Timestamp": now_stamp()})
 
 
 def channel_create_event(uuid: str, user: str, number: str) -> str:
@@ -233,8 +266,17 @@ def channel_data(uuid: str, user: str, number: str) -> bytes:
     FreeSWITCH serializes the event itself, appending Content-Type, Reply-Text (``+OK\\n``
     URL-encoded), Socket-Mode and Control last; there is no outer frame line.
     """
+    return channel_data_of(uuid, user, number)
+
+
+def channel_data_of(
+    uuid: str, user: str, number: str, changes: dict[str, str] | None = None, *, remove: Iterable[str] = ()
+) -> bytes:
+    """:func:`channel_data` with some channel headers changed or removed (a spoofed From, say)."""
     body = channel_create_event(uuid, user, number)
-    body = edit_event(body, {"Event-Name": "CHANNEL_DATA", "Channel-State": "CS_EXECUTE"})
+    body = edit_event(
+        body, {"Event-Name": "CHANNEL_DATA", "Channel-State": "CS_EXECUTE", **(changes or {})}, remove=remove
+    )
     head = body.split("\n\n", 1)[0]
     tail = "Content-Type: command/reply\nReply-Text: %2BOK%0A\nSocket-Mode: async\nControl: full"
     return f"{head}\n{tail}\n\n".encode()
@@ -401,10 +443,14 @@ class FakeEslServer:
         """The ``api uuid_kill`` commands received."""
         return [c for c in self.commands if c.startswith("api uuid_kill ")]
 
-    def add_registration(self, user: str, port: int = 5091) -> None:
-        """A row of ``show registrations`` as mod_sofia writes it."""
+    def add_registration(self, user: str, port: int = 5091, *, auth_user: str | None = None) -> None:
+        """A registered contact: a row of ``show registrations`` and of sofia's own table.
+
+        ``auth_user`` is who authenticated (default ``user``, the address registered).
+        """
         self.registrations.append(
             {
+                "_auth_user": user if auth_user is None else auth_user,
                 "reg_user": user,
                 "realm": "127.0.0.1",
                 "token": f"reg-{user}-{port}@127.0.0.1",
@@ -422,6 +468,13 @@ class FakeEslServer:
         """Forget a row of ``show registrations`` (no event)."""
         url = f"sofia/internal/sip:{user}@127.0.0.1:{port}"
         self.registrations = [r for r in self.registrations if r["url"] != url]
+
+    def flush_registration(self, user: str, port: int = 5091) -> None:
+        """``sofia profile internal flush_inbound_reg``: sofia forgets the contact at once, the core's
+        ``show registrations`` keeps listing it until its expiry (seen on FreeSWITCH 1.10.12)."""
+        for row in self.registrations:
+            if row["url"] == f"sofia/internal/sip:{user}@127.0.0.1:{port}":
+                row["_flushed"] = "yes"
 
     def register(self, user: str, port: int = 5091) -> int:
         """A phone registers (or refreshes): FreeSWITCH's table and the event."""
@@ -445,6 +498,7 @@ class FakeEslServer:
                 "dest": number,
                 "presence_id": f"{user}@127.0.0.1",
                 "callstate": "ACTIVE",
+                "_user": user,
             }
         )
 
@@ -503,6 +557,12 @@ class FakeEslServer:
     def _api(self, command: str) -> str:
         if command == "show registrations as json":
             return _json_rows(self.registrations)
+        if command == "sofia xmlstatus":
+            return _sofia_profiles()
+        if command == "sofia xmlstatus profile internal reg":
+            return _sofia_registrations(self.registrations)
+        if command.startswith("uuid_getvar "):
+            return self._getvar(command.split()[1:])
         if command == "show channels as json":
             return _json_rows(self.channels)
         if command == "status":
@@ -516,12 +576,51 @@ class FakeEslServer:
         verb = command.split()[0] if command.split() else ""
         return f"-ERR {verb} Command not found!\n"
 
+    def _getvar(self, args: list[str]) -> str:
+        uuid, variable = [*args, "", ""][:2]
+        channel = next((c for c in self.channels if c["uuid"] == uuid), None)
+        if channel is None:
+            return "-ERR No such channel!\n"
+        placed = channel["direction"] == "inbound"
+        # The authenticated user of a placed leg, the directory user of a leg ringing a phone.
+        wanted = {True: "sip_auth_username", False: "dialed_user"}[placed]
+        return channel["_user"] if variable == wanted else "_undef_"
+
 
 def _json_rows(rows: list[dict[str, str]]) -> str:
     # FreeSWITCH leaves "rows" out altogether when there are none.
     if not rows:
         return '{"row_count":0}\n'
-    return json.dumps({"row_count": len(rows), "rows": rows}) + "\n"
+    public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    return json.dumps({"row_count": len(rows), "rows": public}) + "\n"
+
+
+def _sofia_profiles() -> str:
+    """``sofia xmlstatus``: one profile, as in the identity capture."""
+    return identity_answers()[0]
+
+
+def _sofia_registrations(rows: list[dict[str, str]]) -> str:
+    """``sofia xmlstatus profile internal reg``, written the way mod_sofia writes it."""
+    lines = ['<?xml version="1.0" encoding="ISO-8859-1"?>', "<profile>", "  <registrations>"]
+    for row in rows:
+        if row.get("_flushed"):
+            continue
+        contact = row["url"].split("/", 2)[2]
+        lines += [
+            "    <registration>",
+            f"        <call-id>{row['token']}</call-id>",
+            f"        <user>{row['reg_user']}@{row['realm']}</user>",
+            f"        <contact>&quot;&quot; &lt;{contact}&gt;</contact>",
+            "        <agent>SIPp-test</agent>",
+            "        <status>Registered(UDP)(unknown) exp(2026-12-03 09:59:38) expsecs(57)</status>",
+            f"        <network-ip>{row['network_ip']}</network-ip>",
+            f"        <network-port>{row['network_port']}</network-port>",
+            f"        <sip-auth-user>{row['_auth_user']}</sip-auth-user>",
+            "    </registration>",
+        ]
+    lines += ["  </registrations>", "</profile>", ""]
+    return "\n".join(lines)
 
 
 # --- the outbound socket (FreeSWITCH's socket application) ----------------------------------------
@@ -535,12 +634,23 @@ class FakeSocketCall(threading.Thread):
     what the bridge sent.
     """
 
-    def __init__(self, port: int, data: bytes, *, answer: bool = True, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        data: bytes,
+        *,
+        answer: bool = True,
+        timeout: float = 10.0,
+        close_after: str | None = None,
+    ) -> None:
         super().__init__(name="fake-socket-call", daemon=True)
         self.port = port
         self.data = data
         self.answer = answer
         self.timeout = timeout
+        # Close the socket once a command starting with this came in, unanswered: what FreeSWITCH
+        # does when the channel goes away (killed over ESL at the same moment, or hung up).
+        self.close_after = close_after
         self.commands: list[str] = []
         self.error: str | None = None
         self.finished = threading.Event()
@@ -566,6 +676,8 @@ class FakeSocketCall(threading.Thread):
             raw, buffer = buffer.split(b"\n\n", 1)
             command = raw.decode()
             self.commands.append(command)
+            if self.close_after is not None and command.startswith(self.close_after):
+                return
             if not self.answer:
                 continue
             if command == "connect":

@@ -12,16 +12,36 @@ from forum_bridge.adapters.freeswitch.events import (
     SUBSCRIPTION,
     contact_from_url,
     event_time,
+    identity_lookups,
     normalise_contact,
     parse_channels,
+    parse_profiles,
     parse_registrations,
+    parse_sofia_registrations,
     to_core_event,
+    uuid_getvar_value,
 )
-from forum_bridge.core.events import CallEnded, CallStarted, Direction, LoggedOff, LoggedOn, LogonFailed
+from forum_bridge.core.events import (
+    CallEnded,
+    CallStarted,
+    Direction,
+    Keepalive,
+    LoggedOff,
+    LoggedOn,
+    LogonFailed,
+)
 from forum_bridge.errors import ProtocolError
 from forum_bridge.service import CallSnapshot
 from forum_bridge.store.operations import Registration
-from tests.freeswitch.fake_esl import CAPTURED_SIP_UUID, Subscription, captured, edit_event, ringing_leg_event
+from tests.freeswitch.fake_esl import (
+    CAPTURED_SIP_UUID,
+    Subscription,
+    captured,
+    edit_event,
+    identity_answers,
+    identity_events,
+    ringing_leg_event,
+)
 
 AT = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 
@@ -41,10 +61,73 @@ def test_register_is_a_log_on_with_the_contact_uri() -> None:
     )
 
 
-def test_register_failure_names_the_user_in_to_user() -> None:
-    assert mapped(captured("CUSTOM", subclass="sofia::register_failure")) == LogonFailed(
-        logon="1001", at=AT, source="127.0.0.1:5091"
+def test_register_failure_is_not_used_it_names_the_to_header_not_who_failed() -> None:
+    # For an INVITE its to-user is the number dialled (9198 here), never the failed user.
+    failures = identity_events("sofia::register_failure")
+    assert [f.get("to-user") for f in failures] == ["1000", "9198"]
+    assert all(to_core_event(f, AT) is None for f in failures)
+
+
+def test_a_forbidden_register_attempt_is_a_failed_log_on_of_the_digest_user() -> None:
+    # A REGISTER and an INVITE with the wrong password for 1000, captured on a real FreeSWITCH.
+    forbidden = [e for e in identity_events("sofia::register_attempt") if e.get("auth-result") == "FORBIDDEN"]
+    assert [to_core_event(e, AT) for e in forbidden] == [
+        LogonFailed(logon="1000", at=AT, source="127.0.0.1:59423"),
+        LogonFailed(logon="1000", at=AT, source="127.0.0.1:54482"),
+    ]
+
+
+def test_a_successful_register_attempt_is_a_keepalive_of_the_digest_user() -> None:
+    renewed = [e for e in identity_events("sofia::register_attempt") if e.get("auth-result") == "RENEWED"]
+    assert [to_core_event(e, AT) for e in renewed] == [
+        Keepalive(logon="1000", at=AT, source="127.0.0.1:47920"),
+        Keepalive(logon="1001", at=AT, source="127.0.0.1:58254"),  # registering To: 1000
+        Keepalive(logon="1001", at=AT, source="127.0.0.1:58254"),  # calling with From: 1000
+    ]
+    stale = edit_event(
+        captured("CUSTOM", subclass="sofia::register"),
+        {"Event-Subclass": "sofia::register_attempt", "auth-result": "STALE"},
     )
+    assert mapped(stale) is None
+
+
+def test_a_spoofed_register_logs_on_the_user_who_authenticated_not_the_address() -> None:
+    honest, spoofed = identity_events("sofia::register")
+    assert to_core_event(honest, AT) == LoggedOn(
+        logon="1000",
+        at=AT,
+        contact="sip:1000@127.0.0.1:47920",
+        source="127.0.0.1:47920",
+        user_agent="forum-bridge-sandbox-sipp",
+        expires=60,
+    )
+    assert spoofed.get("from-user") == "1000"
+    assert to_core_event(spoofed, AT) == LoggedOn(
+        logon="1001",
+        at=AT,
+        contact="sip:1000@127.0.0.1:58254",
+        source="127.0.0.1:58254",
+        user_agent="forum-bridge-sandbox-sipp",
+        expires=60,
+    )
+
+
+def test_a_call_with_a_spoofed_from_belongs_to_the_user_who_authenticated() -> None:
+    (create,) = identity_events("CHANNEL_CREATE")
+    # Everything the phone chose says 1000; only the authentication says 1001.
+    assert create.get("variable_sip_from_user") == create.get("Caller-Username") == "1000"
+    assert create.get("Channel-Name").startswith("sofia/internal/1000@")
+    call = to_core_event(create, AT)
+    assert isinstance(call, CallStarted)
+    assert (call.logon, call.number, call.direction) == ("1001", "9198", Direction.OUTBOUND)
+
+
+def test_a_placed_leg_freeswitch_did_not_authenticate_belongs_to_no_log_on() -> None:
+    body = edit_event(
+        captured("CHANNEL_CREATE", channel="sofia/"),
+        remove=["variable_sip_auth_username", "variable_user_name"],
+    )
+    assert mapped(body) is None
 
 
 def test_unregister_and_expire_are_log_offs_of_that_contact() -> None:
@@ -90,8 +173,10 @@ def test_hangup_complete_ends_the_call() -> None:
 def test_other_events_mean_nothing() -> None:
     assert mapped("Event-Name: HEARTBEAT\nEvent-Info: System%20Ready\n\n") is None
     assert mapped("Event-Name: CUSTOM\nEvent-Subclass: sofia%3A%3Agateway_state\n\n") is None
-    # A register without any user is not a log-on.
-    body = edit_event(captured("CUSTOM", subclass="sofia::register"), remove=["from-user", "username"])
+    # A register without a digest user (a blind registration) is not a log-on, whatever To says.
+    body = edit_event(captured("CUSTOM", subclass="sofia::register"), remove=["username"])
+    assert mapped(body) is None
+    body = edit_event(captured("CUSTOM", subclass="sofia::unregister"), {"username": "unknown"})
     assert mapped(body) is None
 
 
@@ -108,7 +193,7 @@ def test_subscription_names_channel_events_before_custom() -> None:
         "sofia::register",
         "sofia::unregister",
         "sofia::expire",
-        "sofia::register_failure",
+        "sofia::register_attempt",
     }
     assert subscription.wants(captured("CHANNEL_CREATE", channel="sofia/"))
 
@@ -208,8 +293,74 @@ def test_show_channels_rows_give_the_sip_legs_of_log_ons() -> None:
             ],
         }
     )
-    assert parse_channels(answer) == [
-        CallSnapshot("u1", "1000", "600", Direction.OUTBOUND),
+    assert identity_lookups(answer) == [("u1", "sip_auth_username"), ("u2", "dialed_user")]
+    # The log-on of a placed leg is who authenticated it (uuid_getvar), never presence_id or From.
+    assert parse_channels(answer, {"u1": "1005"}) == [
+        CallSnapshot("u1", "1005", "600", Direction.OUTBOUND),
         CallSnapshot("u2", "1001", "1001", Direction.INBOUND),
     ]
+    assert parse_channels(answer) == [CallSnapshot("u2", "1001", "1001", Direction.INBOUND)]
     assert parse_channels('{"row_count":0}') == []
+
+
+def test_uuid_getvar_answers() -> None:
+    answers = identity_answers()
+    assert uuid_getvar_value(answers[-2]) == "1001"
+    assert uuid_getvar_value(answers[-1]) == ""  # -ERR No such channel!
+    assert uuid_getvar_value("_undef_") == ""
+
+
+def test_sofia_xmlstatus_lists_the_profiles() -> None:
+    assert parse_profiles(identity_answers()[0]) == ["internal"]
+    answer = (
+        "<profiles>\n<profile>\n<name>internal</name>\n<type>profile</type>\n</profile>\n"
+        "<profile>\n<name>example.com</name>\n<type>alias</type>\n</profile>\n"
+        "<profile>\n<name>carrier</name>\n<type>gateway</type>\n</profile>\n"
+        "<profile>\n<name>external</name>\n<type>profile</type>\n</profile>\n</profiles>\n"
+    )
+    assert parse_profiles(answer) == ["internal", "external"]
+    with pytest.raises(ProtocolError):
+        parse_profiles("-ERR no reply\n")
+    with pytest.raises(ProtocolError):
+        parse_profiles(
+            "<profiles>\n<profile>\n<name>a b</name>\n<type>profile</type>\n</profile>\n</profiles>"
+        )
+
+
+def test_sofia_registrations_are_by_authenticated_user() -> None:
+    # The phone authenticated as 1001 registered the address 1000.
+    assert parse_sofia_registrations(identity_answers()[1]) == [
+        Registration("1001", "sip:1000@127.0.0.1:58254", "127.0.0.1:58254", "forum-bridge-sandbox-sipp")
+    ]
+    assert parse_sofia_registrations("<profile>\n  <registrations>\n  </registrations>\n</profile>\n") == []
+    with pytest.raises(ProtocolError):
+        parse_sofia_registrations("Invalid Profile!\n")
+
+
+def _registration(call_id: str, user: str, status: str = "expsecs(57)") -> str:
+    return (
+        "    <registration>\n"
+        f"        <call-id>{call_id}</call-id>\n"
+        f"        <user>{user}@sandbox.test</user>\n"
+        f"        <contact>&quot;&quot; &lt;sip:{user}@127.0.0.1:5091&gt;</contact>\n"
+        "        <agent>a &amp; b</agent>\n"
+        f"        <status>Registered(UDP)(unknown) exp(2026-12-03 09:59:38) {status}</status>\n"
+        "        <network-ip>127.0.0.1</network-ip>\n"
+        "        <network-port>5091</network-port>\n"
+        f"        <sip-auth-user>{user}</sip-auth-user>\n"
+        "    </registration>\n"
+    )
+
+
+def test_a_call_id_cannot_forge_a_registration_and_expired_rows_are_gone() -> None:
+    # A Call-ID may hold "<" and ">"; FreeSWITCH writes it unescaped. It stays one value.
+    forged = "x</call-id></registration><registration><sip-auth-user>1009</sip-auth-user><contact>sip:9@h</contact>"
+    answer = (
+        "<profile>\n  <registrations>\n"
+        + _registration(forged, "1000")
+        + _registration("c2", "1002", "expsecs(-3)")  # past its expiry, not yet swept
+        + "  </registrations>\n</profile>\n"
+    )
+    assert parse_sofia_registrations(answer) == [
+        Registration("1000", "sip:1000@127.0.0.1:5091", "127.0.0.1:5091", "a & b")
+    ]

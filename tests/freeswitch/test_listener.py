@@ -11,10 +11,13 @@ from collections.abc import Callable
 import pytest
 
 from forum_bridge.errors import StoreError
+from forum_bridge.store.models import CallRow
 from tests.freeswitch.conftest import Bridge, wait_until
 from tests.freeswitch.fake_esl import (
+    FakeEslServer,
     captured,
     channel_create_event,
+    edit_event,
     event_frame,
     expire_event,
     hangup_event,
@@ -43,7 +46,7 @@ def test_subscription_puts_channel_events_before_custom(start_bridge: StartBridg
         "sofia::register",
         "sofia::unregister",
         "sofia::expire",
-        "sofia::register_failure",
+        "sofia::register_attempt",
     ]
 
 
@@ -387,3 +390,72 @@ def test_event_lag_and_connection_state_reach_the_metrics(start_bridge: StartBri
     bridge.push(captured("CUSTOM", subclass="sofia::register"))  # stamped 1795495818141495 µs
     assert bridge.metrics.lags == [pytest.approx(2.5)]
     assert bridge.metrics.connected == [True]
+
+
+def test_a_call_with_a_spoofed_from_is_decided_for_the_user_who_authenticated(
+    start_bridge: StartBridge,
+) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    bridge.register("1001", 5092)
+    call(bridge, "c-holder", "1000", "600")  # 1000 holds the only licence
+    # 1001 authenticates with its own password but claims to be 1000 in From.
+    bridge.fake.add_channel("c-spoof", "1001", "601")
+    spoofed = edit_event(
+        channel_create_event("c-spoof", "1001", "601"),
+        {"variable_sip_from_user": "1000", "Caller-Username": "1000", "Caller-Caller-ID-Number": "1000"},
+    )
+    bridge.push(spoofed)
+    assert bridge.fake.kills() == [KILL.format("c-spoof")]
+    assert bridge.subscriber("1001")["licensed"] is False
+    denied = [a for a in bridge.service.audit_log() if a["kind"] == "deny"]
+    assert [(d["logon"], d["reason"]) for d in denied] == [("1001", "emergency_only")]
+
+
+def test_a_wrong_password_blocks_the_digest_user_not_the_address_it_claimed(
+    start_bridge: StartBridge,
+) -> None:
+    bridge = start_bridge(**{"licences.count": 2})
+    bridge.register("1000")
+    bridge.register("1001", 5092)
+    # 1001's credentials with a wrong password, To: 1000 (the captured register_failure says 1000).
+    bridge.push(edit_event(register_failure_event("1001", 5092), {"from-user": "1000", "to-user": "1000"}))
+    assert bridge.subscriber("1001")["state"] == "logon_failed"
+    assert bridge.subscriber("1000")["state"] == "logged_on"
+
+
+def test_resync_trusts_sofias_table_not_show_registrations(start_bridge: StartBridge) -> None:
+    bridge = start_bridge(**{"licences.count": 2})
+    bridge.register("1000", 5091)
+    bridge.register("1001", 5092)
+    call(bridge, "c-1000", "1000", "600")
+    bridge.fake.set_down(True)
+    wait_until(lambda: not bridge.listener.connected, what="the listener to notice")
+    # While the bridge is away: 1000 is flushed (sofia forgets it, "show registrations" still lists
+    # it), and a phone authenticated as 1001 registers the address 1002.
+    bridge.fake.flush_registration("1000", 5091)
+    bridge.fake.add_registration("1002", 5093, auth_user="1001")
+    bridge.fake.channels = []
+    bridge.fake.set_down(False)
+    wait_until(lambda: bridge.listener.sessions == 2, what="the second session")
+    assert "api sofia xmlstatus profile internal reg" in bridge.fake.commands
+    assert bridge.subscriber("1000")["state"] == "logged_off"
+    assert bridge.subscriber("1000")["licensed"] is False
+    assert bridge.subscriber("1002")["state"] != "logged_on"
+    status = bridge.subscriber("1001")
+    assert status["state"] == "logged_on"
+
+
+def test_resync_names_a_placed_call_by_who_authenticated_it(
+    start_bridge: StartBridge, fake_esl: FakeEslServer
+) -> None:
+    fake_esl.add_registration("1001", 5092)
+    # A call 1001 placed with From: 1000 before the bridge started: only uuid_getvar knows it is 1001.
+    fake_esl.add_channel("c-live", "1001", "600")
+    fake_esl.channels[-1].update(name="sofia/internal/1000@127.0.0.1", presence_id="", cid_num="1000")
+    bridge = start_bridge()
+    assert "api uuid_getvar c-live sip_auth_username" in bridge.fake.commands
+    with bridge.service.database.transaction() as session:
+        row = session.get(CallRow, ("fs1", "c-live"))
+        assert row is not None
+        assert (row.logon, row.number) == ("1001", "600")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,7 +15,7 @@ from forum_bridge.errors import PbxConnectionError, StoreError
 from forum_bridge.service import BridgeService
 from tests.conftest import FakeClock
 from tests.freeswitch.conftest import wait_until
-from tests.freeswitch.fake_esl import FakeSocketCall, channel_data
+from tests.freeswitch.fake_esl import FakeSocketCall, channel_data, channel_data_of
 
 HookFactory = Callable[..., tuple[SocketHookServer, BridgeService]]
 
@@ -141,3 +143,62 @@ def test_a_port_in_use_is_a_clear_error(start_hook: HookFactory) -> None:
     with pytest.raises(PbxConnectionError) as info:
         clash.start()
     assert f"127.0.0.1:{server.port}" in str(info.value)
+
+
+def test_the_caller_is_who_freeswitch_authenticated_not_the_from_user(start_hook: HookFactory) -> None:
+    server, service = start_hook()
+    place(server, "c-1", "1000", "600")  # 1000 holds the only licence
+    # 1001 authenticated with its own password and claims From: 1000.
+    data = channel_data_of(
+        "c-2", "1001", "601", {"variable_sip_from_user": "1000", "Caller-Username": "1000"}
+    )
+    fake = FakeSocketCall(server.port, data)
+    before = server.sessions
+    fake.start()
+    wait_until(lambda: fake.finished.is_set() and server.sessions > before, what="the hook session")
+    assert fake.commands == denied("c-2")
+    denials = [(a["logon"], a["reason"]) for a in service.audit_log() if a["kind"] == "deny"]
+    assert denials == [("1001", "emergency_only")]
+
+
+def test_a_caller_freeswitch_did_not_authenticate_is_no_log_on(start_hook: HookFactory) -> None:
+    server, service = start_hook()
+    data = channel_data_of(
+        "c-3", "1000", "600", remove=["variable_sip_auth_username", "variable_user_name"]
+    )  # From: 1000, but nobody authenticated: a trunk or a gateway
+    fake = FakeSocketCall(server.port, data)
+    before = server.sessions
+    fake.start()
+    wait_until(lambda: fake.finished.is_set() and server.sessions > before, what="the hook session")
+    assert fake.commands == allowed("c-3")
+    assert service.status()["licences"]["used"] == 0
+
+
+def _loud(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_connect_and_close_health_check_is_not_logged_as_a_failure(
+    start_hook: HookFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _service = start_hook()
+    caplog.set_level(logging.DEBUG)
+    before = server.sessions
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        pass
+    wait_until(lambda: server.sessions > before, what="the probe's session to end")
+    assert _loud(caplog) == []
+    assert place(server, "c-1", "1000", "600").commands == allowed("c-1")
+
+
+@pytest.mark.parametrize(("user", "closed_at"), [("1000", "resume"), ("1001", "sendmsg")])
+def test_freeswitch_closing_a_decided_session_is_not_logged_as_a_failure(
+    start_hook: HookFactory, caplog: pytest.LogCaptureFixture, user: str, closed_at: str
+) -> None:
+    # enforce = both: the event path kills the channel while the hook is still talking to it.
+    server, _service = start_hook()
+    place(server, "c-0", "1000", "600")
+    caplog.set_level(logging.DEBUG)
+    fake = place(server, "c-1", user, "601", close_after=closed_at)
+    assert fake.commands[-1].startswith(closed_at)
+    assert _loud(caplog) == []

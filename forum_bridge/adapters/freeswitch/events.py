@@ -1,34 +1,54 @@
 """FreeSWITCH ESL events and API answers -> the core's events. Pure: no I/O, time is passed in.
 
-Field names follow FreeSWITCH 1.10 (checked against captures of 1.10.12 and mod_sofia's source):
+Field names follow FreeSWITCH 1.10 (checked on a real 1.10.12 and against mod_sofia's source).
 
-* ``sofia::register`` fires for the first REGISTER and every refresh. ``from-user`` is the user
-  part of the To header, the address being registered, which is also ``reg_user`` in
-  ``show registrations``; ``username`` is the digest user. ``expires`` is relative seconds.
-* ``sofia::register_failure`` (403) names the user in ``to-user``; ``profile-name`` appears twice.
-* ``sofia::unregister`` (Expires: 0) has ``from-user``; ``sofia::expire`` has ``user`` and an
-  absolute ``expires``.
-* ``CHANNEL_CREATE`` of a SIP leg: ``Call-Direction: inbound`` is a leg a phone placed
-  (``variable_sip_from_user``, ``Caller-Username``, dialled ``Caller-Destination-Number``);
-  ``Call-Direction: outbound`` is a leg that rings a phone, created by the ``user/`` endpoint,
-  which sets ``dialed_user`` to the directory user.
+**Identity is what FreeSWITCH authenticated**, never what a phone claims in From or To: a phone
+authenticated as ``1001`` may send ``From: 1000`` or register the address ``1000``, and FreeSWITCH
+accepts both unless the profile forbids it (``inbound-reg-force-matching-username`` covers only
+REGISTER). So:
+
+* ``sofia::register`` (first REGISTER and every refresh), ``sofia::unregister`` and
+  ``sofia::expire`` name the log-on in ``username``, the digest user (``from-user`` / ``user`` is
+  the address registered: the To header). ``expires`` is relative seconds in a register and an
+  absolute Unix time in an expire.
+* ``sofia::register_attempt`` fires for every request that carries credentials, REGISTER or
+  INVITE, after the check: ``auth-result`` ``FORBIDDEN`` (wrong password or unknown user: a failed
+  log-on of the digest user ``username``), ``SUCCESS`` / ``RENEWED`` (a keepalive). The older
+  ``sofia::register_failure`` is not used: its ``to-user`` is the To header, which for an INVITE is
+  the number dialled, and never the user whose password was wrong.
+* ``CHANNEL_CREATE`` of a SIP leg: ``Call-Direction: inbound`` is a leg a phone placed; its log-on
+  is ``variable_sip_auth_username`` (``variable_user_name`` when FreeSWITCH authorised it another
+  way), while ``variable_sip_from_user``, ``Caller-Username`` and even ``Channel-Name`` carry the
+  From user the phone chose. A leg FreeSWITCH did not authenticate belongs to no log-on (trunks,
+  gateways). ``Call-Direction: outbound`` is a leg that rings a phone, made by the ``user/``
+  endpoint, which sets ``dialed_user`` to the directory user.
+
+Resync reads sofia's own registration table (``sofia xmlstatus profile <name> reg``), which has the
+digest user and forgets a contact at once on ``flush_inbound_reg``, not the core's ``show
+registrations``, which has only the address registered and keeps flushed and expired contacts until
+a later clean-up. ``show channels`` has no authenticated user either, so each placed SIP leg's
+``sip_auth_username`` is asked for with ``uuid_getvar``.
 
 Contacts are reduced to their SIP URI without parameters (``sip:1000@192.0.2.50:5060``) so that an
-event's ``contact`` header and the ``url`` column of ``show registrations`` name the same contact.
+event's ``contact`` header and sofia's table name the same contact.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote
+from xml.sax.saxutils import unescape
 
 from forum_bridge.core.events import (
     CallEnded,
     CallStarted,
     Direction,
     Event,
+    Keepalive,
     LoggedOff,
     LoggedOn,
     LogonFailed,
@@ -37,16 +57,16 @@ from forum_bridge.errors import ProtocolError
 from forum_bridge.service import CallSnapshot
 from forum_bridge.store.operations import Registration
 
-from .esl import EslEvent
+from .esl import UNDEFINED, EslEvent
 
 REGISTER = "sofia::register"
 UNREGISTER = "sofia::unregister"
 EXPIRE = "sofia::expire"
-REGISTER_FAILURE = "sofia::register_failure"
+REGISTER_ATTEMPT = "sofia::register_attempt"
 CHANNEL_CREATE = "CHANNEL_CREATE"
 CHANNEL_HANGUP_COMPLETE = "CHANNEL_HANGUP_COMPLETE"
 
-SUBCLASSES = (REGISTER, UNREGISTER, EXPIRE, REGISTER_FAILURE)
+SUBCLASSES = (REGISTER, UNREGISTER, EXPIRE, REGISTER_ATTEMPT)
 CHANNEL_EVENTS = (CHANNEL_CREATE, CHANNEL_HANGUP_COMPLETE)
 # Everything after CUSTOM is read as a subclass name, so the channel events must come first.
 SUBSCRIPTION = "event plain " + " ".join((*CHANNEL_EVENTS, "CUSTOM", *SUBCLASSES))
@@ -90,9 +110,17 @@ def channel_uuid(event: EslEvent) -> str:
     return event.get("Unique-ID") or event.get("Channel-Unique-ID") or event.get("variable_uuid")
 
 
+def authenticated_user(event: EslEvent) -> str:
+    """The directory user FreeSWITCH authenticated a leg as, or ``""`` when it did not."""
+    return event.get("variable_sip_auth_username") or event.get("variable_user_name")
+
+
 def caller_logon(event: EslEvent) -> str:
-    """The log-on that placed a leg FreeSWITCH received (``Call-Direction: inbound``)."""
-    return event.get("variable_sip_from_user") or event.get("Caller-Username")
+    """The log-on that placed a leg FreeSWITCH received (``Call-Direction: inbound``).
+
+    Only what FreeSWITCH authenticated counts; the From user is the phone's to choose.
+    """
+    return authenticated_user(event)
 
 
 def callee_logon(event: EslEvent) -> str:
@@ -123,13 +151,20 @@ def to_core_event(event: EslEvent, at: datetime) -> Event | None:
     return None
 
 
+def digest_user(event: EslEvent) -> str:
+    """The digest user of a registration event (``username``); ``""`` when there was none."""
+    user = event.get("username").strip()
+    # mod_sofia writes "unknown" when the request carried no credentials it could read.
+    return "" if user in ("unknown", UNDEFINED) else user
+
+
 def _custom(event: EslEvent, at: datetime) -> Event | None:
     subclass = event.subclass
     source = source_of(event.get("network-ip"), event.get("network-port"))
+    logon = digest_user(event)
+    if not logon:
+        return None
     if subclass == REGISTER:
-        logon = event.get("from-user") or event.get("username")
-        if not logon:
-            return None
         return LoggedOn(
             logon=logon,
             at=at,
@@ -138,14 +173,14 @@ def _custom(event: EslEvent, at: datetime) -> Event | None:
             user_agent=event.get("user-agent"),
             expires=_int(event.get("expires")),
         )
-    if subclass == REGISTER_FAILURE:
-        logon = event.get("to-user")
-        return LogonFailed(logon=logon, at=at, source=source) if logon else None
+    if subclass == REGISTER_ATTEMPT:
+        result = event.get("auth-result").strip().upper()
+        if result == "FORBIDDEN":
+            return LogonFailed(logon=logon, at=at, source=source)
+        if result in ("SUCCESS", "RENEWED"):
+            return Keepalive(logon=logon, at=at, source=source)
+        return None  # STALE: a new challenge follows, nothing was decided
     if subclass in (UNREGISTER, EXPIRE):
-        # An expire names the user in "user"; an unregister in "from-user".
-        logon = event.get("from-user") or event.get("user") or event.get("username")
-        if not logon:
-            return None
         return LoggedOff(
             logon=logon,
             at=at,
@@ -217,7 +252,11 @@ def _text(row: dict[str, Any], key: str) -> str:
 
 
 def parse_registrations(answer: str) -> list[Registration]:
-    """The registered contacts in an ``api show registrations as json`` answer."""
+    """The contacts in the core's ``api show registrations as json``, by the address registered.
+
+    Kept for diagnostics: the bridge resyncs from :func:`parse_sofia_registrations`, because this
+    table names the To user, not who authenticated, and keeps flushed and expired contacts.
+    """
     found: dict[tuple[str, str], Registration] = {}
     for row in _rows(answer, "registrations"):
         logon = _text(row, "reg_user")
@@ -229,22 +268,120 @@ def parse_registrations(answer: str) -> list[Registration]:
     return list(found.values())
 
 
-def parse_channels(answer: str) -> list[CallSnapshot]:
+# ``sofia xmlstatus`` is written line by line with printf, one element per line, and escapes only
+# some values (contact and agent); a Call-ID may hold "<" or ">". So it is read line by line, the
+# way it was written, never as an XML document: a value cannot forge a line (SIP has no raw
+# newlines in header values), so it cannot forge an element either.
+_ELEMENT_LINE = re.compile(r"^\s*<([a-z][a-z-]*)>(.*)</\1>\s*$")
+_EXPSECS = re.compile(r"\bexpsecs\((-?\d+)\)")
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_PROFILES = 64
+
+
+def _element_blocks(answer: str, element: str, container: str) -> list[dict[str, str]]:
+    """The ``<element>`` blocks of a ``sofia xmlstatus`` answer as {child: raw text}."""
+    lines = answer.splitlines()
+    if not any(line.strip() == f"<{container}>" for line in lines):
+        raise ProtocolError(f"sofia xmlstatus did not answer a <{container}> list: {answer.strip()[:80]!r}")
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] | None = None
+    for line in lines:
+        stripped = line.strip()
+        if stripped == f"<{element}>":
+            current = {}
+        elif stripped == f"</{element}>":
+            if current is not None:
+                blocks.append(current)
+            current = None
+        elif current is not None:
+            match = _ELEMENT_LINE.match(line)
+            if match:
+                current.setdefault(match.group(1), match.group(2))
+    return blocks
+
+
+def parse_profiles(answer: str) -> list[str]:
+    """The sofia profiles in ``api sofia xmlstatus`` (aliases and gateways left out)."""
+    names: list[str] = []
+    for block in _element_blocks(answer, "profile", "profiles"):
+        name = block.get("name", "").strip()
+        if block.get("type", "").strip() != "profile" or name in names:
+            continue
+        if not _PROFILE_NAME.match(name):
+            raise ProtocolError(f"sofia xmlstatus names a profile that is no plain name: {name[:40]!r}")
+        names.append(name)
+    if len(names) > MAX_PROFILES:
+        raise ProtocolError(f"sofia xmlstatus lists {len(names)} profiles, more than {MAX_PROFILES}")
+    return names
+
+
+def parse_sofia_registrations(answer: str) -> list[Registration]:
+    """The live contacts in ``api sofia xmlstatus profile <name> reg``, by authenticated user.
+
+    A row whose expiry has passed (``expsecs`` below zero: FreeSWITCH's sweep has not removed it
+    yet) is no longer registered. A row without a digest user was not authenticated (blind
+    registration) and belongs to no log-on.
+    """
+    found: dict[tuple[str, str], Registration] = {}
+    for block in _element_blocks(answer, "registration", "registrations"):
+        logon = unquote(block.get("sip-auth-user", ""), errors="replace").strip()
+        contact = normalise_contact(unescape(block.get("contact", ""), {"&quot;": '"'}))
+        if not logon or logon in ("unknown", UNDEFINED) or not contact:
+            continue
+        expsecs = _EXPSECS.search(block.get("status", ""))
+        if expsecs and int(expsecs.group(1)) < 0:
+            continue
+        source = source_of(block.get("network-ip", ""), block.get("network-port", ""))
+        agent = unescape(block.get("agent", ""), {"&quot;": '"'})
+        found.setdefault((logon, contact), Registration(logon, contact, source, agent))
+    return list(found.values())
+
+
+def uuid_getvar_value(answer: str) -> str:
+    """The value in an ``api uuid_getvar`` answer; ``""`` when unset or the channel is gone."""
+    value = answer.strip()
+    if value == UNDEFINED or value.startswith("-ERR"):
+        return ""
+    return value
+
+
+def parse_channels(answer: str, users: Mapping[str, str] | None = None) -> list[CallSnapshot]:
     """The SIP call legs of log-ons in an ``api show channels as json`` answer.
 
-    The channels table has no SIP From user; ``presence_id`` is ``user@domain`` of the phone for
-    both a leg it placed (From) and a leg that rings it (the ``user/`` endpoint sets it).
+    The channels table has no authenticated user: ``users`` maps a leg's UUID to its log-on as
+    asked with ``uuid_getvar`` (see :func:`identity_variable`). A leg a phone placed needs it; a leg
+    that rings a phone falls back on ``presence_id`` (``user@domain``, set by the ``user/``
+    endpoint's usual dial string).
     """
+    users = users or {}
     calls: list[CallSnapshot] = []
-    for row in _rows(answer, "channels"):
-        uuid, name = _text(row, "uuid"), _text(row, "name")
-        if not uuid or not name.startswith(SIP_CHANNEL_PREFIX) or name.startswith(GATEWAY_CHANNEL_PREFIX):
-            continue
-        logon = _text(row, "presence_id").split("@", 1)[0]
+    for uuid, placed, number, presence_user in _sip_legs(answer):
+        logon = users.get(uuid, "") or ("" if placed else presence_user)
         if not logon:
             continue
-        placed = _text(row, "direction") != "outbound"
         direction = Direction.OUTBOUND if placed else Direction.INBOUND
-        number = _text(row, "dest") or logon
-        calls.append(CallSnapshot(channel=uuid, logon=logon, number=number, direction=direction))
+        calls.append(CallSnapshot(channel=uuid, logon=logon, number=number or logon, direction=direction))
     return calls
+
+
+def identity_lookups(answer: str) -> list[tuple[str, str]]:
+    """``(uuid, variable)`` to ask ``uuid_getvar`` for each SIP leg of a ``show channels`` answer."""
+    return [(uuid, identity_variable(placed)) for uuid, placed, _, _ in _sip_legs(answer)]
+
+
+def identity_variable(placed: bool) -> str:
+    """The channel variable naming a leg's log-on: who authenticated, or whose phone it rings."""
+    return "sip_auth_username" if placed else "dialed_user"
+
+
+def _sip_legs(answer: str) -> list[tuple[str, bool, str, str]]:
+    legs: list[tuple[str, bool, str, str]] = []
+    for row in _rows(answer, "channels"):
+        uuid, name = _text(row, "uuid"), _text(row, "name")
+        if not is_channel_uuid(uuid) or not name.startswith(SIP_CHANNEL_PREFIX):
+            continue
+        if name.startswith(GATEWAY_CHANNEL_PREFIX):
+            continue
+        placed = _text(row, "direction") != "outbound"
+        legs.append((uuid, placed, _text(row, "dest"), _text(row, "presence_id").split("@", 1)[0]))
+    return legs

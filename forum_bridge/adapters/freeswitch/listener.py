@@ -27,16 +27,20 @@ from forum_bridge.errors import (
     ProtocolError,
     StoreError,
 )
-from forum_bridge.service import BridgeService
+from forum_bridge.service import BridgeService, CallSnapshot
+from forum_bridge.store.operations import Registration
 
 from .esl import EslClient, EslEvent
 from .events import (
     SUBSCRIPTION,
     event_time,
+    identity_lookups,
     is_channel_uuid,
     parse_channels,
-    parse_registrations,
+    parse_profiles,
+    parse_sofia_registrations,
     to_core_event,
+    uuid_getvar_value,
 )
 
 log = logging.getLogger(__name__)
@@ -188,10 +192,8 @@ class EslListener:
 
     def _resync(self, client: EslClient) -> None:
         try:
-            registrations = parse_registrations(
-                client.api("show registrations as json", timeout=self.command_timeout)
-            )
-            calls = parse_channels(client.api("show channels as json", timeout=self.command_timeout))
+            registrations = self._registrations(client)
+            calls = self._calls(client)
         except ProtocolError as exc:
             log.error("resync with FreeSWITCH at %s skipped: %s", self.peer, exc)
             return
@@ -200,6 +202,30 @@ class EslListener:
             self.service.resync(registrations, calls)
         except StoreError as exc:
             log.error("resync with FreeSWITCH at %s failed: %s", self.peer, exc)
+
+    def _registrations(self, client: EslClient) -> list[Registration]:
+        """Every profile's live contacts from sofia's own table (see :mod:`.events` for why)."""
+        found: list[Registration] = []
+        for profile in parse_profiles(client.api("sofia xmlstatus", timeout=self.command_timeout)):
+            answer = client.api(f"sofia xmlstatus profile {profile} reg", timeout=self.command_timeout)
+            found.extend(parse_sofia_registrations(answer))
+        return found
+
+    def _calls(self, client: EslClient) -> list[CallSnapshot]:
+        """The SIP legs in progress, each with the log-on FreeSWITCH authenticated or rings."""
+        answer = client.api("show channels as json", timeout=self.command_timeout)
+        users: dict[str, str] = {}
+        for uuid, variable in identity_lookups(answer):
+            value = self._getvar(client, uuid, variable)
+            if not value and variable == "sip_auth_username":
+                # Authorised another way (an ACL naming a directory user): FreeSWITCH sets user_name.
+                value = self._getvar(client, uuid, "user_name")
+            if value:
+                users[uuid] = value
+        return parse_channels(answer, users)
+
+    def _getvar(self, client: EslClient, uuid: str, variable: str) -> str:
+        return uuid_getvar_value(client.api(f"uuid_getvar {uuid} {variable}", timeout=self.command_timeout))
 
     # --- events -----------------------------------------------------------------------------------
 

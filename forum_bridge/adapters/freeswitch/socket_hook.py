@@ -35,7 +35,7 @@ from forum_bridge.core.events import Direction
 from forum_bridge.errors import ForumBridgeError, PbxConnectionError, PbxError, ProtocolError
 from forum_bridge.service import BridgeService
 
-from .esl import Frame, FrameReader, describe_os_error, event_from_frame
+from .esl import ConnectionClosed, Frame, FrameReader, describe_os_error, event_from_frame
 from .events import caller_logon, channel_uuid, dialled_number, is_channel_uuid
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,12 @@ class SocketHookServer:
 
     def _handle(self, sock: Any, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        session = _HookSession(self, sock)
         try:
             with gevent.Timeout(self.session_timeout, PbxConnectionError("the session took too long")):
-                _HookSession(self, sock).run()
+                session.run()
+        except PbxConnectionError as exc:
+            self._connection_ended(session, peer, exc)
         except PbxError as exc:
             # The socket closes now; with socket_resume=true the dialplan applies the fail mode.
             log.error("socket hook session from %s failed: %s", peer, exc)
@@ -117,11 +120,32 @@ class SocketHookServer:
             with contextlib.suppress(OSError):
                 sock.close()
 
+    def _connection_ended(self, session: _HookSession, peer: str, exc: PbxConnectionError) -> None:
+        """The session's connection ended early: log it only as loud as an operator must act on it."""
+        if session.decided is not None:
+            # The call was decided; FreeSWITCH closes the session when the channel goes away, for
+            # example when the event path killed it at the same moment (enforce = both).
+            log.debug(
+                "socket hook: channel %s closed its session after the decision (%s)",
+                session.uuid,
+                "allowed" if session.decided else "denied",
+            )
+        elif not session.uuid and isinstance(exc, ConnectionClosed):
+            # Connected and closed without a channel: a port probe or a health check.
+            log.debug("socket hook: connection from %s closed without channel data", peer)
+        elif not session.uuid:
+            log.warning("socket hook: connection from %s sent no channel data: %s", peer, exc)
+        else:
+            # A channel came and went before it was decided: the caller hung up while the bridge
+            # was deciding, or FreeSWITCH gave up on the hook; the dialplan applies the fail mode.
+            log.warning("socket hook: channel %s ended its session before a decision: %s", session.uuid, exc)
+
     def decide(self, logon: str, number: str, uuid: str) -> bool:
         """True when the call may go on; applies the fail mode when no decision can be made."""
         if not logon or not number:
-            # Not a phone's SIP leg (no From user): nothing the licence rules manage.
-            log.info("socket hook: channel %s has no caller log-on or number; letting it pass", uuid)
+            # FreeSWITCH did not authenticate the caller (a trunk, a gateway, an internal leg):
+            # no log-on's call, so nothing the licence rules manage.
+            log.info("socket hook: channel %s has no authenticated caller or number; letting it pass", uuid)
             return True
         try:
             return self.service.authorize(logon, number, Direction.OUTBOUND, channel=uuid).allowed
@@ -140,6 +164,8 @@ class _HookSession:
         self.server = server
         self.sock = sock
         self.reader = FrameReader(sock)
+        self.uuid = ""  # the channel, once its data came
+        self.decided: bool | None = None  # True allowed, False denied, None not yet
 
     def run(self) -> None:
         self._send("connect")
@@ -147,8 +173,10 @@ class _HookSession:
         uuid = channel_uuid(channel)
         if not is_channel_uuid(uuid):
             raise ProtocolError("the channel data has no usable Unique-ID")
+        self.uuid = uuid
         logon, number = caller_logon(channel), dialled_number(channel)
-        if self.server.decide(logon, number, uuid):
+        self.decided = self.server.decide(logon, number, uuid)
+        if self.decided:
             self._request(f"api uuid_setvar {uuid} {VERDICT_VARIABLE} allowed")
             self._request("resume")
         else:
