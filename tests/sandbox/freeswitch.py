@@ -41,6 +41,7 @@ from xml.sax.saxutils import escape
 from tests.sandbox.asterisk import SandboxError, die_with_parent_preexec, free_tcp_port
 
 __all__ = [
+    "BIN_ENV_VAR",
     "FREESWITCH_BIN",
     "FREESWITCH_MODULES",
     "FreeSwitchSandbox",
@@ -48,7 +49,10 @@ __all__ = [
     "freeswitch_binary",
 ]
 
-FREESWITCH_BIN = Path(os.environ.get("FORUM_BRIDGE_FREESWITCH_BIN", "/opt/fs/bin/freeswitch"))
+FREESWITCH_BIN = Path("/opt/fs/bin/freeswitch")
+# Another FreeSWITCH 1.10 build can be named here (tests, the demo); the default is where the test
+# command installs it.
+BIN_ENV_VAR = "FORUM_BRIDGE_FREESWITCH_BIN"
 DOMAIN = "sandbox.test"
 PROFILE = "internal"
 CONTEXT = "phones"
@@ -101,13 +105,17 @@ atexit.register(_stop_all_at_exit)
 
 
 def freeswitch_binary() -> Path:
-    """The FreeSWITCH binary, or ``SandboxError`` saying how to install it."""
-    if not os.access(FREESWITCH_BIN, os.X_OK):
+    """The FreeSWITCH binary (``$FORUM_BRIDGE_FREESWITCH_BIN`` or ``/opt/fs/bin/freeswitch``).
+
+    Raises ``SandboxError`` saying how to install it when it is not there.
+    """
+    binary = Path(os.environ.get(BIN_ENV_VAR, "").strip() or FREESWITCH_BIN)
+    if not os.access(binary, os.X_OK):
         raise SandboxError(
-            f"no FreeSWITCH at {FREESWITCH_BIN}: run the test command (bash tests/run.sh), which "
-            "installs it, or set FORUM_BRIDGE_FREESWITCH_BIN"
+            f"no FreeSWITCH at {binary}: run the test command (bash tests/run.sh) as root, which "
+            f"installs it, or set {BIN_ENV_VAR}"
         )
-    return FREESWITCH_BIN
+    return binary
 
 
 def free_sip_port() -> int:
@@ -428,12 +436,17 @@ class FreeSwitchSandbox:
             probe.close()
 
     def reload_dialplan(self, dialplan_snippet: str | None = None) -> None:
-        """Optionally replace the bridge's snippet, then ``reloadxml``."""
+        """Optionally replace the bridge's snippet, then ``reloadxml``; ``SandboxError`` if refused.
+
+        FreeSWITCH's preprocessor reads an included file line by line: ``<include>`` and
+        ``</include>`` must be on lines of their own, or the file is silently left out.
+        """
         if dialplan_snippet is not None:
             self._snippet = dialplan_snippet
             self.snippet_path.write_text(dialplan_snippet, encoding="utf-8")
         out = self.api("reloadxml")
-        if not out.startswith("+OK"):
+        # A broken file still gets "+OK [[error near line N]: ...]" (and the old XML stays).
+        if not out.startswith("+OK [Success]"):
             raise SandboxError(f"reloadxml said: {out.strip()!r}\n{self.diagnostics()}")
 
     def diagnostics(self, lines: int = _TAIL_LINES) -> str:
