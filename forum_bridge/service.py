@@ -104,6 +104,10 @@ class Outcome:
     # Set when the event changed whether its log-on is blocked by a failed log-on (True: blocked
     # now, False: the block was cleared), so the adapter can tell the PBX at once; see blocked_logons.
     blocked: bool | None = None
+    # For a LoggedOn that added a new contact: the log-on's other contacts on this node. A PBX that
+    # keeps one contact per address (FreeSWITCH without multiple-registrations) may have dropped
+    # them without an event; the adapter can check and log them off.
+    other_contacts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -291,9 +295,12 @@ class BridgeService:
             session, self.node, event.logon, event.contact, event.source, event.user_agent, event.at
         )
         blocked = self._block_cleared(session.get(SubscriberRow, event.logon))
+        others: tuple[str, ...] = ()
         if new:
             service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, self.node)
-        return Outcome(blocked=blocked)
+            contacts = ops.logon_contacts(session, self.node, event.logon)
+            others = tuple(c for c in contacts if c != event.contact)
+        return Outcome(blocked=blocked, other_contacts=others)
 
     def _logged_off(self, session: Session, logon: str, contact: str, at: datetime, reason: str) -> bool:
         removed = ops.remove_registrations(session, self.node, logon, contact)

@@ -559,6 +559,14 @@ def overdue_registrations(
     return total
 
 
+def logon_contacts(session: Session, node: str, logon: str) -> list[str]:
+    """The contacts of one log-on this node knows."""
+    query = select(RegistrationRow.contact).where(
+        RegistrationRow.node == node, RegistrationRow.logon == logon
+    )
+    return sorted(session.scalars(query))
+
+
 def node_registrations(session: Session, node: str) -> list[RegistrationRow]:
     """Every contact this node knows."""
     return list(session.scalars(select(RegistrationRow).where(RegistrationRow.node == node)))

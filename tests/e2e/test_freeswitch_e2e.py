@@ -676,3 +676,20 @@ def test_enforce_setting_chooses_who_hangs_up(
     assert denials(inst) == [("22-soft", "600", "emergency_only")]
     # With both, the hook's session ends when the event path kills the call: no error for that.
     assert "level=error" not in log and "level=warning" not in log, log[-3000:]
+
+
+def test_a_second_device_replacing_the_first_does_not_keep_the_licence(
+    make_installation: Callable[..., Installation],
+) -> None:
+    # The sandbox's profile, like FreeSWITCH's default, keeps one contact per address.
+    inst = make_installation(licences=1)
+    first, second = inst.phone("21-desk"), inst.phone("21-desk")
+    assert first.register(expires=300) == 200
+    inst.wait_status(lambda s: by_logon(s)["21-desk"]["state"] == "logged_on")
+    assert first.call("600") == 200
+    assert second.register(expires=300) == 200  # FreeSWITCH drops the first contact, silently
+    inst.wait_status(lambda s: by_logon(s)["21-desk"]["contact"] == second.contact_uri)
+    assert holders(inst.status()) == ["21-desk"]
+    assert second.unregister() == 200  # the log-on's last device in FreeSWITCH logs off
+    status = inst.wait_status(lambda s: s["licences"]["used"] == 0, timeout=5)
+    assert by_logon(status)["21-desk"]["state"] == "logged_off"

@@ -111,7 +111,7 @@ def test_reloading_the_dialplan_takes_effect_and_a_broken_one_is_refused() -> No
             pbx.reload_dialplan(reject)
             assert phone.call("600") == 603
             assert phone.call("601") == 200
-            with pytest.raises(SandboxError, match="reloadxml said.*error near line"):
+            with pytest.raises(SandboxError, match=r"reloadxml said.*error near line"):
                 pbx.reload_dialplan("<include>\n  <extension>\n")
             assert phone.call("600") == 603  # FreeSWITCH kept the last good dialplan
         finally:

@@ -459,3 +459,29 @@ def test_resync_names_a_placed_call_by_who_authenticated_it(
         row = session.get(CallRow, ("fs1", "c-live"))
         assert row is not None
         assert (row.logon, row.number) == ("1001", "600")
+
+
+def test_a_contact_freeswitch_replaced_without_an_event_is_logged_off(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000", 5091)
+    call(bridge, "c-1000", "1000", "600")
+    # A second device of 1000 registers; without multiple-registrations FreeSWITCH drops the first
+    # device's contact silently, and only the new register event comes.
+    bridge.fake.remove_registration("1000", 5091)
+    bridge.register("1000", 5092)
+    wait_until(lambda: bridge.subscriber("1000")["contact"] == "sip:1000@127.0.0.1:5092", what="the swap")
+    releases = [a for a in bridge.service.audit_log() if a["kind"] == "release"]
+    assert releases == []  # the licence stays: the log-on is still registered
+    bridge.fake.unregister("1000", 5092)
+    wait_until(lambda: bridge.licences()["used"] == 0, what="the licence to be freed at the log-off")
+
+
+def test_a_second_device_freeswitch_keeps_stays_logged_on(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000", 5091)
+    call(bridge, "c-1000", "1000", "600")
+    bridge.register("1000", 5092)  # multiple-registrations on: FreeSWITCH keeps both
+    assert "api sofia xmlstatus profile internal reg" in bridge.fake.commands
+    bridge.fake.unregister("1000", 5092)
+    bridge.let_sweeps_run()
+    assert bridge.licences()["used"] == 1  # the first device still holds the log-on

@@ -17,7 +17,7 @@ from typing import Protocol
 from gevent.event import Event as GeventEvent
 
 from forum_bridge.config import Settings
-from forum_bridge.core.events import CallStarted
+from forum_bridge.core.events import CallStarted, LoggedOff, LoggedOn
 from forum_bridge.errors import (
     ConfigError,
     ForumBridgeError,
@@ -244,13 +244,33 @@ class EslListener:
             if isinstance(core, CallStarted):
                 self._call_started(client, core)
             else:
-                self.service.apply(core)
+                outcome = self.service.apply(core)
+                if isinstance(core, LoggedOn) and outcome.other_contacts:
+                    self._drop_replaced(client, core, outcome.other_contacts)
         except PbxConnectionError:
             raise
         except ForumBridgeError as exc:
             log.error("could not apply %s of %s: %s", type(core).__name__, getattr(core, "logon", ""), exc)
         except Exception:  # one bad event must not end the listener
             log.exception("unexpected error applying %s", type(core).__name__)
+
+    def _drop_replaced(self, client: EslClient, event: LoggedOn, others: tuple[str, ...]) -> None:
+        """Log off the log-on's other contacts that FreeSWITCH no longer holds.
+
+        Without ``multiple-registrations`` a REGISTER replaces every contact of its address, and
+        FreeSWITCH says nothing about the contacts it dropped. Asked only when a log-on gains a
+        contact while it has others, so a plain refresh costs nothing.
+        """
+        try:
+            live = {r.contact for r in self._registrations(client) if r.logon == event.logon}
+        except ProtocolError as exc:
+            log.warning("could not check the other contacts of %s: %s", event.logon, exc)
+            return
+        for contact in others:
+            if contact in live:
+                continue
+            log.info("FreeSWITCH replaced contact %s of %s with %s", contact, event.logon, event.contact)
+            self.service.apply(LoggedOff(logon=event.logon, at=event.at, contact=contact, reason="replaced"))
 
     def _call_started(self, client: EslClient, call: CallStarted) -> None:
         try:
