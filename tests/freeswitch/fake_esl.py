@@ -222,6 +222,12 @@ def register_failure_event(user: str, port: int = 5091) -> str:
     return edit_event(body, {"contact": contact_of(user, port), "Event-Date-Timestamp": now_stamp()})
 
 
+def register_failure_only_event(user: str, port: int = 5091) -> str:
+    """``sofia::register_failure`` of a REGISTER whose To user is ``user``, as captured."""
+    body = retarget(captured("CUSTOM", subclass="sofia::register_failure"), {"1001": user, "5091": str(port)})
+    return edit_event(body, {"Event-Date-Timestamp": now_stamp()})
+
+
 def channel_create_event(uuid: str, user: str, number: str) -> str:
     """CHANNEL_CREATE of a call ``user``'s phone places to ``number`` (Call-Direction: inbound)."""
     body = retarget(

@@ -10,6 +10,7 @@ import pytest
 from forum_bridge.adapters.freeswitch.esl import parse_event_plain
 from forum_bridge.adapters.freeswitch.events import (
     SUBSCRIPTION,
+    FailureDeduplicator,
     contact_from_url,
     event_time,
     identity_lookups,
@@ -61,11 +62,57 @@ def test_register_is_a_log_on_with_the_contact_uri() -> None:
     )
 
 
-def test_register_failure_is_not_used_it_names_the_to_header_not_who_failed() -> None:
-    # For an INVITE its to-user is the number dialled (9198 here), never the failed user.
-    failures = identity_events("sofia::register_failure")
-    assert [f.get("to-user") for f in failures] == ["1000", "9198"]
-    assert all(to_core_event(f, AT) is None for f in failures)
+def test_register_failure_of_a_register_names_the_address_and_of_an_invite_nobody() -> None:
+    # Its to-user is the To header: the address for a REGISTER, the number dialled for an INVITE.
+    register, invite = identity_events("sofia::register_failure")
+    assert (register.get("to-user"), invite.get("to-user")) == ("1000", "9198")
+    assert to_core_event(register, AT) == LogonFailed(logon="1000", at=AT, source="127.0.0.1:59423")
+    assert to_core_event(invite, AT) is None
+    assert mapped(captured("CUSTOM", subclass="sofia::register_failure")) == LogonFailed(
+        logon="1001", at=AT, source="127.0.0.1:5091"
+    )
+
+
+def test_a_register_failure_right_after_a_forbidden_attempt_is_the_same_failure() -> None:
+    events = identity_events("sofia::register_attempt") + identity_events("sofia::register_failure")
+    events.sort(key=lambda e: int(e.get("Event-Sequence")))
+    dedup = FailureDeduplicator(window=5.0)
+    kept = [e for e in events if dedup.keep(e, 100.0)]
+    failures = [to_core_event(e, AT) for e in kept if isinstance(to_core_event(e, AT), LogonFailed)]
+    # One failure per refused request (the REGISTER and the INVITE), each of the digest user.
+    assert [(f.logon, f.source) for f in failures if isinstance(f, LogonFailed)] == [
+        ("1000", "127.0.0.1:59423"),
+        ("1000", "127.0.0.1:54482"),
+    ]
+    # A register_failure with no attempt before it (or long after it) still counts.
+    (register, _invite) = identity_events("sofia::register_failure")
+    assert FailureDeduplicator().keep(register, 0.0)
+    late = FailureDeduplicator(window=5.0)
+    forbidden = next(e for e in events if e.get("auth-result") == "FORBIDDEN")
+    assert late.keep(forbidden, 0.0)
+    assert late.keep(register, 6.0)
+
+
+def test_the_deduplicator_forgets_the_oldest_addresses_first() -> None:
+    forbidden = next(
+        e for e in identity_events("sofia::register_attempt") if e.get("auth-result") == "FORBIDDEN"
+    )
+    (register, _invite) = identity_events("sofia::register_failure")
+    dedup = FailureDeduplicator(limit=2)
+    dedup.keep(forbidden, 0.0)
+    for port in ("1", "2"):
+        other = parse_event_plain(
+            edit_event(
+                captured("CUSTOM", subclass="sofia::register_failure"),
+                {
+                    "network-port": port,
+                    "Event-Subclass": "sofia::register_attempt",
+                    "auth-result": "FORBIDDEN",
+                },
+            ).encode()
+        )
+        dedup.keep(other, 0.0)
+    assert dedup.keep(register, 1.0)  # its attempt was pushed out by two newer addresses
 
 
 def test_a_forbidden_register_attempt_is_a_failed_log_on_of_the_digest_user() -> None:
@@ -193,6 +240,7 @@ def test_subscription_names_channel_events_before_custom() -> None:
         "sofia::register",
         "sofia::unregister",
         "sofia::expire",
+        "sofia::register_failure",
         "sofia::register_attempt",
     }
     assert subscription.wants(captured("CHANNEL_CREATE", channel="sofia/"))

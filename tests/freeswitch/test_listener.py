@@ -23,6 +23,7 @@ from tests.freeswitch.fake_esl import (
     hangup_event,
     register_event,
     register_failure_event,
+    register_failure_only_event,
     ringing_leg_event,
 )
 
@@ -46,6 +47,7 @@ def test_subscription_puts_channel_events_before_custom(start_bridge: StartBridg
         "sofia::register",
         "sofia::unregister",
         "sofia::expire",
+        "sofia::register_failure",
         "sofia::register_attempt",
     ]
 
@@ -418,10 +420,21 @@ def test_a_wrong_password_blocks_the_digest_user_not_the_address_it_claimed(
     bridge = start_bridge(**{"licences.count": 2})
     bridge.register("1000")
     bridge.register("1001", 5092)
-    # 1001's credentials with a wrong password, To: 1000 (the captured register_failure says 1000).
+    # 1001's credentials with a wrong password, To: 1000: the attempt names 1001, the
+    # register_failure that follows it names only the address, 1000.
     bridge.push(edit_event(register_failure_event("1001", 5092), {"from-user": "1000", "to-user": "1000"}))
+    bridge.push(register_failure_only_event("1000", 5092))
     assert bridge.subscriber("1001")["state"] == "logon_failed"
     assert bridge.subscriber("1000")["state"] == "logged_on"
+    failed = [a for a in bridge.service.audit_log() if a["kind"] == "logon_failed"]
+    assert [a["logon"] for a in failed] == ["1001"]  # one request, one failure
+
+
+def test_a_register_failure_alone_still_counts_for_the_address(start_bridge: StartBridge) -> None:
+    bridge = start_bridge()
+    bridge.register("1000")
+    bridge.push(register_failure_only_event("1000"))
+    assert bridge.subscriber("1000")["state"] == "logon_failed"
 
 
 def test_resync_trusts_sofias_table_not_show_registrations(start_bridge: StartBridge) -> None:

@@ -257,8 +257,9 @@ class FreeSwitchSandbox:
         self._sip_port = free_sip_port()
         self._esl_port = free_tcp_port()
         self._esl_password = secrets.token_hex(16)
-        # An even start in a high range other sandboxes rarely use; FreeSWITCH skips busy ports.
-        self._rtp_start = 30000 + 2 * secrets.randbelow(4000)
+        # An even start below the kernel's ephemeral ports (where SIPp's media ports come from) and
+        # apart from the Asterisk sandbox's range, so a call's RTP port is almost never taken.
+        self._rtp_start = 16384 + 2 * secrets.randbelow(7000)
         self._proc: subprocess.Popen[bytes] | None = None
         self._removed = False
         self.start_seconds: float | None = None

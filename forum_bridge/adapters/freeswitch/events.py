@@ -13,9 +13,11 @@ REGISTER). So:
   absolute Unix time in an expire.
 * ``sofia::register_attempt`` fires for every request that carries credentials, REGISTER or
   INVITE, after the check: ``auth-result`` ``FORBIDDEN`` (wrong password or unknown user: a failed
-  log-on of the digest user ``username``), ``SUCCESS`` / ``RENEWED`` (a keepalive). The older
-  ``sofia::register_failure`` is not used: its ``to-user`` is the To header, which for an INVITE is
-  the number dialled, and never the user whose password was wrong.
+  log-on of the digest user ``username``), ``SUCCESS`` / ``RENEWED`` (a keepalive).
+  ``sofia::register_failure`` follows a FORBIDDEN attempt at once, but names only the To header in
+  ``to-user``: the address for a REGISTER, the number dialled for an INVITE. It counts only as a
+  fallback, for a REGISTER, when no FORBIDDEN attempt from the same address came just before it
+  (:class:`FailureDeduplicator`); an INVITE's is never a log-on.
 * ``CHANNEL_CREATE`` of a SIP leg: ``Call-Direction: inbound`` is a leg a phone placed; its log-on
   is ``variable_sip_auth_username`` (``variable_user_name`` when FreeSWITCH authorised it another
   way), while ``variable_sip_from_user``, ``Caller-Username`` and even ``Channel-Name`` carry the
@@ -63,10 +65,11 @@ REGISTER = "sofia::register"
 UNREGISTER = "sofia::unregister"
 EXPIRE = "sofia::expire"
 REGISTER_ATTEMPT = "sofia::register_attempt"
+REGISTER_FAILURE = "sofia::register_failure"
 CHANNEL_CREATE = "CHANNEL_CREATE"
 CHANNEL_HANGUP_COMPLETE = "CHANNEL_HANGUP_COMPLETE"
 
-SUBCLASSES = (REGISTER, UNREGISTER, EXPIRE, REGISTER_ATTEMPT)
+SUBCLASSES = (REGISTER, UNREGISTER, EXPIRE, REGISTER_FAILURE, REGISTER_ATTEMPT)
 CHANNEL_EVENTS = (CHANNEL_CREATE, CHANNEL_HANGUP_COMPLETE)
 # Everything after CUSTOM is read as a subclass name, so the channel events must come first.
 SUBSCRIPTION = "event plain " + " ".join((*CHANNEL_EVENTS, "CUSTOM", *SUBCLASSES))
@@ -161,6 +164,11 @@ def digest_user(event: EslEvent) -> str:
 def _custom(event: EslEvent, at: datetime) -> Event | None:
     subclass = event.subclass
     source = source_of(event.get("network-ip"), event.get("network-port"))
+    if subclass == REGISTER_FAILURE:
+        if event.get("registration-type").strip().upper() not in ("", "REGISTER"):
+            return None  # an INVITE's: to-user is the number dialled
+        logon = event.get("to-user").strip()
+        return LogonFailed(logon=logon, at=at, source=source) if logon else None
     logon = digest_user(event)
     if not logon:
         return None
@@ -188,6 +196,36 @@ def _custom(event: EslEvent, at: datetime) -> Event | None:
             reason="logoff" if subclass == UNREGISTER else "expired",
         )
     return None
+
+
+class FailureDeduplicator:
+    """Drops the ``sofia::register_failure`` that repeats a FORBIDDEN ``register_attempt``.
+
+    FreeSWITCH fires both, back to back, for one refused request; the attempt names who tried, the
+    failure only the To header. Keyed by the phone's address, remembered for ``window`` seconds, and
+    bounded: at most ``limit`` addresses, the oldest forgotten first.
+    """
+
+    def __init__(self, window: float = 5.0, limit: int = 4096) -> None:
+        self.window = window
+        self.limit = limit
+        self._seen: dict[str, float] = {}
+
+    def keep(self, event: EslEvent, now: float) -> bool:
+        """False for a register_failure that only repeats an attempt seen just before it."""
+        subclass = event.subclass
+        if subclass not in (REGISTER_ATTEMPT, REGISTER_FAILURE):
+            return True
+        key = source_of(event.get("network-ip"), event.get("network-port"))
+        if subclass == REGISTER_ATTEMPT:
+            if event.get("auth-result").strip().upper() == "FORBIDDEN":
+                self._seen.pop(key, None)
+                self._seen[key] = now
+                while len(self._seen) > self.limit:
+                    del self._seen[next(iter(self._seen))]
+            return True
+        seen = self._seen.pop(key, None)
+        return seen is None or now - seen > self.window
 
 
 def _is_sip_leg(event: EslEvent) -> bool:

@@ -33,6 +33,7 @@ from forum_bridge.store.operations import Registration
 from .esl import EslClient, EslEvent
 from .events import (
     SUBSCRIPTION,
+    FailureDeduplicator,
     event_time,
     identity_lookups,
     is_channel_uuid,
@@ -85,6 +86,7 @@ class EslListener:
         self.metrics = metrics
         self._wall_clock = wall_clock
         self._stopping = GeventEvent()
+        self._failures = FailureDeduplicator()
         self._client: EslClient | None = None
         self._state = "starting"  # starting | up | down | auth
         self.sessions = 0  # connections that got as far as a finished resync
@@ -237,6 +239,8 @@ class EslListener:
 
     def _apply(self, client: EslClient, event: EslEvent) -> None:
         self._observe_lag(event)
+        if not self._failures.keep(event, time.monotonic()):
+            return
         core = to_core_event(event, self.service.clock())
         if core is None:
             return
