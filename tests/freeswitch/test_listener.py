@@ -498,3 +498,21 @@ def test_a_second_device_freeswitch_keeps_stays_logged_on(start_bridge: StartBri
     bridge.fake.unregister("1000", 5092)
     bridge.let_sweeps_run()
     assert bridge.licences()["used"] == 1  # the first device still holds the log-on
+
+
+def test_without_sofias_table_the_resync_falls_back_on_show_registrations(
+    start_bridge: StartBridge, fake_esl: FakeEslServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_esl.add_registration("1000", 5091)
+    original = fake_esl._api
+
+    def no_sofia(command: str) -> str:
+        if command.startswith("sofia "):
+            return "-ERR sofia Command not found!\n"
+        return original(command)
+
+    fake_esl._api = no_sofia  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING)
+    bridge = start_bridge()
+    assert bridge.subscriber("1000")["state"] == "logged_on"
+    assert any("using show registrations" in r.getMessage() for r in caplog.records)

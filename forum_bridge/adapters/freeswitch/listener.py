@@ -39,6 +39,7 @@ from .events import (
     is_channel_uuid,
     parse_channels,
     parse_profiles,
+    parse_registrations,
     parse_sofia_registrations,
     to_core_event,
     uuid_getvar_value,
@@ -206,12 +207,26 @@ class EslListener:
             log.error("resync with FreeSWITCH at %s failed: %s", self.peer, exc)
 
     def _registrations(self, client: EslClient) -> list[Registration]:
-        """Every profile's live contacts from sofia's own table (see :mod:`.events` for why)."""
-        found: list[Registration] = []
-        for profile in parse_profiles(client.api("sofia xmlstatus", timeout=self.command_timeout)):
-            answer = client.api(f"sofia xmlstatus profile {profile} reg", timeout=self.command_timeout)
-            found.extend(parse_sofia_registrations(answer))
-        return found
+        """Every profile's live contacts from sofia's own table (see :mod:`.events` for why).
+
+        If sofia's table cannot be read, the core's ``show registrations`` stands in, with a
+        warning: a resync that may log flushed contacts back on (until their keepalive runs out)
+        is still better than none, which would leave every phone that left meanwhile logged on.
+        """
+        try:
+            found: list[Registration] = []
+            for profile in parse_profiles(client.api("sofia xmlstatus", timeout=self.command_timeout)):
+                answer = client.api(f"sofia xmlstatus profile {profile} reg", timeout=self.command_timeout)
+                found.extend(parse_sofia_registrations(answer))
+            return found
+        except ProtocolError as exc:
+            log.warning(
+                "cannot read sofia's registrations from FreeSWITCH at %s (%s); using show registrations, "
+                "which names the registered address and keeps flushed contacts",
+                self.peer,
+                exc,
+            )
+        return parse_registrations(client.api("show registrations as json", timeout=self.command_timeout))
 
     def _calls(self, client: EslClient) -> list[CallSnapshot]:
         """The SIP legs in progress, each with the log-on FreeSWITCH authenticated or rings."""
