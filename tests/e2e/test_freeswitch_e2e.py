@@ -302,6 +302,16 @@ def acquisitions(inst: Installation) -> list[tuple[str, str]]:
     return [(a["logon"], a["number"]) for a in reversed(inst.audit()) if a["kind"] == "acquire"]
 
 
+def adapter_complaints(inst: Installation) -> list[str]:
+    """Warning and error lines of the FreeSWITCH side (listener, socket hook) and any error line."""
+    return [
+        line
+        for line in inst.log_text().splitlines()
+        if "level=error" in line
+        or ("level=warning" in line and "logger=forum_bridge.adapters.freeswitch" in line)
+    ]
+
+
 def denials(inst: Installation) -> list[tuple[str, str, str]]:
     return [(d["logon"], d["number"], d["reason"]) for d in reversed(inst.audit()) if d["kind"] == "deny"]
 
@@ -334,9 +344,9 @@ def test_licences_are_taken_by_calls_not_by_registration_and_a_full_pool_allows_
     assert soft.call("112") == 200
     assert holders(inst.status()) == ["21-desk"]
     assert denials(inst) == [("22-soft", "600", "emergency_only")]
-    # Every call was handled as it should be: nothing for an operator to act on.
-    log = inst.log_text()
-    assert "level=error" not in log and "level=warning" not in log, log[-3000:]
+    # Every call was handled as it should be: nothing for an operator to act on (the full pool
+    # itself may be warned about; the FreeSWITCH side has nothing to say).
+    assert adapter_complaints(inst) == []
 
 
 def test_two_log_ons_of_one_call_number_take_two_licences_and_both_ring(
@@ -676,7 +686,7 @@ def test_enforce_setting_chooses_who_hangs_up(
         assert "socket hook not started" in log
     assert denials(inst) == [("22-soft", "600", "emergency_only")]
     # With both, the hook's session ends when the event path kills the call: no error for that.
-    assert "level=error" not in log and "level=warning" not in log, log[-3000:]
+    assert adapter_complaints(inst) == []
 
 
 def test_a_second_device_replacing_the_first_does_not_keep_the_licence(

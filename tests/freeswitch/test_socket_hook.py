@@ -175,7 +175,12 @@ def test_a_caller_freeswitch_did_not_authenticate_is_no_log_on(start_hook: HookF
 
 
 def _loud(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    """What the socket hook logged at warning level or above."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name == "forum_bridge.adapters.freeswitch.socket_hook"
+    ]
 
 
 def test_a_connect_and_close_health_check_is_not_logged_as_a_failure(
