@@ -88,6 +88,21 @@ def test_a_port_it_cannot_bind_fails_loudly_with_the_log_tail() -> None:
         pbx.close()
 
 
+def test_a_sandbox_that_cannot_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        pbx = FreeSwitchSandbox(
+            free_tcp_port(), ANSWER_ALL, [("21-desk", "pw-21")], base_dir=tmp_path, start_timeout=10
+        )
+        blocker.bind(("127.0.0.1", pbx.sip_port))  # sofia cannot bind its SIP port
+        with pytest.raises(SandboxError, match="not ready"), pbx:
+            pass
+    finally:
+        blocker.close()
+    assert not pbx.running
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_freeswitch_is_named_with_the_way_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BIN_ENV_VAR, "/nonexistent/freeswitch")
     with pytest.raises(SandboxError, match=r"no FreeSWITCH at /nonexistent/freeswitch: run the test command"):

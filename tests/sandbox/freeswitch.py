@@ -226,8 +226,12 @@ class FreeSwitchSandbox:
         *,
         profile_params: Mapping[str, str] | None = None,
         base_dir: Path | None = None,
+        start_timeout: float = _START_TIMEOUT,
     ) -> None:
-        """Prepare (but do not start) an instance; its files go into a new temporary directory."""
+        """Prepare (but do not start) an instance; its files go into a new temporary directory.
+
+        ``start_timeout`` bounds :meth:`start` (and so ``with``) unless it is given a timeout.
+        """
         if not 0 < socket_port < 65536:
             raise ValueError(f"bad socket_port {socket_port}")
         for name, password in endpoints:
@@ -260,6 +264,7 @@ class FreeSwitchSandbox:
         # An even start below the kernel's ephemeral ports (where SIPp's media ports come from) and
         # apart from the Asterisk sandbox's range, so a call's RTP port is almost never taken.
         self._rtp_start = 16384 + 2 * secrets.randbelow(7000)
+        self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._removed = False
         self.start_seconds: float | None = None
@@ -329,7 +334,11 @@ class FreeSwitchSandbox:
     # -- life cycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> FreeSwitchSandbox:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # __exit__ does not run when __enter__ fails: leave no directory behind
+            raise
         return self
 
     def __exit__(
@@ -340,7 +349,7 @@ class FreeSwitchSandbox:
     ) -> None:
         self.close()
 
-    def start(self, timeout: float = _START_TIMEOUT) -> None:
+    def start(self, timeout: float | None = None) -> None:
         """Start FreeSWITCH; return once the event socket answers and the profile is running.
 
         Raises ``SandboxError`` with the console and log tails if it dies or misses the deadline.
@@ -369,6 +378,7 @@ class FreeSwitchSandbox:
             "-temp",
             str(d / "tmp"),
         ]
+        timeout = self._start_timeout if timeout is None else timeout
         started = time.monotonic()
         with (d / "log" / "console.out").open("ab") as console:
             self._proc = subprocess.Popen(
@@ -405,7 +415,7 @@ class FreeSwitchSandbox:
         with _LIVE_LOCK:
             _LIVE.discard(self)
 
-    def restart(self, timeout: float = _START_TIMEOUT) -> None:
+    def restart(self, timeout: float | None = None) -> None:
         """Stop and start again with the same ports, users and config (a PBX restart)."""
         self.stop()
         self.start(timeout=timeout)
