@@ -78,6 +78,9 @@ class FreeswitchSettings:
     enforce: str = "both"
     fail_mode: str = "closed"
     reconnect_max: float = 30.0
+    # Whole seconds the dialplan waits for the socket hook before it applies fail_mode
+    # (sched_transfer; FreeSWITCH's scheduler counts whole seconds and looks every 0.5 s).
+    hook_timeout: int = 2
 
 
 @dataclass(frozen=True)
@@ -401,6 +404,11 @@ def _validated(
             "asterisk.hook_timeout", f"must be from 0.5 to 30 seconds, got {asterisk.hook_timeout:g}"
         )
     _check_section("freeswitch", freeswitch.enforce, FREESWITCH_ENFORCE_MODES, freeswitch.fail_mode)
+    if not 2 <= freeswitch.hook_timeout <= 30:
+        # 1 could fire at once: the scheduler rounds to whole seconds.
+        raise ConfigError(
+            "freeswitch.hook_timeout", f"must be from 2 to 30 seconds, got {freeswitch.hook_timeout}"
+        )
     for key, port in (
         ("asterisk.ami_port", asterisk.ami_port),
         ("asterisk.agi_port", asterisk.agi_port),

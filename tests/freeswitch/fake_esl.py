@@ -366,6 +366,17 @@ class FakeEslServer:
         self.down = False
         self.drop_on: str | None = None  # close the connection when a command starts with this, once
         self.before_reply: Callable[[str], None] | None = None  # runs before each command's reply
+        # mod_hash's "db" table (keys are "<realm>_<key>", as mod_hash stores them) and the loaded
+        # modules module_exists answers for; clear "mod_hash" to play a FreeSWITCH without it.
+        self.hash_db: dict[str, str] = {}
+        self.modules: set[str] = {
+            "mod_commands",
+            "mod_dialplan_xml",
+            "mod_dptools",
+            "mod_event_socket",
+            "mod_hash",
+            "mod_sofia",
+        }
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -580,6 +591,10 @@ class FakeEslServer:
                 return "+OK\n"
             return "-ERR No such channel!\n"
         verb = command.split()[0] if command.split() else ""
+        if verb == "module_exists" and "mod_commands" in self.modules:
+            return "true" if command[len(verb) :].strip() in self.modules else "false"
+        if verb in ("hash", "hash_dump") and "mod_hash" in self.modules:
+            return self._hash(verb, command[len(verb) :].strip())
         return f"-ERR {verb} Command not found!\n"
 
     def _getvar(self, args: list[str]) -> str:
@@ -591,6 +606,27 @@ class FakeEslServer:
         # The authenticated user of a placed leg, the directory user of a leg ringing a phone.
         wanted = {True: "sip_auth_username", False: "dialed_user"}[placed]
         return channel["_user"] if variable == wanted else "_undef_"
+
+    def _hash(self, verb: str, arguments: str) -> str:
+        """mod_hash's ``hash`` and ``hash_dump db [realm]`` API, as mod_hash.c answers them."""
+        if verb == "hash_dump":
+            words = arguments.split()
+            if not words or words[0] != "db":
+                return "Usage: all|limit|db [<realm>]\n"
+            realm = f"{words[1]}_" if len(words) > 1 else ""
+            return "".join(f"D/{k}/{v}\n" for k, v in self.hash_db.items() if realm in k)
+        parts = arguments.split("/", 3)
+        if len(parts) < 3 or not parts[0]:
+            return "-ERR Usage: hash insert|insert_ifempty|select|delete|delete_ifmatch/realm/key[/value]\n"
+        action, key = parts[0].lower(), f"{parts[1]}_{parts[2]}"
+        if action == "insert" and len(parts) == 4:
+            self.hash_db[key] = parts[3]
+            return "+OK\n"
+        if action == "delete":
+            return "+OK\n" if self.hash_db.pop(key, None) is not None else "-ERR Not found\n"
+        if action == "select":
+            return self.hash_db.get(key, "")
+        return "-ERR Usage: hash insert|insert_ifempty|select|delete|delete_ifmatch/realm/key[/value]\n"
 
 
 def _json_rows(rows: list[dict[str, str]]) -> str:

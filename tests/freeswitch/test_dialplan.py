@@ -1,4 +1,8 @@
-"""The XML dialplan: emergency numbers pass without the bridge; everything else asks the socket hook."""
+"""The XML dialplan: emergency numbers are decided in FreeSWITCH; everything else asks the socket hook.
+
+What the snippet does on the real FreeSWITCH (answer times, refusals, ringing) is tested end to end
+in ``tests/e2e/test_freeswitch_emergency.py``; these tests check the rendering.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from forum_bridge.adapters.freeswitch import render_dialplan
+from forum_bridge.adapters.freeswitch.dialplan import alive_buckets
 from forum_bridge.config import Settings, load_settings
+from forum_bridge.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +51,7 @@ def test_the_emergency_extension_comes_first_and_has_no_socket() -> None:
     assert all(app != "socket" for app, _ in actions(exts[0]))
     assert exts[0].get("continue") == "true"  # the rest of the dialplan routes the call
     assert actions(exts[0]) == [("set", "forum_bridge_verdict=emergency")]
+    assert all(a.get("inline") == "true" for a in exts[0].iter("action"))
 
 
 def test_every_configured_emergency_number_matches_and_others_do_not() -> None:
@@ -63,15 +70,75 @@ def test_every_configured_emergency_number_matches_and_others_do_not() -> None:
         assert to_hook.search(number), number
 
 
-def test_the_hook_runs_the_socket_with_resume_then_routes_again() -> None:
+def test_the_hook_runs_the_socket_bounded_by_a_scheduled_transfer_then_routes_again() -> None:
     hook = extensions(render_dialplan(settings(**{"freeswitch.socket_port": 9099})))[1]
     assert condition(hook, "${forum_bridge_verdict}").pattern == "^$"
     assert actions(hook) == [
         ("set", "forum_bridge_verdict=unreachable"),
         ("set", "socket_resume=true"),
+        ("sched_transfer", "+2 ${destination_number} XML ${context}"),
+        ("set", "forum_bridge_timer=${last_sched_id}"),
         ("socket", "127.0.0.1:9099 async full"),
+        # Only this task: an operator's own sched_hangup (call time limit) must survive.
+        ("sched_cancel", "${forum_bridge_timer}"),
         ("transfer", "${destination_number} XML ${context}"),
     ]
+
+
+def test_the_hook_timeout_is_a_setting_in_whole_seconds_from_two() -> None:
+    hook = extensions(render_dialplan(settings(**{"freeswitch.hook_timeout": 5})))[1]
+    assert ("sched_transfer", "+5 ${destination_number} XML ${context}") in actions(hook)
+    for bad in (1, 31):
+        with pytest.raises(ConfigError, match=r"freeswitch\.hook_timeout"):
+            settings(**{"freeswitch.hook_timeout": bad})
+
+
+def test_a_blocked_log_on_is_looked_up_in_mod_hash_by_its_authenticated_name() -> None:
+    exts = {e.get("name"): e for e in extensions(render_dialplan(settings()))}
+    lookup = exts["forum_bridge_emergency_lookup"]
+    assert lookup.get("continue") == "true"
+    assert all(a.get("inline") == "true" for a in lookup.iter("action"))
+    looked_up = dict(data.split("=", 1) for _app, data in actions(lookup))
+    assert looked_up["forum_bridge_now"] == "${strepoch()}"
+    assert looked_up["forum_bridge_blocked"] == "${hash(select/forum_bridge/blocked_${sip_auth_username})}"
+    assert looked_up["forum_bridge_alive"] == (
+        "${hash(select/forum_bridge/alive_${forum_bridge_now:0:8})}${hash(select/forum_bridge/alive_forever)}"
+    )
+    blocked = exts["forum_bridge_emergency_blocked"]
+    # Exact values only: without mod_hash a lookup answers "-ERR ...", which must block nobody.
+    assert condition(blocked, "${forum_bridge_blocked}").pattern == "^yes$"
+    assert condition(blocked, "${forum_bridge_alive}").pattern == "^yes$"
+    assert not condition(blocked, "${forum_bridge_blocked}").search("-ERR hash Command not found!")
+    assert ("hangup", "CALL_REJECTED") in actions(blocked)
+    names = list(exts)
+    assert names.index("forum_bridge_emergency") < names.index("forum_bridge_emergency_lookup")
+    assert names.index("forum_bridge_emergency_lookup") < names.index("forum_bridge_emergency_blocked")
+
+
+def test_heartbeat_buckets_cover_now_to_now_plus_block_stale_after() -> None:
+    now = 1_796_291_554  # bucket 17962915, as the dialplan reads ${strepoch()}'s first 8 digits
+    assert str(now)[:8] == str(now // 100)
+    assert alive_buckets(now, 300) == [f"alive_{b}" for b in range(17962915, 17962919)]
+    assert alive_buckets(now, 60) == ["alive_17962915", "alive_17962916"]
+    assert alive_buckets(now, 0) == ["alive_forever"]
+
+
+def test_the_inbound_hook_asks_with_its_own_socket_path_and_is_bounded() -> None:
+    exts = {e.get("name"): e for e in extensions(render_dialplan(settings()))}
+    inbound = exts["forum-bridge-inbound"]
+    assert condition(inbound, "destination_number").search("forum-bridge-inbound")
+    assert not condition(inbound, "destination_number").search("21")
+    steps = actions(inbound)
+    assert ("socket", "127.0.0.1:8084/inbound async full") in steps
+    assert ("sched_transfer", "+2 ${forum_bridge_return}") in steps
+    assert steps.index(("set", "forum_bridge_dial=")) < steps.index(
+        ("socket", "127.0.0.1:8084/inbound async full")
+    )
+    back = exts["forum_bridge_return"]
+    assert actions(back) == [("set", "forum_bridge_return=${destination_number} XML ${context}")]
+    # The lookup itself must never overwrite where it returns to, nor be sent to the outbound hook.
+    assert not condition(back, "destination_number").search("forum-bridge-inbound")
+    assert not condition(exts["forum_bridge_hook"], "destination_number").search("forum-bridge-inbound")
 
 
 def test_a_wildcard_listen_address_is_reached_on_loopback() -> None:
@@ -84,7 +151,7 @@ def test_an_unreachable_bridge_follows_fail_mode(fail_mode: str, hangs_up: bool)
     exts = extensions(render_dialplan(settings(**{"freeswitch.fail_mode": fail_mode})))
     unreachable = next(e for e in exts if e.get("name") == "forum_bridge_unreachable")
     assert condition(unreachable, "${forum_bridge_verdict}").search("unreachable")
-    assert (("hangup", "CALL_REJECTED") in actions(unreachable)) is hangs_up
+    assert (("hangup", "NORMAL_TEMPORARY_FAILURE") in actions(unreachable)) is hangs_up  # SIP 503
     assert (unreachable.get("continue") == "true") is not hangs_up
     denied = next(e for e in exts if e.get("name") == "forum_bridge_denied")
     assert actions(denied) == [("hangup", "CALL_REJECTED")]

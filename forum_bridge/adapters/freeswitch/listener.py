@@ -30,6 +30,7 @@ from forum_bridge.errors import (
 from forum_bridge.service import BridgeService, CallSnapshot
 from forum_bridge.store.operations import Registration
 
+from .emergency import EmergencyHash
 from .esl import EslClient, EslEvent
 from .events import (
     SUBSCRIPTION,
@@ -91,6 +92,10 @@ class EslListener:
         self._client: EslClient | None = None
         self._state = "starting"  # starting | up | down | auth
         self.sessions = 0  # connections that got as far as a finished resync
+        # The blocked log-ons in FreeSWITCH's mod_hash, so emergency calls never wait on the bridge.
+        self.emergency = EmergencyHash(
+            service, self.settings, observer=metrics, command_timeout=command_timeout
+        )
         self.events_handled = 0  # events taken off the connection and dealt with
 
     @property
@@ -183,15 +188,21 @@ class EslListener:
         if not reply.reply_text.startswith("+OK"):
             raise ProtocolError(f"FreeSWITCH refused the event subscription: {reply.reply_text[:80]}")
         self._resync(client)
+        self.emergency.connected(client)
         self.sessions += 1
         self._came_up()
         while not self._stopping.is_set():
-            event = client.next_event(timeout=self.idle_probe)
+            wait = min(self.idle_probe, self.emergency.seconds_until_due())
+            event = client.next_event(timeout=wait)
             if event is None:
-                # Nothing for a while: prove the link is alive, or find out it is not.
-                client.api("status", timeout=self.command_timeout)
+                if self.emergency.seconds_until_due() <= 0:
+                    self.emergency.sync(client)  # also proves the link is alive
+                else:
+                    # Nothing for a while: prove the link is alive, or find out it is not.
+                    client.api("status", timeout=self.command_timeout)
                 continue
             self._handle(client, event)
+            self.emergency.tick(client)
 
     def _resync(self, client: EslClient) -> None:
         try:
@@ -264,6 +275,8 @@ class EslListener:
                 self._call_started(client, core)
             else:
                 outcome = self.service.apply(core)
+                if outcome.blocked is not None:
+                    self.emergency.blocked_changed(client, core.logon, outcome.blocked)
                 if isinstance(core, LoggedOn) and outcome.other_contacts:
                     self._drop_replaced(client, core, outcome.other_contacts)
         except PbxConnectionError:

@@ -10,6 +10,14 @@ answers with the channel's data (a ``CHANNEL_DATA`` header block, values URL-enc
 * denies: sets the verdict to ``denied``, ``sendmsg`` with ``call-command: hangup`` and
   ``hangup-cause: CALL_REJECTED``, then ``exit``.
 
+A session whose socket path is ``inbound`` (``socket host:port/inbound``, run by the snippet's
+``forum-bridge-inbound`` extension) asks instead which log-ons of the call number in the channel
+variable ``forum_bridge_number`` may ring now (:meth:`BridgeService.ringable`: each allowed log-on
+takes its licence). The bridge sets ``forum_bridge_dial`` to their dial string
+(``user/<log-on>@<domain>``, joined with commas so they ring at once; the domain is the channel's
+``forum_bridge_domain`` or ``domain_name``), or leaves it empty, and ``forum_bridge_result`` to
+``allow``, ``deny`` or ``error`` (database trouble: nobody is rung), then ``resume``.
+
 When no decision can be made (database down, a broken session) ``freeswitch.fail_mode`` decides:
 ``closed`` hangs up, ``open`` lets the call go on. If the bridge cannot be reached at all, the
 dialplan itself applies the fail mode (see :mod:`.dialplan`).
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 from typing import Any
 
@@ -32,15 +41,25 @@ from gevent.server import StreamServer
 
 from forum_bridge.config import Settings
 from forum_bridge.core.events import Direction
-from forum_bridge.errors import ForumBridgeError, PbxConnectionError, PbxError, ProtocolError
-from forum_bridge.service import BridgeService
+from forum_bridge.errors import (
+    ForumBridgeError,
+    InvalidInputError,
+    PbxConnectionError,
+    PbxError,
+    ProtocolError,
+)
+from forum_bridge.service import BridgeService, validate_number
 
-from .esl import ConnectionClosed, Frame, FrameReader, describe_os_error, event_from_frame
+from .dialplan import SOCKET_PATH_INBOUND
+from .esl import ConnectionClosed, EslEvent, Frame, FrameReader, describe_os_error, event_from_frame
 from .events import caller_logon, channel_uuid, dialled_number, is_channel_uuid
 
 log = logging.getLogger(__name__)
 
 VERDICT_VARIABLE = "forum_bridge_verdict"
+DIAL_VARIABLE = "forum_bridge_dial"
+RESULT_VARIABLE = "forum_bridge_result"
+_DOMAIN = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
 HANGUP_CAUSE = "CALL_REJECTED"
 _REPLIES = ("command/reply", "api/response")
 
@@ -156,6 +175,20 @@ class SocketHookServer:
             )
             return self.fail_open
 
+    def ring(self, number: str, domain: str) -> tuple[str, str]:
+        """``(result, dial string)`` for a call to call number ``number`` (see the module docstring)."""
+        try:
+            ringable = self.service.ringable(validate_number(number))
+        except InvalidInputError as exc:
+            log.warning("socket hook: inbound lookup for an unusable call number: %s; nobody rung", exc)
+            return "deny", ""
+        except ForumBridgeError as exc:
+            log.error("socket hook cannot decide who may ring for number %s: %s; nobody rung", number, exc)
+            return "error", ""
+        suffix = f"@{domain}" if domain else ""
+        allowed = [f"user/{logon}{suffix}" for logon, decision in ringable if decision.allowed]
+        return ("allow" if allowed else "deny"), ",".join(allowed)
+
 
 class _HookSession:
     """One outbound-socket conversation."""
@@ -174,6 +207,9 @@ class _HookSession:
         if not is_channel_uuid(uuid):
             raise ProtocolError("the channel data has no usable Unique-ID")
         self.uuid = uuid
+        if channel.get("variable_socket_path") == SOCKET_PATH_INBOUND:
+            self._inbound(uuid, channel)
+            return
         logon, number = caller_logon(channel), dialled_number(channel)
         self.decided = self.server.decide(logon, number, uuid)
         if self.decided:
@@ -183,6 +219,21 @@ class _HookSession:
             self._request(f"api uuid_setvar {uuid} {VERDICT_VARIABLE} denied")
             self._request(f"sendmsg {uuid}\ncall-command: hangup\nhangup-cause: {HANGUP_CAUSE}")
         with contextlib.suppress(PbxConnectionError):  # FreeSWITCH may close first once the channel is gone
+            self._request("exit")
+
+    def _inbound(self, uuid: str, channel: EslEvent) -> None:
+        number = channel.get("variable_forum_bridge_number").strip()
+        domain = (channel.get("variable_forum_bridge_domain") or channel.get("variable_domain_name")).strip()
+        if domain and not _DOMAIN.match(domain):
+            log.warning("socket hook: ignoring unusable domain %r of channel %s", domain[:60], uuid)
+            domain = ""
+        result, dial = self.server.ring(number, domain)
+        self.decided = result == "allow"
+        # Set (or cleared) every time: the dialplan must never find a dial string of an earlier call.
+        self._request(f"api uuid_setvar {uuid} {DIAL_VARIABLE} {dial}".rstrip())
+        self._request(f"api uuid_setvar {uuid} {RESULT_VARIABLE} {result}")
+        self._request("resume")
+        with contextlib.suppress(PbxConnectionError):
             self._request("exit")
 
     def _send(self, text: str) -> None:
