@@ -99,7 +99,7 @@ class EmergencyHash:
         self.observer = observer if isinstance(observer, ModuleObserver) else None
         self.interval = interval
         self.command_timeout = command_timeout
-        self._clock = clock
+        self.clock = clock  # Unix time, for the heartbeat buckets
         self._monotonic = monotonic
         self._next_sync = 0.0
         self._db_failing = False
@@ -202,7 +202,7 @@ class EmergencyHash:
             log.warning("the blocked log-ons can be read again; confirming them to FreeSWITCH")
             self._db_failing = False
         keys = [blocked_key(logon) for logon in blocked]
-        keys += alive_buckets(self._clock(), self.settings.block_stale_after)
+        keys += alive_buckets(self.clock(), self.settings.block_stale_after)
         wanted = {key: HASH_VALUE for key in keys if _SAFE_KEY.match(key)}
         current = parse_hash_dump(client.api(f"hash_dump db {HASH_REALM}", timeout=self.command_timeout))
         # New keys first, then the stale ones: a blocked log-on is never missing in between.
