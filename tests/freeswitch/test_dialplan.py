@@ -100,7 +100,16 @@ def test_a_blocked_log_on_is_looked_up_in_mod_hash_by_its_authenticated_name() -
     assert all(a.get("inline") == "true" for a in lookup.iter("action"))
     looked_up = dict(data.split("=", 1) for _app, data in actions(lookup))
     assert looked_up["forum_bridge_now"] == "${strepoch()}"
-    assert looked_up["forum_bridge_blocked"] == "${hash(select/forum_bridge/blocked_${sip_auth_username})}"
+    assert looked_up["forum_bridge_blocked"] == "${hash(select/forum_bridge/blocked_${forum_bridge_caller})}"
+    caller = exts["forum_bridge_emergency_caller"]
+    assert condition(caller, "${sip_auth_username}").pattern == "^(.+)$"
+    steps = [
+        (a.tag, a.get("data"), a.get("inline")) for a in caller.iter() if a.tag in ("action", "anti-action")
+    ]
+    assert steps == [
+        ("action", "forum_bridge_caller=$1", "true"),
+        ("anti-action", "forum_bridge_caller=${user_name}", "true"),
+    ]
     assert looked_up["forum_bridge_alive"] == (
         "${hash(select/forum_bridge/alive_${forum_bridge_now:0:8})}${hash(select/forum_bridge/alive_forever)}"
     )
@@ -111,7 +120,8 @@ def test_a_blocked_log_on_is_looked_up_in_mod_hash_by_its_authenticated_name() -
     assert not condition(blocked, "${forum_bridge_blocked}").search("-ERR hash Command not found!")
     assert ("hangup", "CALL_REJECTED") in actions(blocked)
     names = list(exts)
-    assert names.index("forum_bridge_emergency") < names.index("forum_bridge_emergency_lookup")
+    assert names.index("forum_bridge_emergency") < names.index("forum_bridge_emergency_caller")
+    assert names.index("forum_bridge_emergency_caller") < names.index("forum_bridge_emergency_lookup")
     assert names.index("forum_bridge_emergency_lookup") < names.index("forum_bridge_emergency_blocked")
 
 

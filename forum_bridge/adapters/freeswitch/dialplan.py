@@ -6,9 +6,9 @@ The snippet goes at the top of the context the phones use. Calls placed by phone
 
    * An emergency number (with and without the outside-line prefix) sets
      ``forum_bridge_verdict=emergency`` and never reaches the socket. Its caller's authenticated
-     log-on (``sip_auth_username``) is looked up in mod_hash, where the bridge keeps the log-ons
-     blocked by a failed log-on (realm ``forum_bridge``, key ``blocked_<log-on>``). A blocked
-     log-on's emergency call is hung up in the hunt, before it is answered or routed, but only while
+     log-on (``sip_auth_username``, else ``user_name``) is looked up in mod_hash, where the bridge
+     keeps the log-ons blocked by a failed log-on (realm ``forum_bridge``, key ``blocked_<log-on>``).
+     A blocked log-on's emergency call is hung up in the hunt, before it is answered or routed, but only while
      the bridge's heartbeat is fresh (see below); every other emergency call goes on to the rest of
      the dialplan at once, whatever the state of the bridge.
    * Any other call sets ``forum_bridge_verdict=unreachable``, schedules a transfer back to itself
@@ -139,7 +139,7 @@ def render_dialplan(settings: Settings) -> str:
     inbound = re.escape(INBOUND_EXTENSION)
     now = f"${{forum_bridge_now:0:{BUCKET_DIGITS}}}"
     refused = (
-        "WARNING forum_bridge: emergency call of ${sip_auth_username} to ${destination_number}"
+        "WARNING forum_bridge: emergency call of ${forum_bridge_caller} to ${destination_number}"
         " refused: its latest log-on failed"
     )
     timed_out = f"ERR forum_bridge: no answer about call number ${{forum_bridge_number}} within {wait} s"
@@ -147,7 +147,7 @@ def render_dialplan(settings: Settings) -> str:
     alive = (
         f"${{hash(select/{HASH_REALM}/{ALIVE_PREFIX}{now})}}${{hash(select/{HASH_REALM}/{ALIVE_FOREVER})}}"
     )
-    blocked = f"${{hash(select/{HASH_REALM}/{BLOCKED_PREFIX}${{sip_auth_username}})}}"
+    blocked = f"${{hash(select/{HASH_REALM}/{BLOCKED_PREFIX}${{forum_bridge_caller}})}}"
     if settings.block_after_failed_logon:
         block_rule = "a log-on whose latest log-on failed may not call them"
     else:
@@ -198,8 +198,16 @@ def render_dialplan(settings: Settings) -> str:
     </condition>
   </extension>
 
-  <!-- 3. An emergency call: is its authenticated log-on blocked by a failed log-on, and is the
-       bridge's word on that still fresh? Looked up inline, in mod_hash, without the bridge. -->
+  <!-- 3. An emergency call: who did FreeSWITCH authenticate (digest user, else directory user;
+       never the From user)? Is that log-on blocked by a failed log-on, and is the bridge's word on
+       that still fresh? Looked up inline, in mod_hash, without the bridge. -->
+  <extension name="forum_bridge_emergency_caller" continue="true">
+    <condition field="${{forum_bridge_verdict}}" expression="^emergency$"/>
+    <condition field="${{sip_auth_username}}" expression="^(.+)$">
+      <action application="set" data="forum_bridge_caller=$1" inline="true"/>
+      <anti-action application="set" data="forum_bridge_caller=${{user_name}}" inline="true"/>
+    </condition>
+  </extension>
   <extension name="forum_bridge_emergency_lookup" continue="true">
     <condition field="${{forum_bridge_verdict}}" expression="^emergency$">
       <action application="set" data="forum_bridge_now=${{strepoch()}}" inline="true"/>

@@ -13,7 +13,8 @@ REGISTER). So:
   absolute Unix time in an expire.
 * ``sofia::register_attempt`` fires for every request that carries credentials, REGISTER or
   INVITE, after the check: ``auth-result`` ``FORBIDDEN`` (wrong password or unknown user: a failed
-  log-on of the digest user ``username``), ``SUCCESS`` / ``RENEWED`` (a keepalive).
+  log-on of the digest user ``username``); ``SUCCESS`` / ``RENEWED`` mean nothing more than the
+  ``sofia::register`` of the same REGISTER, and for an INVITE they are no log-on at all.
   ``sofia::register_failure`` follows a FORBIDDEN attempt at once, but names only the To header in
   ``to-user``: the address for a REGISTER, the number dialled for an INVITE. It counts only as a
   fallback, for a REGISTER, when no FORBIDDEN attempt from the same address came just before it
@@ -50,7 +51,6 @@ from forum_bridge.core.events import (
     CallStarted,
     Direction,
     Event,
-    Keepalive,
     LoggedOff,
     LoggedOn,
     LogonFailed,
@@ -185,9 +185,12 @@ def _custom(event: EslEvent, at: datetime) -> Event | None:
         result = event.get("auth-result").strip().upper()
         if result == "FORBIDDEN":
             return LogonFailed(logon=logon, at=at, source=source)
-        if result in ("SUCCESS", "RENEWED"):
-            return Keepalive(logon=logon, at=at, source=source)
-        return None  # STALE: a new challenge follows, nothing was decided
+        # SUCCESS / RENEWED: a REGISTER's success also comes as sofia::register (same call-id),
+        # which logs on and so clears a failed log-on. An INVITE's success comes only here, and it
+        # is no log-on: it must not lift the block of a log-on whose latest REGISTER failed, or a
+        # blocked phone's first (refused) 112 would clear the way for its second. STALE: a new
+        # challenge follows, nothing was decided.
+        return None
     if subclass in (UNREGISTER, EXPIRE):
         return LoggedOff(
             logon=logon,
