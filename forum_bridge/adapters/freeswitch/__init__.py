@@ -1,4 +1,4 @@
-"""The FreeSWITCH connector: ESL events, the socket hook, ``uuid_kill`` enforcement and resync.
+"""The FreeSWITCH connector: ESL events, the socket hooks, ``uuid_kill`` enforcement, resync, mod_hash.
 
 It runs in its own gevent process (``forum-bridge run freeswitch``). Importing this package does
 not import gevent and patches nothing; :func:`run` monkey-patches when it starts the process.
