@@ -135,14 +135,22 @@ def test_a_ringing_leg_without_a_licence_is_killed(start_bridge: StartBridge) ->
     assert bridge.fake.kills() == [KILL.format("b-leg")]
 
 
-def test_a_failed_log_on_blocks_every_call_even_emergency(start_bridge: StartBridge) -> None:
-    bridge = start_bridge(**{"licences.count": 2})
+@pytest.mark.parametrize(("enforce", "spared"), [("esl", False), ("both", True)])
+def test_a_failed_log_on_blocks_every_call_even_emergency(
+    start_bridge: StartBridge, enforce: str, spared: bool
+) -> None:
+    bridge = start_bridge(**{"licences.count": 2, "freeswitch.enforce": enforce})
     bridge.register("1000")
     bridge.push(register_failure_event("1000"))
     assert bridge.subscriber("1000")["state"] == "logon_failed"
     call(bridge, "c-112", "1000", "112")
     call(bridge, "c-600", "1000", "600")
-    assert bridge.fake.kills() == [KILL.format("c-112"), KILL.format("c-600")]
+    # With the dialplan deciding emergency calls (both), one it let through is never cut: it may be
+    # connected to the emergency service already. It is still decided and audited as denied.
+    expected = [KILL.format("c-600")] if spared else [KILL.format("c-112"), KILL.format("c-600")]
+    assert bridge.fake.kills() == expected
+    denied = [(a["number"], a["reason"]) for a in reversed(bridge.service.audit_log()) if a["kind"] == "deny"]
+    assert denied == [("112", "logon_failed"), ("600", "logon_failed")]
     assert bridge.licences()["used"] == 0
     failures = bridge.service.status()["failed_logons"]
     assert [(f["logon"], f["source"]) for f in failures] == [("1000", "127.0.0.1:5091")]
@@ -382,7 +390,8 @@ def test_database_failure_follows_fail_mode(
 
     monkeypatch.setattr(bridge.service, "authorize", broken)
     call(bridge, "c-1", "1000", "600")
-    assert bridge.fake.kills() == ([KILL.format("c-1")] if killed else [])
+    # 503: "could not be decided", as the dialplan's fail mode answers, unlike 603 "denied".
+    assert bridge.fake.kills() == (["api uuid_kill c-1 NORMAL_TEMPORARY_FAILURE"] if killed else [])
     assert bridge.listener.connected
 
 

@@ -17,7 +17,7 @@ from typing import Protocol
 from gevent.event import Event as GeventEvent
 
 from forum_bridge.config import Settings
-from forum_bridge.core.events import CallStarted, LoggedOff, LoggedOn
+from forum_bridge.core.events import CallStarted, Direction, LoggedOff, LoggedOn
 from forum_bridge.errors import (
     ConfigError,
     ForumBridgeError,
@@ -49,6 +49,8 @@ from .events import (
 log = logging.getLogger(__name__)
 
 HANGUP_CAUSE = "CALL_REJECTED"  # sofia answers 603 Decline before the call is answered
+# No decision (database away) with fail_mode closed: 503, as the dialplan's fail mode answers.
+UNAVAILABLE_CAUSE = "NORMAL_TEMPORARY_FAILURE"
 
 
 class MetricsSink(Protocol):
@@ -312,17 +314,38 @@ class EslListener:
             action = "hanging up (fail_mode closed)" if closed else "the call goes on"
             log.error("cannot decide channel %s of %s (%s); %s", call.channel, call.logon, exc, action)
             if closed:
-                self._kill(client, call, "no decision")
+                self._kill(client, call, "no decision", UNAVAILABLE_CAUSE)
             return
-        if outcome.hangup:
+        if outcome.hangup and not self._spare_emergency_call(call):
             reason = outcome.decision.reason.value if outcome.decision else "denied"
             self._kill(client, call, reason)
 
-    def _kill(self, client: EslClient, call: CallStarted, reason: str) -> None:
+    def _spare_emergency_call(self, call: CallStarted) -> bool:
+        """True for an emergency call ``uuid_kill`` must not end (enforce = both).
+
+        There the dialplan refuses a blocked log-on's emergency call during the hunt, before it is
+        answered or routed (from mod_hash); a call it let through (the block was stale, or
+        FreeSWITCH had restarted and not been told yet) may already be connected to the emergency
+        service, so it is never cut. With enforce = esl the kill is the only enforcement and stays.
+        """
+        if self.settings.freeswitch.enforce != "both" or call.direction is not Direction.OUTBOUND:
+            return False
+        if not self.service.is_emergency(call.number):
+            return False
+        log.info(
+            "emergency call channel=%s logon=%s number=%s denied but not hung up: the dialplan"
+            " refuses it before routing, and one it let through is never cut",
+            call.channel,
+            call.logon,
+            call.number,
+        )
+        return True
+
+    def _kill(self, client: EslClient, call: CallStarted, reason: str, cause: str = HANGUP_CAUSE) -> None:
         if not is_channel_uuid(call.channel):
             log.error("not hanging up channel %r of %s: not a channel UUID", call.channel[:60], call.logon)
             return
-        answer = client.api(f"uuid_kill {call.channel} {HANGUP_CAUSE}", timeout=self.command_timeout).strip()
+        answer = client.api(f"uuid_kill {call.channel} {cause}", timeout=self.command_timeout).strip()
         if answer.startswith("+OK"):
             log.info(
                 "hung up channel %s of %s to %s (%s, %s)",
@@ -330,7 +353,7 @@ class EslListener:
                 call.logon,
                 call.number,
                 reason,
-                HANGUP_CAUSE,
+                cause,
             )
         else:
             log.info("channel %s of %s was gone before uuid_kill: %s", call.channel, call.logon, answer[:80])
