@@ -16,8 +16,8 @@ keeps that set in mod_hash (realm ``forum_bridge``, keys ``blocked_<log-on>``):
   emergency numbers on stale facts.
 
 mod_hash lives in FreeSWITCH's memory: a restart of FreeSWITCH empties it, and until the bridge
-has reconnected and rewritten it (seconds) no log-on is blocked from emergency numbers there (the
-``uuid_kill`` enforcement still ends such a call once the bridge sees it).
+has reconnected and rewritten it (seconds) no log-on is blocked from emergency numbers there:
+emergency calls rather pass than wait (with ``enforce = esl`` the ``uuid_kill`` still ends them).
 
 After every connect it also checks (``module_exists``) that FreeSWITCH has every module the snippet
 uses and logs one error naming what is missing; the metrics show it per module.
