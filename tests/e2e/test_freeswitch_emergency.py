@@ -232,9 +232,19 @@ def test_stale_blocks_no_longer_keep_a_phone_from_emergency_numbers(
     for key in alive:
         inst.sandbox.api(f"hash delete/forum_bridge/{key}")
     assert call(desk, "112") == 200
-    # A restarted FreeSWITCH has lost the whole hash; the bridge writes it again when it connects.
+    # The bridge is back and knows the log-on is blocked, but FreeSWITCH lets a call through that it
+    # has not been told about (as after its restart): the call may be connected to the emergency
+    # service already, so the bridge never cuts it. (Its 30-second self-heal may put the block back
+    # between the delete and the call: then try again, a bounded number of times.)
     inst.start_bridge()
-    assert never_answered(desk, "112") == REJECTED
+    for _attempt in range(3):
+        inst.sandbox.api("hash delete/forum_bridge/blocked_21-desk")
+        connected = desk.call("112", hold_seconds=2.0, ring_timeout=BOUND)
+        if int(connected) != REJECTED:
+            break
+    assert int(connected) == 200 and not connected.remote_hangup
+    inst.wait_log("emergency call channel=")
+    # A restarted FreeSWITCH has lost the whole hash; the bridge writes it again when it connects.
     before = inst.log_text().count("resync node=pbx1")
     inst.sandbox.restart()
     inst.wait_log("resync node=pbx1", before + 1, timeout=60)
