@@ -62,6 +62,7 @@ RESULT_VARIABLE = "forum_bridge_result"
 _DOMAIN = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
 HANGUP_CAUSE = "CALL_REJECTED"
 _REPLIES = ("command/reply", "api/response")
+_BACKLOG = 1024  # the kernel caps it at net.core.somaxconn (4096 on current kernels)
 
 
 class SocketHookServer:
@@ -101,7 +102,10 @@ class SocketHookServer:
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((self.host, self.requested_port))
-            listener.listen(128)
+            # While the bridge is hung the kernel still accepts into this queue, and FreeSWITCH keeps
+            # each such connection for its own 25 s; once the queue is full a new call's connect()
+            # would wait for TCP's retries, which the dialplan's scheduled transfer cannot cut short.
+            listener.listen(_BACKLOG)
         except OSError as exc:
             listener.close()
             raise PbxConnectionError(
