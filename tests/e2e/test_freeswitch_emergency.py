@@ -180,8 +180,8 @@ def test_emergency_calls_are_answered_with_the_database_unreachable(
         try:
             for number in ("112", "0112"):
                 assert call(desk, number) == 200, number
-            # The hook is up and answers for itself: no decision, fail_mode closed, so it rejects.
-            assert call(desk, "600") == REJECTED
+            # The hook (and the event side) are up but cannot decide: fail_mode closed, 503.
+            assert call(desk, "600") == UNAVAILABLE
             with hung(inst):
                 assert call(desk, "112") == 200
         finally:

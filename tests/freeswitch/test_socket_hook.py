@@ -101,7 +101,17 @@ def test_an_unmanaged_caller_passes(start_hook: HookFactory) -> None:
     assert service.status()["licences"]["used"] == 0
 
 
-@pytest.mark.parametrize(("fail_mode", "expected"), [("closed", denied), ("open", allowed)])
+def undecided(uuid: str) -> list[str]:
+    """No decision with fail_mode closed: rejected as undecided (503), like the dialplan's fail mode."""
+    return [
+        "connect",
+        f"api uuid_setvar {uuid} forum_bridge_verdict unreachable",
+        f"sendmsg {uuid}\ncall-command: hangup\nhangup-cause: NORMAL_TEMPORARY_FAILURE",
+        "exit",
+    ]
+
+
+@pytest.mark.parametrize(("fail_mode", "expected"), [("closed", undecided), ("open", allowed)])
 def test_database_failure_follows_fail_mode(
     start_hook: HookFactory,
     monkeypatch: pytest.MonkeyPatch,

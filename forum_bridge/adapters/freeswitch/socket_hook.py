@@ -19,8 +19,9 @@ takes its licence). The bridge sets ``forum_bridge_dial`` to their dial string
 ``allow``, ``deny`` or ``error`` (database trouble: nobody is rung), then ``resume``.
 
 When no decision can be made (database down, a broken session) ``freeswitch.fail_mode`` decides:
-``closed`` hangs up, ``open`` lets the call go on. If the bridge cannot be reached at all, the
-dialplan itself applies the fail mode (see :mod:`.dialplan`).
+``closed`` hangs up with NORMAL_TEMPORARY_FAILURE (503, as the dialplan does), ``open`` lets the
+call go on. If the bridge cannot be reached at all, the dialplan itself applies the fail mode (see
+:mod:`.dialplan`).
 
 This is a small gevent ``StreamServer`` rather than greenswitch's ``OutboundESLServer``, which
 calls ``sys.exit()`` when it cannot bind (and with port 0), polls ``accept`` every 0.1 s, has no
@@ -61,6 +62,7 @@ DIAL_VARIABLE = "forum_bridge_dial"
 RESULT_VARIABLE = "forum_bridge_result"
 _DOMAIN = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
 HANGUP_CAUSE = "CALL_REJECTED"
+UNAVAILABLE_CAUSE = "NORMAL_TEMPORARY_FAILURE"  # no decision, fail_mode closed: SIP 503
 _REPLIES = ("command/reply", "api/response")
 _BACKLOG = 1024  # the kernel caps it at net.core.somaxconn (4096 on current kernels)
 
@@ -163,8 +165,12 @@ class SocketHookServer:
             # was deciding, or FreeSWITCH gave up on the hook; the dialplan applies the fail mode.
             log.warning("socket hook: channel %s ended its session before a decision: %s", session.uuid, exc)
 
-    def decide(self, logon: str, number: str, uuid: str) -> bool:
-        """True when the call may go on; applies the fail mode when no decision can be made."""
+    def decide(self, logon: str, number: str, uuid: str) -> bool | None:
+        """True when the call may go on, False when it is denied.
+
+        When no decision can be made the fail mode applies: ``open`` answers True, ``closed`` None
+        (the call is rejected as undecided, 503, like the dialplan's own fail mode, not as denied).
+        """
         if not logon or not number:
             # FreeSWITCH did not authenticate the caller (a trunk, a gateway, an internal leg):
             # no log-on's call, so nothing the licence rules manage.
@@ -177,7 +183,7 @@ class SocketHookServer:
             log.error(
                 "socket hook cannot decide channel %s of %s to %s: %s; %s", uuid, logon, number, exc, action
             )
-            return self.fail_open
+            return True if self.fail_open else None
 
     def ring(self, number: str, domain: str) -> tuple[str, str]:
         """``(result, dial string)`` for a call to call number ``number`` (see the module docstring)."""
@@ -215,13 +221,18 @@ class _HookSession:
             self._inbound(uuid, channel)
             return
         logon, number = caller_logon(channel), dialled_number(channel)
-        self.decided = self.server.decide(logon, number, uuid)
-        if self.decided:
+        verdict = self.server.decide(logon, number, uuid)
+        self.decided = bool(verdict)
+        if verdict:
             self._request(f"api uuid_setvar {uuid} {VERDICT_VARIABLE} allowed")
             self._request("resume")
         else:
-            self._request(f"api uuid_setvar {uuid} {VERDICT_VARIABLE} denied")
-            self._request(f"sendmsg {uuid}\ncall-command: hangup\nhangup-cause: {HANGUP_CAUSE}")
+            # Denied (603), or undecided with fail_mode closed (503, as the dialplan's fail mode).
+            state, cause = (
+                ("denied", HANGUP_CAUSE) if verdict is False else ("unreachable", UNAVAILABLE_CAUSE)
+            )
+            self._request(f"api uuid_setvar {uuid} {VERDICT_VARIABLE} {state}")
+            self._request(f"sendmsg {uuid}\ncall-command: hangup\nhangup-cause: {cause}")
         with contextlib.suppress(PbxConnectionError):  # FreeSWITCH may close first once the channel is gone
             self._request("exit")
 
