@@ -172,3 +172,12 @@ def test_numbers_with_regex_characters_are_escaped() -> None:
     emergency = condition(extensions(xml)[0], "destination_number")
     assert emergency.search("*112") and emergency.search("+49112")
     assert not emergency.search("49112") and not emergency.search("x112")
+
+
+def test_enforce_esl_routes_placed_calls_without_asking_the_hook() -> None:
+    """With enforce = esl no hook server runs, so placed calls must not wait on one (or fail closed)."""
+    exts = {e.get("name"): e for e in extensions(render_dialplan(settings(**{"freeswitch.enforce": "esl"})))}
+    assert "forum_bridge_hook" not in exts
+    assert "forum_bridge_emergency_blocked" in exts  # the in-dialplan emergency rule stays
+    both = {e.get("name") for e in extensions(render_dialplan(settings(**{"freeswitch.enforce": "both"})))}
+    assert "forum_bridge_hook" in both

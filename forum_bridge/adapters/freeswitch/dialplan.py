@@ -126,6 +126,34 @@ def _unreachable(fail_mode: str) -> str:
     )
 
 
+_NO_HOOK = """\
+  <!-- 2. enforce = "esl": no call waits on the bridge here; it decides each call from the event
+       socket and hangs up those the rules refuse (uuid_kill). -->
+
+"""
+
+
+def _hook(others: str, target: str, wait: int) -> str:
+    return f"""\
+  <!-- 2. Every other call asks the bridge once, for at most {wait} s (the scheduled transfer ends a
+       wait on a hung bridge). The bridge hangs up a denied call itself; for an allowed call it sets
+       forum_bridge_verdict=allowed and the call is routed again. -->
+  <extension name="forum_bridge_hook">
+    <condition field="${{forum_bridge_verdict}}" expression="^$"/>
+    <condition field="destination_number" expression="{others}">
+      <action application="set" data="forum_bridge_verdict=unreachable"/>
+      <action application="set" data="socket_resume=true"/>
+      <action application="sched_transfer" data="+{wait} ${{destination_number}} XML ${{context}}"/>
+      <action application="set" data="forum_bridge_timer=${{last_sched_id}}"/>
+      <action application="socket" data="{target} async full"/>
+      <action application="sched_cancel" data="${{forum_bridge_timer}}"/>
+      <action application="transfer" data="${{destination_number}} XML ${{context}}"/>
+    </condition>
+  </extension>
+
+"""
+
+
 def render_dialplan(settings: Settings) -> str:
     """The dialplan snippet for these settings (``forum-bridge dialplan freeswitch`` prints it)."""
     numbers = settings.emergency.all_numbers()
@@ -148,6 +176,7 @@ def render_dialplan(settings: Settings) -> str:
         f"${{hash(select/{HASH_REALM}/{ALIVE_PREFIX}{now})}}${{hash(select/{HASH_REALM}/{ALIVE_FOREVER})}}"
     )
     blocked = f"${{hash(select/{HASH_REALM}/{BLOCKED_PREFIX}${{forum_bridge_caller}})}}"
+    hook = _hook(others, target, wait) if fs.enforce != "esl" else _NO_HOOK
     if settings.block_after_failed_logon:
         block_rule = "a log-on whose latest log-on failed may not call them"
     else:
@@ -182,23 +211,7 @@ def render_dialplan(settings: Settings) -> str:
     </condition>
   </extension>
 
-  <!-- 2. Every other call asks the bridge once, for at most {wait} s (the scheduled transfer ends a
-       wait on a hung bridge). The bridge hangs up a denied call itself; for an allowed call it sets
-       forum_bridge_verdict=allowed and the call is routed again. -->
-  <extension name="forum_bridge_hook">
-    <condition field="${{forum_bridge_verdict}}" expression="^$"/>
-    <condition field="destination_number" expression="{others}">
-      <action application="set" data="forum_bridge_verdict=unreachable"/>
-      <action application="set" data="socket_resume=true"/>
-      <action application="sched_transfer" data="+{wait} ${{destination_number}} XML ${{context}}"/>
-      <action application="set" data="forum_bridge_timer=${{last_sched_id}}"/>
-      <action application="socket" data="{target} async full"/>
-      <action application="sched_cancel" data="${{forum_bridge_timer}}"/>
-      <action application="transfer" data="${{destination_number}} XML ${{context}}"/>
-    </condition>
-  </extension>
-
-  <!-- 3. An emergency call: who did FreeSWITCH authenticate (digest user, else directory user;
+{hook}  <!-- 3. An emergency call: who did FreeSWITCH authenticate (digest user, else directory user;
        never the From user)? Is that log-on blocked by a failed log-on, and is the bridge's word on
        that still fresh? Looked up inline, in mod_hash, without the bridge. -->
   <extension name="forum_bridge_emergency_caller" continue="true">
