@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from forum_bridge.batching import SUMMARY_KIND, FailureDigest, Summary, apply_run
 from forum_bridge.config import Settings
 from forum_bridge.core.events import (
     CallEnded,
@@ -193,6 +195,8 @@ class BridgeService:
         )
         self._next_prune = 0.0  # monotonic time of the next prune_if_due; 0: at the first call
         self._prune_failing = False
+        # Failed log-ons of unknown log-ons (SIP scanners) are counted, not written one by one.
+        self.failure_digest = FailureDigest()
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -283,6 +287,53 @@ class BridgeService:
                 ops.end_call(session, self.node, event.channel)
         return Outcome()
 
+    def apply_batch(self, events: Sequence[Event], *, enforce: bool = True) -> list[Outcome]:
+        """Apply events in order, in as few transactions as possible; one Outcome per event.
+
+        The effects, log lines and Outcomes are those of :meth:`apply` called for each event in turn.
+        Runs of registration and security events share one transaction (a registration storm is
+        thousands of them); each call start is decided in its own, as :meth:`apply` does. When a
+        run's transaction fails, its events are applied one by one, so that one bad event cannot
+        cost the others; StoreError is raised only when the database itself keeps failing.
+        """
+        outcomes: list[Outcome] = []
+        run: list[Event] = []
+        for event in events:
+            if isinstance(event, CallStarted):
+                outcomes += self._apply_run(run)
+                run = []
+                outcomes.append(self.apply(event, enforce=enforce))
+            else:
+                run.append(event)
+        outcomes += self._apply_run(run)
+        return outcomes
+
+    def _apply_run(self, events: Sequence[Event]) -> list[Outcome]:
+        if not events:
+            return []
+        try:
+            with self.database.transaction() as session:
+                return apply_run(self, session, events)
+        except StoreError as exc:
+            if len(events) == 1:
+                raise
+            service_log.warning(
+                "could not apply %d events together (%s); applying them one by one", len(events), exc
+            )
+        outcomes: list[Outcome] = []
+        failures = 0
+        for event in events:
+            try:
+                outcomes.append(self.apply(event))
+                failures = 0
+            except StoreError:
+                failures += 1
+                if failures >= 3:
+                    raise  # the database itself is failing, not one event
+                service_log.exception("dropped one %s the database refused", type(event).__name__)
+                outcomes.append(Outcome())
+        return outcomes
+
     def _block_cleared(self, subscriber: SubscriberRow | None) -> bool | None:
         """Clear a failed log-on's block; False when that lifted a block the PBX must forget."""
         if subscriber is None or not subscriber.last_logon_failed:
@@ -312,9 +363,19 @@ class BridgeService:
             return False
         return ops.release(session, logon, at, reason, self.node) is not None
 
-    def _logon_failed(self, session: Session, event: LogonFailed) -> Outcome:
-        subscriber = session.get(SubscriberRow, event.logon)
-        managed = subscriber is not None
+    def record_failure(self, session: Session, event: LogonFailed, *, managed: bool) -> None:
+        """Audit and log one failed log-on; failures of unknown log-ons beyond a budget are counted.
+
+        A flood of failures for log-ons that are not provisioned (a SIP scanner) writes at most
+        :data:`~forum_bridge.batching.DIGEST_INDIVIDUAL` rows and WARNING lines per window, then one
+        summary row and line per window; a managed log-on's failure is always written.
+        """
+        if not managed:
+            write, ended = self.failure_digest.note(event, event.at)
+            if ended is not None:
+                self._write_summary(session, ended)
+            if not write:
+                return
         ops.audit(
             session,
             event.at,
@@ -332,6 +393,41 @@ class BridgeService:
             managed,
             self.node,
         )
+
+    def _write_summary(self, session: Session, summary: Summary) -> None:
+        ops.audit(
+            session,
+            summary.end,
+            SUMMARY_KIND,
+            logon=summary.names[0] if summary.names else "",
+            reason="unknown_user",
+            node=self.node,
+            detail=summary.detail(),
+        )
+        service_log.warning(
+            "log-on failed for unknown log-ons: %d more since %s, %s%d distinct names, sample=%s"
+            " sources=%s node=%s",
+            summary.count,
+            iso(summary.start),
+            "" if summary.distinct_exact else "at least ",
+            summary.distinct,
+            ",".join(summary.names),
+            ",".join(f"{source}x{count}" for source, count in summary.sources),
+            self.node,
+        )
+
+    def flush_failure_summary(self, now: datetime | None = None) -> bool:
+        """Write the summary of a failure window that has ended (the sweep calls this); True if one was."""
+        summary = self.failure_digest.due(now or self.clock())
+        if summary is None:
+            return False
+        with self.database.transaction() as session:
+            self._write_summary(session, summary)
+        return True
+
+    def _logon_failed(self, session: Session, event: LogonFailed) -> Outcome:
+        subscriber = session.get(SubscriberRow, event.logon)
+        self.record_failure(session, event, managed=subscriber is not None)
         if subscriber is None:
             return Outcome()
         was_failed = subscriber.last_logon_failed
@@ -515,9 +611,14 @@ class BridgeService:
 
     # --- clocks, resync, reset ----------------------------------------------------------------
 
-    def expire_keepalives(self) -> list[str]:
-        """Log off every contact of this node that missed its keepalive; return the log-ons freed."""
-        now = self.clock()
+    def expire_keepalives(self, now: datetime | None = None) -> list[str]:
+        """Log off every contact of this node that missed its keepalive; return the log-ons freed.
+
+        ``now`` is the moment up to which the adapter has applied every event it received (default:
+        the clock): a keepalive received in time but still queued behind a flood must not count as
+        missed.
+        """
+        now = self.clock() if now is None else min(now, self.clock())
         freed: list[str] = []
         with self.database.transaction() as session:
             # The sweep runs every few seconds: it also catches pool changes made by one-shot
@@ -779,13 +880,32 @@ class BridgeService:
             return self._status(session, now, history_hours, failures)
 
     def _status(self, session: Session, now: datetime, history_hours: int, failures: int) -> dict[str, Any]:
+        # Plain rows rather than ORM objects: with 10,000 subscribers building objects dominated.
         subscribers = {
-            row.logon: row for row in session.scalars(select(SubscriberRow).order_by(SubscriberRow.logon))
+            logon: (number, profile, failed, failure_at)
+            for logon, number, profile, failed, failure_at in session.execute(
+                select(
+                    SubscriberRow.logon,
+                    SubscriberRow.number,
+                    SubscriberRow.profile,
+                    SubscriberRow.last_logon_failed,
+                    SubscriberRow.last_failure_at,
+                ).order_by(SubscriberRow.logon)
+            )
         }
         licences = list(session.scalars(select(LicenceRow).order_by(LicenceRow.slot)))
         holders = {row.logon: row for row in licences if row.logon}
-        registrations: dict[str, list[RegistrationRow]] = {}
-        for reg in session.scalars(select(RegistrationRow).order_by(RegistrationRow.last_seen.desc())):
+        registrations: dict[str, list[Any]] = {}
+        for reg in session.execute(
+            select(
+                RegistrationRow.logon,
+                RegistrationRow.contact,
+                RegistrationRow.user_agent,
+                RegistrationRow.source,
+                RegistrationRow.node,
+                RegistrationRow.last_seen,
+            ).order_by(RegistrationRow.last_seen.desc(), RegistrationRow.id)
+        ):
             registrations.setdefault(reg.logon, []).append(reg)
         used = len(holders)
         pool = ops.PoolCounts(
@@ -795,15 +915,15 @@ class BridgeService:
             reserved_used=sum(1 for logon in holders if logon in subscribers and subscribers[logon].reserved),
         )
         subscriber_docs = []
-        for logon, sub in subscribers.items():
+        for logon, (number, profile, last_failed, failure_at) in subscribers.items():
             regs = registrations.get(logon, [])
             latest = regs[0] if regs else None
-            state = "logon_failed" if sub.last_logon_failed else ("logged_on" if regs else "logged_off")
+            state = "logon_failed" if last_failed else ("logged_on" if regs else "logged_off")
             subscriber_docs.append(
                 {
                     "logon": logon,
-                    "number": sub.number,
-                    "profile": sub.profile,
+                    "number": number,
+                    "profile": profile,
                     "state": state,
                     "licensed": logon in holders,
                     "reserved": sub.reserved,
@@ -813,7 +933,7 @@ class BridgeService:
                     "user_agent": latest.user_agent if latest else None,
                     "source": latest.source if latest else None,
                     "node": latest.node if latest else None,
-                    "last_failure": iso(sub.last_failure_at),
+                    "last_failure": iso(failure_at),
                 }
             )
         unmanaged = [
@@ -830,7 +950,7 @@ class BridgeService:
         ]
         failed = session.scalars(
             select(AuditRow)
-            .where(AuditRow.kind == "logon_failed")
+            .where(AuditRow.kind.in_(("logon_failed", SUMMARY_KIND)))
             .order_by(AuditRow.id.desc())
             .limit(failures)
         )
@@ -858,7 +978,7 @@ class BridgeService:
                 {
                     "slot": row.slot,
                     "logon": row.logon,
-                    "number": subscribers[row.logon].number if row.logon in subscribers else None,
+                    "number": subscribers[row.logon][0] if row.logon in subscribers else None,
                     "since": iso(row.since),
                     "node": row.node,
                 }
@@ -867,10 +987,7 @@ class BridgeService:
             ],
             "subscribers": subscriber_docs,
             "unmanaged": unmanaged,
-            "failed_logons": [
-                {"at": iso(a.at), "logon": a.logon, "reason": a.reason, "source": a.detail, "node": a.node}
-                for a in failed
-            ],
+            "failed_logons": [_failure_doc(a) for a in failed],
             "calls": [
                 {
                     "channel": c.channel,
@@ -883,6 +1000,53 @@ class BridgeService:
                 for c in calls
             ],
             "usage_history": history,
+        }
+
+    def counts(self) -> dict[str, Any]:
+        """The numbers of the status summary from count queries alone (``/metrics`` reads this).
+
+        ``licences`` (total, used, free), ``subscribers`` by state (as in the status document) and
+        ``unmanaged`` endpoints, without reading a row per subscriber.
+        """
+        with self.database.transaction() as session:
+            total, used = ops.licence_counts(session)
+            registered = select(RegistrationRow.logon).distinct().subquery()
+            managed = session.scalar(select(func.count()).select_from(SubscriberRow)) or 0
+            failed = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(SubscriberRow)
+                    .where(SubscriberRow.last_logon_failed.is_(True))
+                )
+                or 0
+            )
+            logged_on = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(SubscriberRow)
+                    .where(
+                        SubscriberRow.last_logon_failed.is_(False),
+                        SubscriberRow.logon.in_(select(registered.c.logon)),
+                    )
+                )
+                or 0
+            )
+            unmanaged = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(registered)
+                    .where(registered.c.logon.not_in(select(SubscriberRow.logon)))
+                )
+                or 0
+            )
+        return {
+            "licences": {"total": total, "used": used, "free": total - used},
+            "subscribers": {
+                "logged_on": logged_on,
+                "logged_off": managed - failed - logged_on,
+                "logon_failed": failed,
+            },
+            "unmanaged": unmanaged,
         }
 
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -902,3 +1066,34 @@ class BridgeService:
                 }
                 for r in rows
             ]
+
+
+def _failure_doc(row: AuditRow) -> dict[str, Any]:
+    """One entry of the status document's ``failed_logons``: a failure, or a summary of many.
+
+    A summary (failures of unknown log-ons beyond the per-window budget) carries ``count`` > 1, the
+    number of ``distinct`` names, a ``sample`` of them and its ``since``; ``source`` is the busiest
+    source. Single failures have ``count`` 1.
+    """
+    doc: dict[str, Any] = {
+        "at": iso(row.at),
+        "logon": row.logon,
+        "reason": row.reason,
+        "source": row.detail,
+        "node": row.node,
+        "count": 1,
+    }
+    if row.kind == SUMMARY_KIND:
+        try:
+            detail = json.loads(row.detail)
+            sources = detail.get("sources") or []
+            doc.update(
+                source=str(sources[0][0]) if sources else "",
+                count=int(detail["count"]),
+                distinct=int(detail.get("distinct", 0)),
+                sample=[str(name) for name in detail.get("names", [])],
+                since=iso(datetime.fromisoformat(str(detail["since"]))),
+            )
+        except (ValueError, KeyError, TypeError, IndexError):
+            doc["source"] = ""
+    return doc

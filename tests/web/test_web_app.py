@@ -433,6 +433,7 @@ def test_database_failure_gives_503_and_a_log_line(
         raise StoreError("database error: disk I/O error")
 
     monkeypatch.setattr(bridge.service, "status", broken)
+    monkeypatch.setattr(bridge.service, "counts", broken)  # what /metrics reads
     client = client_for(bridge.serve())
     assert client.request("/").status == 503
     assert client.request("/status.json").json()["error"] == "unavailable"

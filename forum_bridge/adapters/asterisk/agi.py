@@ -100,13 +100,14 @@ class FastAgiServer:
         read_timeout: float = 5.0,
         decision_timeout: float | None = None,
         max_clients: int = _MAX_CLIENTS,
-        before_decision: Callable[[float], Awaitable[object]] | None = None,
+        before_decision: Callable[[float, str | None], Awaitable[object]] | None = None,
         decisions: RecentDecisions | None = None,
     ) -> None:
         """Prepare the server; :meth:`start` binds it.
 
-        ``before_decision(timeout)`` is awaited before each decision: the runner passes the AMI
-        listener's ``caught_up``, so a decision sees the events Asterisk sent just before the call.
+        ``before_decision(timeout, logon)`` is awaited before each decision: the runner passes the
+        AMI listener's ``caught_up``, so a decision sees the events Asterisk sent just before the
+        call (``logon`` is the caller's log-on for an outbound call, None for an inbound one).
         ``decisions`` is shared with the AMI listener so a call leg is decided once.
         """
         self._settings = settings
@@ -258,7 +259,7 @@ class FastAgiServer:
         if logon is None:
             # Not a PJSIP phone (a Local channel, a trunk of another technology): not managed.
             return [("FORUM_BRIDGE_RESULT", "allow"), ("FORUM_BRIDGE_REASON", Reason.UNMANAGED.value)]
-        await self._catch_up()
+        await self._catch_up(logon)
         known = self._decisions.call(channel) if self._decisions is not None else None
         try:
             if known is not None:
@@ -306,10 +307,10 @@ class FastAgiServer:
             answers.insert(0, ("FORUM_BRIDGE_DIAL", "&".join(f"PJSIP/{logon}" for logon in allowed)))
         return answers
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, logon: str | None = None) -> None:
         if self._before_decision is not None:
             try:
-                await self._before_decision(min(_CATCH_UP, self.decision_timeout / 2))
+                await self._before_decision(min(_CATCH_UP, self.decision_timeout / 2), logon)
             except Exception:  # only an optimisation: never let it cost the answer
                 log.exception("waiting for pending PBX events failed")
 

@@ -15,7 +15,13 @@ dispatch. Its connection management is unfit for a service and is replaced here:
   across two reads; the protocol subclass decodes incrementally first. It also bounds the size of
   an unfinished frame, which panoramisk would buffer without limit.
 
-Service calls are synchronous SQL: they run in one worker thread, in the order the frames came.
+Service calls are synchronous SQL: they run in one worker thread. Frames the bridge has no use for
+are dropped on receipt; the others are stamped with the time they arrived (the time the event
+happened, as far as the bridge can tell, however long the queue) and applied in batches, one
+transaction per batch (:meth:`BridgeService.apply_batch`), in the order they came. One exception to
+the order: when the FastAGI hook is about to decide a call of a log-on, that log-on's queued frames
+are applied first (in their own order), so the decision sees the phone's latest REGISTER without
+waiting for a whole registration storm to drain.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import functools
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,11 +44,14 @@ from panoramisk import Manager
 from panoramisk.ami_protocol import AMIProtocol
 
 from forum_bridge.adapters.asterisk.events import (
+    EVENT_NAMES,
+    MAPPED_HEADERS,
     AmiEventMapper,
     call_snapshot,
     contact_registration,
     event_time,
     headers_of,
+    logon_of_channel,
 )
 from forum_bridge.config import Settings
 from forum_bridge.core.events import CallStarted, Direction, Event, Keepalive, LoggedOn
@@ -70,9 +79,13 @@ HANGUP_CAUSE_UNAVAILABLE = 34
 """Q.850 NO_CIRCUIT_AVAILABLE: 503, for a call hung up because the bridge could not decide it."""
 
 _MAX_FRAME = 1 << 20  # bytes of one unfinished frame; far above any real AMI event
-_MAX_BACKLOG = 20_000  # queued frames before the listener gives up on them and resyncs instead
+_MAX_BACKLOG = 30_000  # queued frames before the listener gives up on them and resyncs instead
+_BATCH = 500  # frames applied in one transaction: big enough for a storm, short enough for the hook
 _RECONNECT_MIN = 0.5
-_UNKNOWN_RESYNC_DELAY = 1.0  # a first REGISTER's ContactStatus follows its SuccessfulAuth within ms
+# A first REGISTER's ContactStatus follows its SuccessfulAuth within milliseconds; a log-on whose
+# ContactStatus has not *arrived* this long after its SuccessfulAuth arrived (however long the queue
+# takes to apply them) is one the PBX and the bridge really disagree about.
+_UNKNOWN_RESYNC_DELAY = 1.0
 _UNKNOWN_RESYNC_MIN_INTERVAL = 5.0
 _NO_CONTACTS = "no contacts found"
 
@@ -156,10 +169,26 @@ class _Resync:
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Frame:
-    message: Mapping[str, Any]
-    received: datetime
+    """A queued event frame: only the headers the mapper reads, and when and in what order it came."""
+
+    seq: int
+    headers: dict[str, str]
+    received: datetime  # the service clock at receipt: the time the event is applied as
+    arrived: float  # time.monotonic() at receipt
+    logon: str  # the log-on the frame is about ("" when none): the hook's fast lane
+
+
+_SECURITY_EVENTS = frozenset({"SuccessfulAuth", "ChallengeResponseFailed", "InvalidAccountID"})
+
+
+def _logon_of(name: str, headers: Mapping[str, str]) -> str:
+    if name in _SECURITY_EVENTS:
+        return headers.get("accountid", "").strip()
+    if name == "ContactStatus":
+        return headers.get("endpointname", "").strip() or headers.get("aor", "").strip()
+    return logon_of_channel(headers.get("channel", "")) or ""
 
 
 class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk ships no type information
@@ -305,7 +334,12 @@ class AmiListener:
         self._on_blocked = on_blocked
         self._mapper = AmiEventMapper(number_of=self._number_of)
         self._manager: _Manager | None = None
-        self._queue: asyncio.Queue[_Frame | _Resync] = asyncio.Queue()
+        self._queue: deque[_Frame | _Resync] = deque()
+        self._wake = asyncio.Event()
+        # Sequence numbers of the queued frames of each log-on, oldest first (the hook's fast lane).
+        self._pending: dict[str, deque[int]] = {}
+        self._urgent: set[str] = set()
+        self._inflight: tuple[int, datetime] | None = None  # oldest frame of the batch being applied
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
         self._state = "new"  # new -> up <-> down
@@ -314,14 +348,15 @@ class AmiListener:
         self._failures = 0  # sessions since the last good resync, for the backoff
         self._resync_error_logged = False
         self._db_failing = False
-        self._unknown_logons: set[str] = set()
+        self._unknown_logons: dict[str, float] = {}  # log-on -> when its SuccessfulAuth arrived
         self._resync_timer: asyncio.Task[None] | None = None
         self._last_resync = float("-inf")
         self.connected = False
         self.logins = 0
         self.resyncs = 0
-        self.received = 0  # event frames queued
-        self.frames = 0  # event frames applied (or given up on)
+        self.received = 0  # event frames received
+        self.frames = 0  # event frames done: applied, dropped as of no interest, or given up on
+        self.batches = 0  # transactions of queued frames
         self.hangups_sent: list[str] = []
         self.last_resync: ResyncReport | None = None
 
@@ -434,7 +469,7 @@ class AmiListener:
                     f"Asterisk did not accept the AMI login now ({message or 'no reason given'})"
                 )
             self._mark_up()
-            self._queue.put_nowait(_Resync("login"))
+            self._enqueue(_Resync("login"))
             pinger = asyncio.create_task(self._pinger(manager), name="forum-bridge-ami-ping")
             running: set[asyncio.Future[Any]] = {lost, stopping}
             await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -586,50 +621,150 @@ class AmiListener:
         try:
             if manager is not self._manager:
                 return
-            if self._queue.qsize() >= _MAX_BACKLOG:
-                self._overflow()
             self.received += 1
-            self._queue.put_nowait(_Frame(message, datetime.now(UTC)))
+            headers = headers_of(message)
+            name = headers.get("event", "").strip()
+            logon = _logon_of(name, headers)
+            service = headers.get("service", "PJSIP").strip().upper()
+            if name not in EVENT_NAMES or logon == "<unknown>" or service != "PJSIP":
+                # Of no use to the bridge (ChallengeSent, PeerStatus, Newexten, a failure without a
+                # name...): done at once, never queued.
+                self.frames += 1
+                return
+            if len(self._queue) >= _MAX_BACKLOG:
+                self._overflow()
+            frame = _Frame(
+                seq=self.received,
+                headers={k: v for k, v in headers.items() if k in MAPPED_HEADERS},
+                received=self._service.clock(),
+                arrived=time.monotonic(),
+                logon=logon,
+            )
+            self._enqueue(frame)
         except Exception:
+            self.frames += 1
             log.exception("could not queue an AMI event")
 
+    def _enqueue(self, item: _Frame | _Resync) -> None:
+        self._queue.append(item)
+        if isinstance(item, _Frame) and item.logon:
+            self._pending.setdefault(item.logon, deque()).append(item.seq)
+        self._wake.set()
+
     def _overflow(self) -> None:
-        dropped = 0
-        with contextlib.suppress(asyncio.QueueEmpty):
-            while True:
-                if isinstance(self._queue.get_nowait(), _Frame):
-                    dropped += 1
+        dropped = sum(1 for item in self._queue if isinstance(item, _Frame))
+        self._queue.clear()
+        self._pending.clear()
         self.frames += dropped
         log.error("%d AMI events queued faster than they could be applied; dropped them, resyncing", dropped)
-        self._queue.put_nowait(_Resync("backlog"))
+        self._enqueue(_Resync("backlog"))
 
-    async def caught_up(self, timeout: float) -> bool:
-        """Wait (at most ``timeout``) until every frame received so far has been applied.
+    def _oldest_unapplied(self) -> tuple[int, datetime] | None:
+        """(sequence number, receipt time) of the oldest frame not applied yet, or None."""
+        oldest = self._inflight
+        for item in self._queue:
+            if isinstance(item, _Frame):
+                if oldest is None or item.seq < oldest[0]:
+                    oldest = (item.seq, item.received)
+                break
+        return oldest
+
+    def done_upto(self) -> int:
+        """Every event frame with a sequence number up to this one has been applied (or dropped)."""
+        oldest = self._oldest_unapplied()
+        return self.received if oldest is None else oldest[0] - 1
+
+    def watermark(self) -> datetime | None:
+        """When the oldest frame not applied yet arrived: the state is complete up to then.
+
+        None when nothing is waiting. The keepalive clock judges at this time, not at the wall
+        clock: a REGISTER refresh that arrived in time is never counted as missed because a flood
+        queued in front of it.
+        """
+        oldest = self._oldest_unapplied()
+        return None if oldest is None else oldest[1]
+
+    async def caught_up(self, timeout: float, logon: str | None = None) -> bool:
+        """Wait (at most ``timeout``) until the frames received so far have been applied.
 
         The hook calls this before deciding, so that it sees what Asterisk reported just before
         the call (a failed log-on, a keepalive, a new contact); False when the deadline passed.
+        With ``logon``, only that log-on's frames count, and they are applied ahead of the rest of
+        the queue: a call placed during a registration storm waits for one batch, not the storm.
         """
-        target = self.received
+        if logon is None:
+            target = self.received
+            predicate: Callable[[], bool] = lambda: self.done_upto() >= target  # noqa: E731
+        else:
+            queued = self._pending.get(logon)
+            if not queued:
+                return True
+            last = queued[-1]
+            self._urgent.add(logon)
+            self._wake.set()
+
+            def predicate() -> bool:
+                remaining = self._pending.get(logon)
+                return not remaining or remaining[0] > last
+
         try:
-            await self.wait_until(lambda: self.frames >= target, timeout)
+            await self.wait_until(predicate, timeout)
         except TimeoutError:
             return False
         return True
 
+    def _take(self) -> list[_Frame] | _Resync:
+        """The next work item: the urgent log-ons' frames, a resync marker, or a batch of frames."""
+        if self._urgent:
+            wanted, self._urgent = self._urgent, set()
+            picked = [i for i in self._queue if isinstance(i, _Frame) and i.logon in wanted]
+            if picked:
+                self._queue = deque(
+                    i for i in self._queue if not (isinstance(i, _Frame) and i.logon in wanted)
+                )
+                return picked
+        first = self._queue.popleft()
+        if isinstance(first, _Resync):
+            return first
+        batch = [first]
+        while self._queue and len(batch) < _BATCH and isinstance(self._queue[0], _Frame):
+            item = self._queue.popleft()
+            assert isinstance(item, _Frame)
+            batch.append(item)
+        return batch
+
     async def _worker(self) -> None:
         while True:
-            item = await self._queue.get()
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            item = self._take()
             try:
                 if isinstance(item, _Resync):
                     await self._resync_item(item)
                 else:
+                    oldest = min(item, key=lambda f: f.seq)
+                    self._inflight = (oldest.seq, oldest.received)
                     await self._process(item)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("unexpected error while applying an AMI event; dropped it")
+                log.exception("unexpected error while applying AMI events; dropped them")
             finally:
+                if not isinstance(item, _Resync):
+                    self._done(item)
+                self._inflight = None
                 self._notify()
+
+    def _done(self, frames: list[_Frame]) -> None:
+        self.frames += len(frames)
+        for frame in frames:
+            queued = self._pending.get(frame.logon)
+            if queued and queued[0] == frame.seq:
+                queued.popleft()
+                if not queued:
+                    del self._pending[frame.logon]
 
     async def _resync_item(self, item: _Resync) -> None:
         if not self.connected:
@@ -663,47 +798,82 @@ class AmiListener:
     async def _retry_resync(self) -> None:
         await asyncio.sleep(self._resync_retry_delay())
         if self.connected:
-            self._queue.put_nowait(_Resync("retry"))
+            self._enqueue(_Resync("retry"))
 
-    async def _process(self, frame: _Frame) -> None:
+    async def _process(self, frames: list[_Frame]) -> None:
+        results = await self._in_db(self._apply_frames, frames)
+        self.batches += 1
+        now = datetime.now(UTC)
+        for frame, applied in zip(frames, results, strict=True):
+            if applied is None:
+                continue
+            event, outcome = applied
+            stamped = event_time(frame.headers)
+            if stamped is not None and self._observer is not None:
+                with contextlib.suppress(Exception):
+                    self._observer.observe_event_lag((now - stamped).total_seconds())
+            if outcome.blocked is not None:
+                self._blocked_changed(event, outcome.blocked)
+            if isinstance(event, LoggedOn):
+                self._unknown_logons.pop(event.logon, None)
+            if outcome.unknown_registration and isinstance(event, Keepalive):
+                self._unknown_logons.setdefault(event.logon, frame.arrived)
+                self._schedule_unknown_resync()
+            if outcome.hangup and isinstance(event, CallStarted) and not self._spare_emergency_call(event):
+                # No decision means the database failed: 503 like the dialplan's fail mode, not 403.
+                cause = HANGUP_CAUSE_REJECTED if outcome.decision is not None else HANGUP_CAUSE_UNAVAILABLE
+                self._spawn(self.hangup(event.channel, cause))
+
+    def _apply_frames(self, frames: list[_Frame]) -> list[tuple[Event, Outcome] | None]:
+        """Map and apply a batch in order (in the database thread); None for frames that mean nothing.
+
+        Registration and security events go to the service together; a call start is decided on
+        its own, with the events before it applied first. Never raises.
+        """
+        results: list[tuple[Event, Outcome] | None] = [None] * len(frames)
+        run: list[tuple[int, Event]] = []
+        for index, frame in enumerate(frames):
+            try:
+                event = self._mapper.map(frame.headers, frame.received)
+            except Exception as exc:
+                log.warning(
+                    "dropped a malformed AMI frame (%s): event=%r", exc, frame.headers.get("event", "")[:64]
+                )
+                continue
+            if event is None:
+                continue
+            if isinstance(event, CallStarted):
+                self._apply_run(run, results)
+                run = []
+                results[index] = self._apply_frame(event)
+            else:
+                run.append((index, event))
+        self._apply_run(run, results)
+        return results
+
+    def _apply_run(self, run: list[tuple[int, Event]], results: list[tuple[Event, Outcome] | None]) -> None:
+        if not run:
+            return
         try:
-            headers = headers_of(frame.message)
+            outcomes = self._service.apply_batch([event for _, event in run])
+        except StoreError as exc:
+            for index, event in run:
+                results[index] = (event, self._store_failed(event, exc, False))
+            return
         except Exception:
-            self.frames += 1
-            log.warning("dropped an unreadable AMI frame")
+            log.exception("could not apply %d AMI events; dropped them", len(run))
             return
-        try:
-            applied = await self._in_db(self._apply_frame, headers)
-        finally:
-            self.frames += 1
-        if applied is None:
-            return
-        event, outcome = applied
-        stamped = event_time(headers)
-        if stamped is not None and self._observer is not None:
-            with contextlib.suppress(Exception):
-                self._observer.observe_event_lag((datetime.now(UTC) - stamped).total_seconds())
-        if outcome.blocked is not None:
-            self._blocked_changed(event, outcome.blocked)
-        if isinstance(event, LoggedOn):
-            self._unknown_logons.discard(event.logon)
-        if outcome.unknown_registration and isinstance(event, Keepalive):
-            self._unknown_logons.add(event.logon)
-            self._schedule_unknown_resync()
-        if outcome.hangup and isinstance(event, CallStarted) and not self._spare_emergency_call(event):
-            # No decision means the database failed: 503 like the dialplan's fail mode, not 403.
-            cause = HANGUP_CAUSE_REJECTED if outcome.decision is not None else HANGUP_CAUSE_UNAVAILABLE
-            self._spawn(self.hangup(event.channel, cause))
+        self._database_ok()
+        for (index, event), outcome in zip(run, outcomes, strict=True):
+            results[index] = (event, outcome)
 
-    def _apply_frame(self, headers: dict[str, str]) -> tuple[Event, Outcome] | None:
-        """Map and apply one frame (in the database thread). Never raises."""
-        try:
-            event = self._mapper.map(headers, self._service.clock())
-        except Exception as exc:
-            log.warning("dropped a malformed AMI frame (%s): event=%r", exc, headers.get("event", "")[:64])
-            return None
-        if event is None:
-            return None
+    def _database_ok(self) -> None:
+        if self._db_failing:
+            self._db_failing = False
+            log.info("database is back")
+
+    def _apply_frame(self, event: Event) -> tuple[Event, Outcome]:
+        """Apply one call start (in the database thread). Never raises."""
         enforce = self._enforce and isinstance(event, CallStarted)
         decisions = self._decisions
         if (
@@ -718,11 +888,12 @@ class AmiListener:
             outcome = self._service.apply(event, enforce=enforce)
         except StoreError as exc:
             return event, self._store_failed(event, exc, enforce)
+        except Exception:
+            log.exception("could not apply %s; dropped it", type(event).__name__)
+            return event, Outcome()
         if enforce and decisions is not None and isinstance(event, CallStarted) and outcome.decision:
             decisions.record_call(event.channel, outcome.decision)
-        if self._db_failing:
-            self._db_failing = False
-            log.info("database is back")
+        self._database_ok()
         return event, outcome
 
     def _spare_emergency_call(self, event: CallStarted) -> bool:
@@ -785,18 +956,31 @@ class AmiListener:
         self._resync_timer = asyncio.create_task(self._unknown_resync(), name="forum-bridge-ami-resync-timer")
 
     async def _unknown_resync(self) -> None:
-        # A first REGISTER authenticates before its contact exists; wait for the ContactStatus that
-        # follows, and only resync for log-ons that still have no contact then (e.g. after the
-        # bridge logged them off for a missed keepalive while the phone stayed registered).
+        # A first REGISTER authenticates before its contact exists; its ContactStatus arrives right
+        # after. Judge only once every frame that arrived by now is applied, and only log-ons whose
+        # SuccessfulAuth arrived the grace ago: in a storm the ContactStatus may be queued, not
+        # missing. What is left (e.g. a phone the bridge logged off for a missed keepalive while it
+        # stayed registered) really disagrees with Asterisk.
         wait = max(_UNKNOWN_RESYNC_DELAY, self._last_resync + _UNKNOWN_RESYNC_MIN_INTERVAL - time.monotonic())
         await asyncio.sleep(wait)
-        if self._unknown_logons and self.connected:
-            log.info(
-                "keepalive from log-ons without a known contact (%s); resyncing",
-                ", ".join(sorted(self._unknown_logons)),
-            )
+        target = self.received
+        judged_at = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await self.wait_until(lambda: self.done_upto() >= target or not self.connected, 60.0)
+        due = sorted(
+            logon
+            for logon, arrived in self._unknown_logons.items()
+            if arrived <= judged_at - _UNKNOWN_RESYNC_DELAY
+        )
+        if due and self.connected:
+            shown = ", ".join(due[:20]) + (f" and {len(due) - 20} more" if len(due) > 20 else "")
+            log.info("keepalive from log-ons without a known contact (%s); resyncing", shown)
             self._unknown_logons.clear()
-            self._queue.put_nowait(_Resync("unknown registration"))
+            self._enqueue(_Resync("unknown registration"))
+        elif self._unknown_logons and self.connected:
+            self._resync_timer = asyncio.create_task(
+                self._unknown_resync(), name="forum-bridge-ami-resync-timer"
+            )
 
     # --- helpers ---------------------------------------------------------------------------
 

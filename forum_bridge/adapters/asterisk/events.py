@@ -38,6 +38,8 @@ from forum_bridge.service import CallSnapshot
 from forum_bridge.store import Registration
 
 __all__ = [
+    "EVENT_NAMES",
+    "MAPPED_HEADERS",
     "AmiEventMapper",
     "Headers",
     "NumberLookup",
@@ -309,3 +311,32 @@ class AmiEventMapper:
         "Newchannel": _new_channel,
         "Hangup": _hangup,
     }
+
+
+EVENT_NAMES = frozenset(AmiEventMapper._handlers)
+"""The AMI events the mapper turns into something; the listener drops every other frame on receipt."""
+
+MAPPED_HEADERS = frozenset(
+    {
+        "event",
+        "service",
+        "accountid",
+        "remoteaddress",
+        "sessionid",
+        "endpointname",
+        "aor",
+        "uri",
+        "contactstatus",
+        "useragent",
+        "channel",
+        "channelstate",
+        "uniqueid",
+        "linkedid",
+        "calleridnum",
+        "connectedlinenum",
+        "exten",
+        "eventtv",
+        "timestamp",
+    }
+)
+"""Every header (lower case) the mapper or the lag measurement reads; a queued frame keeps only these."""

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 from forum_bridge.adapters.asterisk.agi import FastAgiServer
@@ -98,12 +99,19 @@ class Bridge:
     def _blocked_changed(self, logon: str, blocked: bool) -> None:
         self.emergency.blocked_changed(logon, blocked)
 
+    def _expire(self, now: datetime | None) -> None:
+        self.service.expire_keepalives(now)
+        self.service.flush_failure_summary()
+
     async def _sweep(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         failing = False
         while not stop.is_set():
             try:
-                await loop.run_in_executor(self.executor, self.service.expire_keepalives)
+                # Judged as of the oldest AMI frame not applied yet: a refresh that arrived in time
+                # but waits behind a flood must not count as missed.
+                now = self.ami.watermark()
+                await loop.run_in_executor(self.executor, self._expire, now)
                 # Retention: at most one short, bounded delete an hour (never raises).
                 await loop.run_in_executor(self.executor, self.service.prune_if_due)
                 if failing:

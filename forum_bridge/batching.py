@@ -1,0 +1,384 @@
+"""Applying many registration and security events in one transaction, and digesting failure floods.
+
+After a PBX restart every phone registers again within seconds: ten thousand ``SuccessfulAuth`` and
+``ContactStatus`` frames. Applied one transaction (and a dozen ORM round trips) per event, that took
+over a minute. :func:`apply_run` applies a run of such events with a handful of set-based statements
+instead: it reads the state of every log-on in the run once, replays the events in order in memory
+with exactly the per-event rules of :class:`~forum_bridge.service.BridgeService`, and writes the
+result back (deletes, then updates, then inserts). Licence releases, which are rare, go through the
+ordinary store operations inside the same transaction.
+
+:class:`FailureDigest` keeps a failed log-on flood (a SIP scanner trying thousands of user names)
+from writing one audit row and one WARNING line per attempt: failures of log-ons that are not
+provisioned are written one by one only up to a small budget per window; the rest are counted and
+summarised (count, distinct names, a sample of names and sources) in one audit row and one WARNING
+line when the window ends. Failures of managed log-ons are never summarised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, cast
+
+from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy.orm import Session
+
+from forum_bridge.core.events import CallEnded, Event, Keepalive, LoggedOff, LoggedOn, LogonFailed
+from forum_bridge.store import operations as ops
+from forum_bridge.store.models import CallRow, RegistrationRow, SubscriberRow
+
+if TYPE_CHECKING:
+    from forum_bridge.service import BridgeService, Outcome
+
+__all__ = ["DIGEST_INDIVIDUAL", "DIGEST_WINDOW_SECONDS", "SUMMARY_KIND", "FailureDigest", "apply_run"]
+
+service_log = logging.getLogger("forum_bridge.service")
+
+DIGEST_WINDOW_SECONDS = 60
+"""Length of one failure window: at most one summary line per window."""
+DIGEST_INDIVIDUAL = 10
+"""Failures of unknown log-ons written one by one (audit row and WARNING) per window."""
+SUMMARY_KIND = "logon_failed_summary"
+"""Audit ``kind`` of a summary of failures that were counted, not written one by one."""
+_SAMPLE = 5  # names and sources kept in a summary
+_DISTINCT_CAP = 10_000  # distinct names counted exactly per window; beyond, "at least"
+_CHUNK = 500  # values per IN (...) list: far below SQLite's and PostgreSQL's limits
+
+
+def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+@dataclass
+class _Contact:
+    """One registration row of this node as the run sees it."""
+
+    id: int | None  # None: inserted by this run
+    source: str
+    user_agent: str
+    last_seen: datetime | None = None  # set when this run moved it
+    registered_at: datetime | None = None
+    dirty: bool = False
+
+
+@dataclass
+class _Logon:
+    """What the run knows about one log-on: its contacts here and elsewhere, its subscriber row."""
+
+    contacts: dict[str, _Contact] = field(default_factory=dict)
+    elsewhere: int = 0  # contacts on other nodes
+    managed: bool = False
+    failed: bool = False
+    failure_at: datetime | None = None
+    subscriber_dirty: bool = False
+
+
+def _load(session: Session, node: str, logons: Sequence[str]) -> dict[str, _Logon]:
+    state = {logon: _Logon() for logon in logons}
+    for part in _chunks(logons):
+        rows = session.execute(
+            select(SubscriberRow.logon, SubscriberRow.last_logon_failed, SubscriberRow.last_failure_at).where(
+                SubscriberRow.logon.in_(part)
+            )
+        )
+        for logon, failed, failure_at in rows:
+            entry = state[logon]
+            entry.managed, entry.failed, entry.failure_at = True, bool(failed), failure_at
+        regs = session.execute(
+            select(
+                RegistrationRow.id,
+                RegistrationRow.node,
+                RegistrationRow.logon,
+                RegistrationRow.contact,
+                RegistrationRow.source,
+                RegistrationRow.user_agent,
+            ).where(RegistrationRow.logon.in_(part))
+        )
+        for row_id, row_node, logon, contact, source, user_agent in regs:
+            if row_node == node:
+                state[logon].contacts[contact] = _Contact(id=row_id, source=source, user_agent=user_agent)
+            else:
+                state[logon].elsewhere += 1
+    return state
+
+
+def apply_run(service: BridgeService, session: Session, events: Sequence[Event]) -> list[Outcome]:
+    """Apply ``events`` (no :class:`CallStarted`) in order inside ``session``; one Outcome per event.
+
+    Same effects, logs and Outcomes as applying each with :meth:`BridgeService.apply`.
+    """
+    from forum_bridge.service import Outcome
+
+    node = service.node
+    block = service.settings.block_after_failed_logon
+    logons = sorted({e.logon for e in events if not isinstance(e, CallEnded)})
+    state = _load(session, node, logons)
+    deleted: list[int] = []
+    ended: list[str] = []
+    outcomes: list[Outcome] = []
+
+    def clear_block(entry: _Logon) -> bool | None:
+        if not entry.managed or not entry.failed:
+            return None
+        entry.failed = False
+        entry.subscriber_dirty = True
+        return False if block else None
+
+    def release_if_gone(logon: str, entry: _Logon, at: datetime, reason: str) -> None:
+        if entry.contacts or entry.elsewhere:
+            return
+        ops.release(session, logon, at, reason, node)
+
+    for event in events:
+        if isinstance(event, CallEnded):
+            ended.append(event.channel)
+            outcomes.append(Outcome())
+            continue
+        entry = state[event.logon]
+        if isinstance(event, Keepalive):
+            for contact in entry.contacts.values():
+                contact.last_seen, contact.dirty = event.at, True
+            touched = bool(entry.contacts)
+            outcomes.append(
+                Outcome(unknown_registration=not touched, blocked=clear_block(entry) if touched else None)
+            )
+        elif isinstance(event, LoggedOn):
+            known = entry.contacts.get(event.contact)
+            if known is not None:
+                known.last_seen, known.dirty = event.at, True
+                known.source = event.source or known.source
+                known.user_agent = event.user_agent or known.user_agent
+            else:
+                entry.contacts[event.contact] = _Contact(
+                    id=None,
+                    source=event.source,
+                    user_agent=event.user_agent,
+                    last_seen=event.at,
+                    registered_at=event.at,
+                )
+                service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, node)
+            outcomes.append(Outcome(blocked=clear_block(entry)))
+        elif isinstance(event, LoggedOff):
+            gone = [c for c in entry.contacts if not event.contact or c == event.contact]
+            for name in gone:
+                removed = entry.contacts.pop(name)
+                if removed.id is not None:
+                    deleted.append(removed.id)
+            if gone:
+                service_log.info(
+                    "logged off logon=%s contact=%s reason=%s node=%s",
+                    event.logon,
+                    event.contact or "*",
+                    event.reason,
+                    node,
+                )
+            release_if_gone(event.logon, entry, event.at, event.reason)
+            outcomes.append(Outcome())
+        elif isinstance(event, LogonFailed):
+            service.record_failure(session, event, managed=entry.managed)
+            blocked = None
+            if entry.managed:
+                was_failed = entry.failed
+                entry.failed, entry.failure_at, entry.subscriber_dirty = True, event.at, True
+                if block:
+                    # It may make no call at all now, so the licence would only be wasted.
+                    ops.release(session, event.logon, event.at, "logon_failed", node)
+                    blocked = None if was_failed else True
+            outcomes.append(Outcome(blocked=blocked))
+        else:  # pragma: no cover - apply_batch never passes CallStarted here
+            raise TypeError(f"apply_run cannot apply {type(event).__name__}")
+    _write(session, node, state, deleted, ended)
+    return outcomes
+
+
+def _write(
+    session: Session, node: str, state: dict[str, _Logon], deleted: list[int], ended: list[str]
+) -> None:
+    """Write what the run changed: deletes first, so a contact removed and added again is re-inserted."""
+    for start in range(0, len(deleted), _CHUNK):
+        session.execute(
+            delete(RegistrationRow)
+            .where(RegistrationRow.id.in_(deleted[start : start + _CHUNK]))
+            .execution_options(synchronize_session=False)
+        )
+    touched: list[dict[str, object]] = []
+    added: list[dict[str, object]] = []
+    subscribers: list[dict[str, object]] = []
+    for logon, entry in state.items():
+        if entry.subscriber_dirty:
+            subscribers.append(
+                {
+                    "b_logon": logon,
+                    "b_last_logon_failed": entry.failed,
+                    "b_last_failure_at": entry.failure_at,
+                }
+            )
+        for contact, row in entry.contacts.items():
+            if row.id is None:
+                added.append(
+                    {
+                        "node": node,
+                        "logon": logon,
+                        "contact": contact,
+                        "source": row.source,
+                        "user_agent": row.user_agent,
+                        "registered_at": row.registered_at,
+                        "last_seen": row.last_seen,
+                    }
+                )
+            elif row.dirty:
+                touched.append(
+                    {
+                        "b_id": row.id,
+                        "b_last_seen": row.last_seen,
+                        "b_source": row.source,
+                        "b_user_agent": row.user_agent,
+                    }
+                )
+    # Core executemany statements: one round of the driver each, no ORM bookkeeping per row.
+    registrations = cast(Table, RegistrationRow.__table__)
+    if touched:
+        session.execute(
+            update(registrations)
+            .where(registrations.c.id == bindparam("b_id"))
+            .values(
+                last_seen=bindparam("b_last_seen"),
+                source=bindparam("b_source"),
+                user_agent=bindparam("b_user_agent"),
+            ),
+            touched,
+        )
+    if subscribers:
+        table = cast(Table, SubscriberRow.__table__)
+        session.execute(
+            update(table)
+            .where(table.c.logon == bindparam("b_logon"))
+            .values(
+                last_logon_failed=bindparam("b_last_logon_failed"),
+                last_failure_at=bindparam("b_last_failure_at"),
+            ),
+            subscribers,
+        )
+    if added:
+        session.execute(insert(registrations), added)
+    for start in range(0, len(ended), _CHUNK):
+        session.execute(
+            delete(CallRow)
+            .where(CallRow.node == node, CallRow.channel.in_(ended[start : start + _CHUNK]))
+            .execution_options(synchronize_session=False)
+        )
+
+
+@dataclass
+class _Window:
+    start: datetime
+    written: int = 0
+    counted: int = 0
+    names: set[str] = field(default_factory=set)
+    overflow: bool = False
+    sample: list[str] = field(default_factory=list)
+    sources: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One window's failures that were counted instead of written."""
+
+    start: datetime
+    end: datetime
+    count: int
+    distinct: int
+    distinct_exact: bool
+    names: list[str]
+    sources: list[tuple[str, int]]
+    reason: str
+
+    def detail(self) -> str:
+        """The audit row's ``detail``: JSON, read back by the status document."""
+        return json.dumps(
+            {
+                "count": self.count,
+                "distinct": self.distinct,
+                "distinct_exact": self.distinct_exact,
+                "names": self.names,
+                "sources": [[s, n] for s, n in self.sources],
+                "since": self.start.isoformat(),
+            }
+        )
+
+
+class FailureDigest:
+    """Counts failed log-ons of unknown log-ons per window; see the module docstring.
+
+    Thread-safe: the Asterisk side applies events in one thread and sweeps in the same thread, but
+    nothing here relies on that.
+    """
+
+    def __init__(
+        self, window_seconds: int = DIGEST_WINDOW_SECONDS, individual: int = DIGEST_INDIVIDUAL
+    ) -> None:
+        """Write ``individual`` failures per ``window_seconds`` one by one; count the rest."""
+        self.window = timedelta(seconds=window_seconds)
+        self.individual = individual
+        self._lock = threading.Lock()
+        self._current: _Window | None = None
+        self.total = 0  # failures of unknown log-ons seen, for metrics and tests
+
+    def note(self, event: LogonFailed, at: datetime) -> tuple[bool, Summary | None]:
+        """Count one failure of an unknown log-on at ``at``.
+
+        Returns (write it one by one?, the summary of a window that ended before it, if any).
+        """
+        with self._lock:
+            self.total += 1
+            ended = None
+            window = self._current
+            if window is None or at >= window.start + self.window or at < window.start:
+                ended = self._close(window, at)
+                window = self._current = _Window(start=at)
+            if window.written < self.individual:
+                window.written += 1
+                return True, ended
+            window.counted += 1
+            if not window.overflow:
+                window.names.add(event.logon)
+                if len(window.names) >= _DISTINCT_CAP:
+                    window.overflow = True
+            if len(window.sample) < _SAMPLE and event.logon not in window.sample:
+                window.sample.append(event.logon[:64])
+            if event.source and (event.source in window.sources or len(window.sources) < 256):
+                window.sources[event.source] += 1
+            window.reasons[event.reason] += 1
+            return False, ended
+
+    def due(self, now: datetime) -> Summary | None:
+        """The summary of the current window if it ended by ``now`` (and counted anything)."""
+        with self._lock:
+            window = self._current
+            if window is None or now < window.start + self.window:
+                return None
+            self._current = None
+            return self._close(window, now)
+
+    def _close(self, window: _Window | None, end: datetime) -> Summary | None:
+        if window is None or window.counted == 0:
+            return None
+        reason = window.reasons.most_common(1)[0][0] if window.reasons else "unknown_user"
+        return Summary(
+            start=window.start,
+            end=min(end, window.start + self.window),
+            count=window.counted,
+            distinct=len(window.names),
+            distinct_exact=not window.overflow,
+            names=list(window.sample),
+            sources=window.sources.most_common(_SAMPLE),
+            reason=reason,
+        )
