@@ -82,7 +82,10 @@ def iso(value: datetime | None) -> str | None:
     """ISO 8601 with a Z, as every JSON document of the bridge writes times."""
     if value is None:
         return None
-    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    v = value.astimezone(UTC)
+    # Formatted by hand: the status document formats one or two times per subscriber, and this is
+    # twice as fast as isoformat(), with the same text.
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (v.year, v.month, v.day, v.hour, v.minute, v.second)  # noqa: UP031
 
 
 @dataclass(frozen=True)

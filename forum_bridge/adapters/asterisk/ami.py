@@ -183,6 +183,25 @@ class _Frame:
 _SECURITY_EVENTS = frozenset({"SuccessfulAuth", "ChallengeResponseFailed", "InvalidAccountID"})
 
 
+def _compact(message: Any) -> dict[str, str]:
+    """The headers of a frame that the mapper reads, normalised as :func:`headers_of` does.
+
+    A registration storm is tens of thousands of frames: this reads panoramisk's own store of
+    lower-case keys directly instead of going through its case-insensitive mapping interface.
+    """
+    store = getattr(message, "_store", None)
+    if not isinstance(store, dict):
+        return {k: v for k, v in headers_of(message).items() if k in MAPPED_HEADERS}
+    headers: dict[str, str] = {}
+    for key, pair in store.items():
+        if key in MAPPED_HEADERS:
+            value = pair[1]
+            if isinstance(value, list | tuple):
+                value = value[0] if value else ""
+            headers[key] = "" if value is None else str(value)
+    return headers
+
+
 def _logon_of(name: str, headers: Mapping[str, str]) -> str:
     if name in _SECURITY_EVENTS:
         return headers.get("accountid", "").strip()
@@ -622,7 +641,7 @@ class AmiListener:
             if manager is not self._manager:
                 return
             self.received += 1
-            headers = headers_of(message)
+            headers = _compact(message)
             name = headers.get("event", "").strip()
             logon = _logon_of(name, headers)
             service = headers.get("service", "PJSIP").strip().upper()
@@ -635,7 +654,7 @@ class AmiListener:
                 self._overflow()
             frame = _Frame(
                 seq=self.received,
-                headers={k: v for k, v in headers.items() if k in MAPPED_HEADERS},
+                headers=headers,
                 received=self._service.clock(),
                 arrived=time.monotonic(),
                 logon=logon,
@@ -834,7 +853,7 @@ class AmiListener:
         run: list[tuple[int, Event]] = []
         for index, frame in enumerate(frames):
             try:
-                event = self._mapper.map(frame.headers, frame.received)
+                event = self._mapper.map_headers(frame.headers, frame.received)
             except Exception as exc:
                 log.warning(
                     "dropped a malformed AMI frame (%s): event=%r", exc, frame.headers.get("event", "")[:64]

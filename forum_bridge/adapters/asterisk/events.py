@@ -198,7 +198,10 @@ class AmiEventMapper:
         Raises ``ValueError`` only for a frame that is not an event at all; anything the mapping
         does not recognise simply maps to None.
         """
-        headers = headers_of(message)
+        return self.map_headers(headers_of(message), at)
+
+    def map_headers(self, headers: Headers, at: datetime) -> Event | None:
+        """:meth:`map` for a frame already normalised by :func:`headers_of` (lower-case keys, text)."""
         name = headers.get("event", "").strip()
         if not name:
             raise ValueError("not an AMI event frame (no Event header)")

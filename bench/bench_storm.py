@@ -1,0 +1,405 @@
+"""Benchmark: a registration storm over AMI until ``status`` shows every phone logged on.
+
+    .venv/bin/python bench/bench_storm.py --runs 3 [--size small|full] [--postgres URL]
+
+What a PBX restart looks like to the bridge: every phone registers again within seconds. A fake
+Asterisk in its own process (so it does not share the bridge's interpreter) streams, for each phone,
+the frames Asterisk 22 sends to the bridge's event mask for a first REGISTER, in the real order:
+``ChallengeSent``, then (one round trip later, with other phones' challenges in between)
+``SuccessfulAuth``, ``PeerStatus`` and ``ContactStatus``. The bridge is the real Asterisk side
+(``forum-bridge run asterisk`` minus the process wrapper: AMI listener, FastAGI hook, keepalive clock)
+on a database provisioned by the CLI in another process.
+
+Figures (one JSON object per line on stdout; human text on stderr):
+
+* ``storm_seconds_<db>``: from the first frame sent until the status document (what ``status --json``
+  prints) shows every phone logged on, that last status read included. Floor: the time panoramisk
+  alone takes to read the same frames from the same fake with a handler that does nothing.
+* ``storm_resyncs_<db>``: resyncs the storm triggered (target 0: the normal SuccessfulAuth-before-
+  ContactStatus order is no disagreement with the PBX).
+* ``storm_peak_rss_mb_<db>``: peak resident memory of the bridge process after the storm.
+
+``full`` is 10,000 phones; ``small`` (500) is what CI runs as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"small": 500, "full": 10_000}
+TARGET_SECONDS = 2.0
+TARGET_RSS_MB = 150.0
+CHALLENGE_WINDOW = 100  # phones whose challenges are in flight at once
+
+
+def phone(i: int) -> str:
+    """The log-on of phone ``i``."""
+    return f"p{i:05d}"
+
+
+def storm_frames(count: int) -> bytes:
+    """Every frame of ``count`` first REGISTERs, as Asterisk 22 writes them to system,call,security."""
+    from tests.asterisk.fake_ami import render
+
+    tv = time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime())
+    out: list[bytes] = []
+
+    def security(event: str, i: int, **extra: str) -> bytes:
+        return render(
+            {
+                "Event": event,
+                "Privilege": "security,all",
+                "EventTV": tv,
+                "Severity": "Informational",
+                "Service": "PJSIP",
+                "EventVersion": "1",
+                "AccountID": phone(i),
+                "SessionID": f"1-{i}@127.0.0.1",
+                "LocalAddress": "IPV4/UDP/127.0.0.1/5060",
+                "RemoteAddress": f"IPV4/UDP/127.0.0.1/{10000 + i}",
+                **extra,
+            }
+        )
+
+    for start in range(0, count, CHALLENGE_WINDOW):
+        window = range(start, min(count, start + CHALLENGE_WINDOW))
+        out.extend(security("ChallengeSent", i, Challenge="") for i in window)
+        for i in window:
+            out.append(security("SuccessfulAuth", i, UsingPassword="1"))
+            out.append(
+                render(
+                    {
+                        "Event": "PeerStatus",
+                        "Privilege": "system,all",
+                        "ChannelType": "PJSIP",
+                        "Peer": f"PJSIP/{phone(i)}",
+                        "PeerStatus": "Reachable",
+                    }
+                )
+            )
+            out.append(
+                render(
+                    {
+                        "Event": "ContactStatus",
+                        "Privilege": "system,all",
+                        "URI": f"sip:{phone(i)}@127.0.0.1:{10000 + i}",
+                        "ContactStatus": "NonQualified",
+                        "AOR": phone(i),
+                        "EndpointName": phone(i),
+                        "RoundtripUsec": "0",
+                    }
+                )
+            )
+    return b"".join(out)
+
+
+# --- the fake Asterisk, in a child process ---------------------------------------------------------
+
+
+def serve_fake(count: int) -> None:
+    """Child process: print the port, then stream the storm to every logged-in client on "go"."""
+    from tests.asterisk.fake_ami import FakeAmi
+
+    async def main() -> None:
+        fake = FakeAmi()
+        await fake.start()
+        data = storm_frames(count)
+        print(fake.port, flush=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            if line.strip() == b"go":
+                fake.push_bytes(data)
+            elif line.strip() == b"quit":
+                break
+        await fake.close()
+
+    asyncio.run(main())
+
+
+class Fake:
+    """The fake Asterisk child process."""
+
+    def __init__(self, count: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-fake", str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def go(self) -> None:
+        """Start streaming."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        """Stop the child and wait for it."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- the measured bridge ---------------------------------------------------------------------------
+
+
+def provision(url: str, count: int, workdir: Path) -> None:
+    """Create the schema and import the phones with the CLI, in another process."""
+    csv = workdir / "phones.csv"
+    csv.write_text("".join(f"{phone(i)},{20000 + i}\n" for i in range(count)))
+    cli = [sys.executable, "-m", "forum_bridge", "--database", url]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORUM_BRIDGE_")}
+    for args in (["db", "upgrade"], ["subscriber", "import", str(csv)]):
+        subprocess.run([*cli, *args], check=True, env=env, cwd=workdir, capture_output=True)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, poll: float = 0.02) -> None:
+    """Poll ``predicate`` until it holds; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(poll)
+
+
+def storm_run(url: str, count: int) -> dict[str, float]:
+    """One storm against a freshly provisioned database; returns the figures of this run."""
+    from forum_bridge.adapters.asterisk.runner import Bridge
+    from forum_bridge.config import load_settings
+    from forum_bridge.service import BridgeService
+    from forum_bridge.store.database import Database
+
+    fake = Fake(count)
+    try:
+        settings = load_settings(
+            environ={},
+            overrides={
+                "database.url": url,
+                "licences.count": 100,
+                "asterisk.ami_port": fake.port,
+                "asterisk.ami_secret": "fake-ami-secret",
+                "asterisk.agi_port": 0,
+                "asterisk.enforce": "ami",
+                "web.enabled": False,
+            },
+        )
+        database = Database(url)
+        service = BridgeService(settings, database)
+        service.start()
+        bridge = Bridge(settings, service)
+
+        async def scenario() -> dict[str, float]:
+            stop = asyncio.Event()
+            task = asyncio.create_task(bridge.serve(stop))
+            try:
+                await bridge.ami.wait_until(lambda: bridge.ami.resyncs >= 1, 30)
+                resyncs_before = bridge.ami.resyncs
+                started = time.perf_counter()
+                fake.go()
+                await wait_for(lambda: bridge.ami.frames >= 4 * count, 120)
+                applied = time.perf_counter() - started
+                # Applied; now what an operator sees: the status document with everyone logged on.
+                loop = asyncio.get_running_loop()
+                while True:
+                    doc = await loop.run_in_executor(None, service.status)
+                    if sum(1 for s in doc["subscribers"] if s["state"] == "logged_on") == count:
+                        break
+                    await asyncio.sleep(0.02)
+                elapsed = time.perf_counter() - started
+                # Give the unknown-registration timer its chance to (wrongly) fire.
+                await asyncio.sleep(1.5)
+                return {
+                    "seconds": elapsed,
+                    "applied": applied,
+                    "batches": float(bridge.ami.batches),
+                    "resyncs": float(bridge.ami.resyncs - resyncs_before),
+                    "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                }
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 30)
+
+        try:
+            return asyncio.run(scenario())
+        finally:
+            database.dispose()
+    finally:
+        fake.close()
+
+
+def floor_run(count: int) -> float:
+    """Seconds panoramisk alone takes to read the storm's frames from the same fake."""
+    from panoramisk import Manager
+
+    fake = Fake(count)
+    try:
+
+        async def scenario() -> float:
+            seen = 0
+            done = asyncio.Event()
+
+            def on_event(_manager: Any, _message: Any) -> None:
+                nonlocal seen
+                seen += 1
+                if seen >= 4 * count:
+                    done.set()
+
+            manager = Manager(
+                host="127.0.0.1",
+                port=fake.port,
+                username="forumbridge",
+                secret="fake-ami-secret",
+                events="system,call,security",
+                ping_delay=3600,
+                reconnect_timeout=3600,
+                loop=asyncio.get_running_loop(),
+            )
+            manager.register_event("*", on_event)
+            await manager.connect()
+            await asyncio.wait_for(manager.authenticated_future, 10)
+            await asyncio.sleep(0.2)  # let FullyBooted pass before counting
+            seen = 0
+            started = time.perf_counter()
+            fake.go()
+            await asyncio.wait_for(done.wait(), 120)
+            elapsed = time.perf_counter() - started
+            manager.close()
+            return elapsed
+
+        return asyncio.run(scenario())
+    finally:
+        fake.close()
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+
+def one(url_factory: Callable[[Path], str], count: int, cleanup: Callable[[str], None]) -> dict[str, float]:
+    """Provision, run one storm in a child process (a fresh interpreter: honest peak RSS), clean up."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        url = url_factory(workdir)
+        provision(url, count, workdir)
+        try:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one-storm", url, str(count)],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+        finally:
+            cleanup(url)
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def drop_postgres(url: str) -> None:
+    """Leave the PostgreSQL database empty again for the next run."""
+    from forum_bridge.store.database import Database
+
+    database = Database(url)
+    database.downgrade()
+    database.dispose()
+
+
+def emit(
+    figure: str, unit: str, runs: list[float], floor: float | None, note: str, target: str, met: bool | None
+) -> None:
+    """One figure as a JSON line."""
+    line = {
+        "figure": figure,
+        "unit": unit,
+        "median": statistics.median(runs),
+        "runs": runs,
+        "floor": floor,
+        "floor_note": note,
+        "target": target,
+        "met": met,
+    }
+    print(json.dumps(line), flush=True)
+
+
+def main() -> int:
+    """Run the storm ``--runs`` times per database and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--postgres", help="URL of an empty PostgreSQL database")
+    parser.add_argument("--serve-fake", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-storm", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_fake:
+        serve_fake(args.serve_fake)
+        return 0
+    if args.one_storm:
+        print(json.dumps(storm_run(args.one_storm[0], int(args.one_storm[1]))))
+        return 0
+    count = SIZES[args.size]
+    floors = [floor_run(count) for _ in range(args.runs)]
+    floor = statistics.median(floors)
+    print(f"floor: panoramisk reads {4 * count} frames in {floor:.3f}s (median)", file=sys.stderr)
+    targets: list[tuple[str, Callable[[Path], str], Callable[[str], None]]] = [
+        ("sqlite", lambda d: f"sqlite:///{d / 'storm.db'}", lambda _url: None)
+    ]
+    if args.postgres:
+        targets.append(("postgresql", lambda _d: str(args.postgres), drop_postgres))
+    failed = False
+    for name, url_factory, cleanup in targets:
+        results = [one(url_factory, count, cleanup) for _ in range(args.runs)]
+        seconds = [r["seconds"] for r in results]
+        resyncs = [r["resyncs"] for r in results]
+        rss = [r["rss_mb"] for r in results]
+        full = args.size == "full"
+        met = statistics.median(seconds) <= TARGET_SECONDS if full else None
+        emit(
+            f"storm_seconds_{name}",
+            "s",
+            seconds,
+            floor,
+            f"panoramisk alone reading the same {4 * count} frames",
+            f"<= {TARGET_SECONDS} s for 10,000 phones",
+            met,
+        )
+        emit(f"storm_resyncs_{name}", "resyncs", resyncs, 0.0, "none needed", "0", max(resyncs) == 0)
+        rss_met = statistics.median(rss) <= TARGET_RSS_MB if full else None
+        emit(f"storm_peak_rss_mb_{name}", "MB", rss, None, "", f"<= {TARGET_RSS_MB:.0f} MB", rss_met)
+        applied = ", ".join(f"{r['applied']:.2f}" for r in results)
+        batches = ", ".join(f"{r['batches']:.0f}" for r in results)
+        print(
+            f"{name}: {count} phones logged on in {statistics.median(seconds):.2f}s (median of {args.runs};"
+            f" runs {', '.join(f'{s:.2f}' for s in seconds)}), floor {floor:.2f}s;"
+            f" resyncs {max(resyncs):.0f}; peak RSS {statistics.median(rss):.0f} MB;"
+            f" all frames applied after {applied}s in {batches} batches",
+            file=sys.stderr,
+        )
+        failed |= max(resyncs) > 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
