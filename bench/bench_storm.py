@@ -44,68 +44,13 @@ sys.path.insert(0, str(ROOT))
 SIZES = {"small": 500, "full": 10_000}
 TARGET_SECONDS = 2.0
 TARGET_RSS_MB = 150.0
-CHALLENGE_WINDOW = 100  # phones whose challenges are in flight at once
-
-
-def phone(i: int) -> str:
-    """The log-on of phone ``i``."""
-    return f"p{i:05d}"
 
 
 def storm_frames(count: int) -> bytes:
-    """Every frame of ``count`` first REGISTERs, as Asterisk 22 writes them to system,call,security."""
-    from tests.asterisk.fake_ami import render
+    """Every frame of ``count`` first REGISTERs (see ``tests/asterisk/storm.py``)."""
+    from tests.asterisk.storm import storm
 
-    tv = time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime())
-    out: list[bytes] = []
-
-    def security(event: str, i: int, **extra: str) -> bytes:
-        return render(
-            {
-                "Event": event,
-                "Privilege": "security,all",
-                "EventTV": tv,
-                "Severity": "Informational",
-                "Service": "PJSIP",
-                "EventVersion": "1",
-                "AccountID": phone(i),
-                "SessionID": f"1-{i}@127.0.0.1",
-                "LocalAddress": "IPV4/UDP/127.0.0.1/5060",
-                "RemoteAddress": f"IPV4/UDP/127.0.0.1/{10000 + i}",
-                **extra,
-            }
-        )
-
-    for start in range(0, count, CHALLENGE_WINDOW):
-        window = range(start, min(count, start + CHALLENGE_WINDOW))
-        out.extend(security("ChallengeSent", i, Challenge="") for i in window)
-        for i in window:
-            out.append(security("SuccessfulAuth", i, UsingPassword="1"))
-            out.append(
-                render(
-                    {
-                        "Event": "PeerStatus",
-                        "Privilege": "system,all",
-                        "ChannelType": "PJSIP",
-                        "Peer": f"PJSIP/{phone(i)}",
-                        "PeerStatus": "Reachable",
-                    }
-                )
-            )
-            out.append(
-                render(
-                    {
-                        "Event": "ContactStatus",
-                        "Privilege": "system,all",
-                        "URI": f"sip:{phone(i)}@127.0.0.1:{10000 + i}",
-                        "ContactStatus": "NonQualified",
-                        "AOR": phone(i),
-                        "EndpointName": phone(i),
-                        "RoundtripUsec": "0",
-                    }
-                )
-            )
-    return b"".join(out)
+    return storm(0, count)
 
 
 # --- the fake Asterisk, in a child process ---------------------------------------------------------
@@ -171,6 +116,8 @@ class Fake:
 def provision(url: str, count: int, workdir: Path) -> None:
     """Create the schema and import the phones with the CLI, in another process."""
     csv = workdir / "phones.csv"
+    from tests.asterisk.storm import phone
+
     csv.write_text("".join(f"{phone(i)},{20000 + i}\n" for i in range(count)))
     cli = [sys.executable, "-m", "forum_bridge", "--database", url]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORUM_BRIDGE_")}
