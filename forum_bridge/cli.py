@@ -76,8 +76,27 @@ def json_option(func: F) -> F:
 
 
 def print_json(data: Any) -> None:
-    """Print ``data`` as indented JSON."""
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    """Print ``data`` as indented JSON, each item of a list on one line.
+
+    Python's indenting encoder is its slow pure-Python one; with 10,000 subscribers it took longer
+    than reading them. The outer levels are indented here and every list item (a subscriber, an
+    audit line) is written by the fast encoder on a line of its own, which also suits grep.
+    """
+    click.echo(_readable_json(data, 0))
+
+
+def _readable_json(value: Any, level: int) -> str:
+    pad = "  " * (level + 1)
+    if isinstance(value, dict) and value and level < 2:
+        items = [
+            f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {_readable_json(v, level + 1)}"
+            for k, v in value.items()
+        ]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(value, list) and value and level < 2:
+        items = [pad + json.dumps(v, ensure_ascii=False) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + "  " * level + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -52,6 +52,9 @@ _ENV_LINES = 200
 _REPLY_LINES = 500  # lines of one reply (a 520 usage text) before giving up
 _MAX_CLIENTS = 128
 _CATCH_UP = 0.25  # seconds a decision waits for AMI events already received to be applied
+# ... for the caller's own events, which the listener applies ahead of any backlog: the wait is the
+# batch in flight plus one, whatever the backlog, and a wrong "not_logged_on" costs more than it.
+_CATCH_UP_LOGON = 1.0
 BRIDGE_ERROR = "bridge_error"
 
 
@@ -310,7 +313,8 @@ class FastAgiServer:
     async def _catch_up(self, logon: str | None = None) -> None:
         if self._before_decision is not None:
             try:
-                await self._before_decision(min(_CATCH_UP, self.decision_timeout / 2), logon)
+                bound = _CATCH_UP if logon is None else _CATCH_UP_LOGON
+                await self._before_decision(min(bound, self.decision_timeout / 2), logon)
             except Exception:  # only an optimisation: never let it cost the answer
                 log.exception("waiting for pending PBX events failed")
 

@@ -80,7 +80,7 @@ HANGUP_CAUSE_UNAVAILABLE = 34
 
 _MAX_FRAME = 1 << 20  # bytes of one unfinished frame; far above any real AMI event
 _MAX_BACKLOG = 30_000  # queued frames before the listener gives up on them and resyncs instead
-_BATCH = 500  # frames applied in one transaction: big enough for a storm, short enough for the hook
+_BATCH = 250  # frames applied in one transaction: big enough for a storm, short enough for the hook
 _RECONNECT_MIN = 0.5
 # A first REGISTER's ContactStatus follows its SuccessfulAuth within milliseconds; a log-on whose
 # ContactStatus has not *arrived* this long after its SuccessfulAuth arrived (however long the queue
@@ -980,6 +980,12 @@ class AmiListener:
         # SuccessfulAuth arrived the grace ago: in a storm the ContactStatus may be queued, not
         # missing. What is left (e.g. a phone the bridge logged off for a missed keepalive while it
         # stayed registered) really disagrees with Asterisk.
+        try:
+            await self._judge_unknown()
+        finally:
+            self._notify()
+
+    async def _judge_unknown(self) -> None:
         wait = max(_UNKNOWN_RESYNC_DELAY, self._last_resync + _UNKNOWN_RESYNC_MIN_INTERVAL - time.monotonic())
         await asyncio.sleep(wait)
         target = self.received
