@@ -139,9 +139,7 @@ class Database:
             with self.engine.connect() as connection:
                 if not inspect(connection).has_table(_VERSION_TABLE):
                     return None
-                query: Select[tuple[str]] = select(column("version_num", String)).select_from(
-                    table(_VERSION_TABLE)
-                )
+                query: Select[str] = select(column("version_num", String)).select_from(table(_VERSION_TABLE))
                 versions = list(connection.execute(query).scalars())
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open the database: {self._redact(_describe(exc))}") from exc
