@@ -876,40 +876,85 @@ class BridgeService:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def status(self, *, history_hours: int = 24, failures: int = 50) -> dict[str, Any]:
-        """The status document: the CLI's ``status --json``, the page and ``/status.json`` all use it."""
+    def status(
+        self,
+        *,
+        history_hours: int = 24,
+        failures: int = 50,
+        search: str = "",
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """The status document: the CLI's ``status --json``, the page and ``/status.json`` all use it.
+
+        ``subscribers`` lists every subscriber, unless ``search`` (a part of a log-on or call number)
+        or ``limit`` asks for one page of them, by log-on name from ``offset``. ``summary`` always
+        counts every subscriber by state, and ``subscriber_page`` says which part is listed.
+        """
         now = self.clock()
         with self.database.transaction() as session:
-            return self._status(session, now, history_hours, failures)
+            return self._status(session, now, history_hours, failures, search.strip(), max(offset, 0), limit)
 
-    def _status(self, session: Session, now: datetime, history_hours: int, failures: int) -> dict[str, Any]:
+    def _status(
+        self,
+        session: Session,
+        now: datetime,
+        history_hours: int,
+        failures: int,
+        search: str,
+        offset: int,
+        limit: int | None,
+    ) -> dict[str, Any]:
         # Plain rows rather than ORM objects: with 10,000 subscribers building objects dominated.
+        query = select(
+            SubscriberRow.logon,
+            SubscriberRow.number,
+            SubscriberRow.profile,
+            SubscriberRow.last_logon_failed,
+            SubscriberRow.last_failure_at,
+        ).order_by(SubscriberRow.logon)
+        paged = bool(search) or limit is not None
+        if search:
+            query = query.where(
+                SubscriberRow.logon.contains(search, autoescape=True)
+                | SubscriberRow.number.contains(search, autoescape=True)
+            )
+        matched = None
+        if paged:
+            matched = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
+            query = query.offset(offset).limit(limit)
         subscribers = {
             logon: (number, profile, failed, failure_at)
-            for logon, number, profile, failed, failure_at in session.execute(
-                select(
-                    SubscriberRow.logon,
-                    SubscriberRow.number,
-                    SubscriberRow.profile,
-                    SubscriberRow.last_logon_failed,
-                    SubscriberRow.last_failure_at,
-                ).order_by(SubscriberRow.logon)
-            )
+            for logon, number, profile, failed, failure_at in session.execute(query)
         }
         licences = list(session.scalars(select(LicenceRow).order_by(LicenceRow.slot)))
         holders = {row.logon: row for row in licences if row.logon}
+        registered = select(
+            RegistrationRow.logon,
+            RegistrationRow.contact,
+            RegistrationRow.user_agent,
+            RegistrationRow.source,
+            RegistrationRow.node,
+            RegistrationRow.last_seen,
+        ).order_by(RegistrationRow.last_seen.desc(), RegistrationRow.id)
+        if paged:
+            # This page's subscribers and the unmanaged endpoints, not every registration.
+            registered = registered.where(
+                RegistrationRow.logon.in_(list(subscribers))
+                | RegistrationRow.logon.not_in(select(SubscriberRow.logon))
+            )
         registrations: dict[str, list[Any]] = {}
-        for reg in session.execute(
-            select(
-                RegistrationRow.logon,
-                RegistrationRow.contact,
-                RegistrationRow.user_agent,
-                RegistrationRow.source,
-                RegistrationRow.node,
-                RegistrationRow.last_seen,
-            ).order_by(RegistrationRow.last_seen.desc(), RegistrationRow.id)
-        ):
+        for reg in session.execute(registered):
             registrations.setdefault(reg.logon, []).append(reg)
+        numbers = dict(
+            session.execute(
+                select(SubscriberRow.logon, SubscriberRow.number).where(
+                    SubscriberRow.logon.in_(list(holders))
+                )
+            ).all()
+        )
+        summary = self._state_counts(session)
+        managed = summary["subscribers"]
         used = len(holders)
         pool = ops.PoolCounts(
             total=len(licences),
@@ -981,13 +1026,24 @@ class BridgeService:
                 {
                     "slot": row.slot,
                     "logon": row.logon,
-                    "number": subscribers[row.logon][0] if row.logon in subscribers else None,
+                    "number": numbers.get(row.logon) if row.logon else None,
                     "since": iso(row.since),
                     "node": row.node,
                 }
                 for row in licences
                 if row.logon
             ],
+            "summary": {
+                "subscribers": managed,
+                **summary["states"],
+                "unmanaged": summary["unmanaged"],
+            },
+            "subscriber_page": {
+                "search": search,
+                "offset": offset if paged else 0,
+                "limit": limit,
+                "matched": matched if matched is not None else managed,
+            },
             "subscribers": subscriber_docs,
             "unmanaged": unmanaged,
             "failed_logons": [_failure_doc(a) for a in failed],
@@ -1012,39 +1068,49 @@ class BridgeService:
         ``unmanaged`` endpoints, without reading a row per subscriber.
         """
         with self.database.transaction() as session:
-            total, used = ops.licence_counts(session)
-            registered = select(RegistrationRow.logon).distinct().subquery()
-            managed = session.scalar(select(func.count()).select_from(SubscriberRow)) or 0
-            failed = (
-                session.scalar(
-                    select(func.count())
-                    .select_from(SubscriberRow)
-                    .where(SubscriberRow.last_logon_failed.is_(True))
-                )
-                or 0
+            counted = self._state_counts(session)
+        return {
+            "licences": counted["licences"],
+            "subscribers": counted["states"],
+            "unmanaged": counted["unmanaged"],
+        }
+
+    @staticmethod
+    def _state_counts(session: Session) -> dict[str, Any]:
+        total, used = ops.licence_counts(session)
+        registered = select(RegistrationRow.logon).distinct().subquery()
+        managed = session.scalar(select(func.count()).select_from(SubscriberRow)) or 0
+        failed = (
+            session.scalar(
+                select(func.count())
+                .select_from(SubscriberRow)
+                .where(SubscriberRow.last_logon_failed.is_(True))
             )
-            logged_on = (
-                session.scalar(
-                    select(func.count())
-                    .select_from(SubscriberRow)
-                    .where(
-                        SubscriberRow.last_logon_failed.is_(False),
-                        SubscriberRow.logon.in_(select(registered.c.logon)),
-                    )
+            or 0
+        )
+        logged_on = (
+            session.scalar(
+                select(func.count())
+                .select_from(SubscriberRow)
+                .where(
+                    SubscriberRow.last_logon_failed.is_(False),
+                    SubscriberRow.logon.in_(select(registered.c.logon)),
                 )
-                or 0
             )
-            unmanaged = (
-                session.scalar(
-                    select(func.count())
-                    .select_from(registered)
-                    .where(registered.c.logon.not_in(select(SubscriberRow.logon)))
-                )
-                or 0
+            or 0
+        )
+        unmanaged = (
+            session.scalar(
+                select(func.count())
+                .select_from(registered)
+                .where(registered.c.logon.not_in(select(SubscriberRow.logon)))
             )
+            or 0
+        )
         return {
             "licences": {"total": total, "used": used, "free": total - used},
-            "subscribers": {
+            "subscribers": managed,
+            "states": {
                 "logged_on": logged_on,
                 "logged_off": managed - failed - logged_on,
                 "logon_failed": failed,

@@ -254,3 +254,35 @@ def test_the_keepalive_clock_judges_as_of_what_has_been_applied(
     assert service.expire_keepalives() == []
     clock.advance(4)
     assert service.expire_keepalives() == ["21-desk"]
+
+
+def test_the_status_document_pages_and_searches_subscribers_and_always_counts_all(
+    make_settings: SettingsFactory, make_service: ServiceFactory, database_url: str, clock: FakeClock
+) -> None:
+    service = make_service(make_settings(**{"database.url": database_url, "licences.count": 3}))
+    service.import_subscribers("".join(f"p{i:03d},{500 + i}\n" for i in range(120)))
+    service.apply_batch([LoggedOn(f"p{i:03d}", clock(), contact=f"sip:p{i:03d}@a") for i in range(0, 120, 2)])
+    service.apply(LoggedOn("trunk-a", clock(), contact="sip:trunk@b"))
+    service.apply(LogonFailed("p001", clock()))
+    assert service.authorize("p100", "600").takes_licence
+    full = service.status()
+    assert len(full["subscribers"]) == 120
+    page = service.status(offset=50, limit=20)
+    assert [s["logon"] for s in page["subscribers"]] == [f"p{i:03d}" for i in range(50, 70)]
+    assert page["subscribers"] == full["subscribers"][50:70]
+    assert page["subscriber_page"] == {"search": "", "offset": 50, "limit": 20, "matched": 120}
+    assert page["summary"] == {
+        "subscribers": 120,
+        "logged_on": 60,
+        "logged_off": 59,
+        "logon_failed": 1,
+        "unmanaged": 1,
+    }
+    for key in ("licences", "assignments", "unmanaged", "failed_logons", "calls"):
+        assert page[key] == full[key], key
+    assert page["assignments"][0]["number"] == "600"  # p100's number, though p100 is not on this page
+    found = service.status(search="p10", limit=5)
+    assert [s["logon"] for s in found["subscribers"]] == ["p100", "p101", "p102", "p103", "p104"]
+    assert found["subscriber_page"]["matched"] == 10
+    assert service.status(search="611")["subscribers"][0]["logon"] == "p111"  # by call number
+    assert service.status(search="%")["subscriber_page"]["matched"] == 0  # no wildcard from a search

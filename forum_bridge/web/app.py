@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 CSRF_COOKIE = "forum_bridge_csrf"
 MAX_FORM_BYTES = 4096
+PAGE_SIZE = 100
+"""Subscribers per page of the status page."""
+MAX_PAGE_SIZE = 1000
+"""The most subscribers one ``/status.json?limit=`` answer lists."""
+MAX_SEARCH = 64
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{32,64}")
 _HTML = "text/html; charset=utf-8"
 _JSON = "application/json"
@@ -331,8 +336,9 @@ class StatusApp:
     # --- routes ---------------------------------------------------------------------------------
 
     def page(self, environ: WSGIEnvironment) -> Response:
-        """``GET /``: the status page."""
-        status = self.service.status()
+        """``GET /``: the status page, one page of subscribers (``?q=`` searches, ``?offset=`` pages)."""
+        search, offset, _limit = _listing(environ)
+        status = self.service.status(search=search, offset=offset, limit=PAGE_SIZE)
         headers: list[tuple[str, str]] = []
         csrf = None
         if self._token:
@@ -366,8 +372,17 @@ class StatusApp:
         return None
 
     def status_json(self, environ: WSGIEnvironment) -> Response:
-        """``GET /status.json``: :meth:`BridgeService.status` as JSON."""
-        return Response(200, json.dumps(self.service.status()).encode("utf-8"), _JSON)
+        """``GET /status.json``: :meth:`BridgeService.status` as JSON.
+
+        Every subscriber, unless ``q`` (search), ``offset`` or ``limit`` (at most 1,000) in the
+        query string ask for one page of them, as the page's script does.
+        """
+        search, offset, limit = _listing(environ)
+        if search or offset or limit is not None:
+            status = self.service.status(search=search, offset=offset, limit=limit or PAGE_SIZE)
+        else:
+            status = self.service.status()
+        return Response(200, json.dumps(status).encode("utf-8"), _JSON)
 
     def metrics_text(self, environ: WSGIEnvironment) -> Response:
         """``GET /metrics``: Prometheus text format."""
@@ -449,6 +464,19 @@ class StatusApp:
             return parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=10)
         except (UnicodeDecodeError, ValueError):
             raise Refused(400, "form", "The form could not be read.") from None
+
+
+def _listing(environ: WSGIEnvironment) -> tuple[str, int, int | None]:
+    """(search, offset, limit) from the query string; anything malformed counts as absent."""
+    query = parse_qs(str(environ.get("QUERY_STRING", "")), max_num_fields=10)
+    search = "".join(ch for ch in query.get("q", [""])[0] if ch.isprintable())[:MAX_SEARCH].strip()
+
+    def number(name: str) -> int | None:
+        value = query.get(name, [""])[0]
+        return int(value) if value.isdigit() and len(value) <= 7 else None
+
+    limit = number("limit")
+    return search, number("offset") or 0, None if limit is None else max(1, min(limit, MAX_PAGE_SIZE))
 
 
 def make_app(

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from importlib import resources
 from typing import Any
+from urllib.parse import quote
 
 Doc = Mapping[str, Any]
 
@@ -296,6 +297,8 @@ def render_page(
     )
     reset = _reset_form(csrf) if csrf is not None else _READ_ONLY
     assignments = rows(status["assignments"], assignment_cells, 5, "No licence is held.")
+    summary = status_summary(status)
+    listing = subscriber_listing(status)
     subscribers = rows(status["subscribers"], subscriber_cells(slots), 9, "No subscriber is provisioned.")
     failed = rows(status["failed_logons"], failure_cells, 5, "No failed log-on.")
     unmanaged = rows(status["unmanaged"], unmanaged_cells, 6, "No unmanaged endpoint.")
@@ -337,6 +340,9 @@ def render_page(
   </div>
 </section>
 
+<section class="cards states" aria-label="Subscribers by state">{state_cards(summary)}
+</section>
+
 <section class="panel">
   <h2 id="chart-title">Licence use, last 24 hours</h2>
   <svg id="chart" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" role="img"
@@ -356,7 +362,16 @@ def render_page(
 </section>
 
 <section class="panel">
-  <h2>Subscribers <span id="subscribers-count" class="count">{len(status["subscribers"])}</span></h2>
+  <h2>Subscribers <span id="subscribers-count" class="count">{h(listing["count"])}</span></h2>
+  <form id="subscriber-search" class="search" method="get" action="./" role="search">
+    <label for="subscriber-q">Find a log-on or call number</label>
+    <input id="subscriber-q" type="search" name="q" maxlength="64" autocomplete="off"
+      value="{h(listing["search"]) if listing["search"] else ""}">
+    <button type="submit">Search</button>
+  </form>
+  <p class="pager"><span id="subscriber-range">{h(listing["range"])}</span>
+    <a id="subscriber-prev" href="{h(listing["prev"])}"{listing["prev_hidden"]}>previous</a>
+    <a id="subscriber-next" href="{h(listing["next"])}"{listing["next_hidden"]}>next</a></p>
   <div class="scroll"><table><thead><tr><th>Log-on</th><th>Call number</th><th>State</th><th>Licence</th>
   <th>Last keepalive (UTC)</th><th>Contact</th><th>User agent</th><th>Profile</th><th>Node</th></tr></thead>
   <tbody id="subscribers">{subscribers}</tbody>
@@ -381,6 +396,62 @@ def render_page(
 </body>
 </html>
 """
+
+
+def status_summary(status: Doc) -> Doc:
+    """Subscribers by state and unmanaged endpoints: the document's ``summary``, or counted."""
+    summary: Doc | None = status.get("summary")
+    if summary is not None:
+        return summary
+    states = [s["state"] for s in status["subscribers"]]
+    return {
+        "subscribers": len(states),
+        **{state: states.count(state) for state in STATE_LABELS},
+        "unmanaged": len(status["unmanaged"]),
+    }
+
+
+_STATE_CARDS = (
+    ("subscribers", "", "Subscribers", "provisioned"),
+    ("logged_on", " free", "Logged on", "registered now"),
+    ("logged_off", "", "Logged off", "no contact"),
+    ("logon_failed", " bad", "Log-on failed", "no call at all"),
+    ("unmanaged", "", "Unmanaged", "endpoints"),
+)
+
+
+def state_cards(summary: Doc) -> str:
+    """The subscriber summary: one card per state, first on the page."""
+    return "".join(
+        f'\n  <div class="card{kind}"><span class="label">{label}</span>'
+        f'<span id="sum-{key}" class="big">{h(summary.get(key, 0))}</span>'
+        f'<span class="note">{note}</span></div>'
+        for key, kind, label, note in _STATE_CARDS
+    )
+
+
+def subscriber_listing(status: Doc) -> dict[str, Any]:
+    """What the subscriber table's heading and pager say: count, range, links (escaped later)."""
+    listing = status.get("subscriber_page") or {}
+    shown = len(status["subscribers"])
+    matched = int(listing.get("matched", shown))
+    offset = int(listing.get("offset", 0))
+    limit = listing.get("limit")
+    search = str(listing.get("search", ""))
+    total = status_summary(status)["subscribers"]
+    query = f"q={quote(search)}&" if search else ""
+    step = int(limit) if limit else max(shown, 1)
+    first, last = (offset + 1, offset + shown) if shown else (0, 0)
+    has_prev, has_next = offset > 0, offset + shown < matched
+    return {
+        "search": search,
+        "count": f"{matched} of {total}" if search else str(total),
+        "range": f"{first} to {last} of {matched}" if shown else ("No match." if search else ""),
+        "prev": f"./?{query}offset={max(offset - step, 0)}",
+        "next": f"./?{query}offset={offset + step}",
+        "prev_hidden": "" if has_prev else " hidden",
+        "next_hidden": "" if has_next else " hidden",
+    }
 
 
 def render_message(title: str, message: str, *, nonce: str) -> str:

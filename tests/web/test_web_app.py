@@ -456,3 +456,23 @@ def test_unexpected_error_gives_a_generic_500_and_a_traceback_in_the_log(
     assert headers["Content-Type"].startswith("text/html")
     assert b"secret internals" not in body
     assert "secret internals" in caplog.text  # the traceback goes to the log, not to the client
+
+
+def test_status_json_lists_one_page_of_subscribers_when_asked(bridge: Bridge) -> None:
+    bridge.service.import_subscribers("".join(f"p{i:04d},{7000 + i}\n" for i in range(30)))
+    app = make_app(bridge.service, bridge.settings, bridge.metrics)
+    _, _, body = wsgi_call(app, "/status.json")
+    assert len(json.loads(body)["subscribers"]) == 30  # scripts without parameters get every one
+    _, _, body = wsgi_call(app, "/status.json", QUERY_STRING="limit=10&offset=25")
+    doc = json.loads(body)
+    assert [s["logon"] for s in doc["subscribers"]] == [f"p{i:04d}" for i in range(25, 30)]
+    assert doc["subscriber_page"] == {"search": "", "offset": 25, "limit": 10, "matched": 30}
+    assert doc["summary"]["subscribers"] == 30
+    _, _, body = wsgi_call(app, "/status.json", QUERY_STRING="q=7011")
+    assert [s["logon"] for s in json.loads(body)["subscribers"]] == ["p0011"]
+    _, _, body = wsgi_call(app, "/status.json", QUERY_STRING="limit=5000")
+    assert json.loads(body)["subscriber_page"]["limit"] == 1000  # bounded
+    _, _, body = wsgi_call(app, "/status.json", QUERY_STRING="limit=99999999&offset=-3")
+    doc = json.loads(body)  # malformed numbers count as absent: every subscriber
+    assert (doc["subscriber_page"]["offset"], doc["subscriber_page"]["limit"]) == (0, None)
+    assert len(doc["subscribers"]) == 30

@@ -150,7 +150,8 @@ def test_dismissing_the_confirmation_sends_nothing(bridge: Bridge, tab: Tab) -> 
 
     page.on("dialog", dismiss)
     page.fill("#reset-token", TOKEN)
-    with page.expect_request(re.compile(r"/status\.json$")):  # one refresh cycle later: still nothing
+    # One refresh cycle later (the script asks for one page of subscribers): still nothing.
+    with page.expect_request(re.compile(r"/status\.json(\?|$)")):
         page.click("#reset-button")
     assert seen == ["confirm"]
     assert page.locator("#flash").is_hidden()
@@ -317,4 +318,43 @@ def test_reserved_licences_are_shown_and_follow_changes(bridge: Bridge, tab: Tab
     expect(desk.locator(".lic-reserved")).to_have_text("reserved")
     expect(lift.locator(".lic-reserved")).to_have_count(0)
     expect(page.locator("#lic-free")).to_have_text("0")  # the lift keeps its licence, 21-desk's waits
+    assert tab.errors == []
+
+
+def test_with_many_subscribers_the_page_shows_the_summary_and_pages_and_searches(
+    bridge: Bridge, tab: Tab
+) -> None:
+    service = bridge.service
+    service.import_subscribers("".join(f"p{i:04d},{7000 + i}\n" for i in range(250)))
+    service.apply_batch(
+        [
+            LoggedOn(f"p{i:04d}", at=bridge.clock(), contact=f"sip:p{i:04d}@192.0.2.1")
+            for i in range(0, 250, 5)
+        ]
+    )
+    service.apply(LogonFailed("p0003", at=bridge.clock()))
+    web = bridge.serve()
+    page = tab.page
+    page.goto(web.url)
+    expect(page.locator("#sum-subscribers")).to_have_text("250")
+    expect(page.locator("#sum-logged_on")).to_have_text("50")
+    expect(page.locator("#sum-logon_failed")).to_have_text("1")
+    expect(page.locator("#sum-logged_off")).to_have_text("199")
+    expect(page.locator("#subscribers tr")).to_have_count(100)
+    expect(page.locator("#subscriber-range")).to_have_text("1 to 100 of 250")
+    expect(page.locator("#subscriber-prev")).to_be_hidden()
+    page.click("#subscriber-next")
+    expect(page.locator("#subscriber-range")).to_have_text("101 to 200 of 250")
+    expect(page.locator("#subscribers tr").first).to_contain_text("p0100")
+    page.fill("#subscriber-q", "7123")  # a call number
+    expect(page.locator("#subscribers tr")).to_have_count(1)
+    expect(page.locator("#subscribers tr").first).to_contain_text("p0123")
+    expect(page.locator("#subscribers-count")).to_have_text("1 of 250")
+    # Still the same page after the next refresh, and the address keeps the search for a reload.
+    with page.expect_request(re.compile(r"/status\.json\?")):
+        pass
+    expect(page.locator("#subscribers tr")).to_have_count(1)
+    page.reload()
+    expect(page.locator("#subscriber-q")).to_have_value("7123")
+    expect(page.locator("#subscribers tr")).to_have_count(1)
     assert tab.errors == []

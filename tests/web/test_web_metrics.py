@@ -4,6 +4,7 @@ time, connection state and event lag."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -105,3 +106,15 @@ def test_a_missing_pbx_module_is_a_gauge_per_module(bridge: Bridge) -> None:
     }
     bridge.metrics.set_module_missing("func_db", False)
     assert samples(bridge.metrics)[(name, (("module", "func_db"), ("pbx", pbx)))] == 0.0
+
+
+def test_a_scrape_reads_counts_not_the_status_document(bridge: Bridge, monkeypatch: Any) -> None:
+    bridge.log_on("21-desk", "21")
+
+    def not_for_metrics(**_: Any) -> Any:
+        raise AssertionError("/metrics read the whole status document")
+
+    monkeypatch.setattr(bridge.service, "status", not_for_metrics)
+    values = samples(bridge.metrics)
+    assert values[("forum_bridge_database_up", ())] == 1
+    assert values[("forum_bridge_subscribers", (("state", "logged_on"),))] == 1

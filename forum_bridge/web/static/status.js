@@ -13,6 +13,10 @@
   const REASON = { wrong_password: "wrong password", unknown_user: "unknown user" };
   const DASH = "\u2014";
   const refreshMs = Math.max(1, Number(document.body.dataset.refresh) || 5) * 1000;
+  const PAGE = 100;
+  const params = new URLSearchParams(window.location.search);
+  // Which subscribers the table shows: a search and an offset, as the server rendered them.
+  const listing = { q: params.get("q") || "", offset: Math.max(0, Number(params.get("offset")) || 0) };
   let timer = null;
 
   function txt(v) {
@@ -150,7 +154,17 @@
       (a) => [txt(a.slot), txt(a.logon), txt(a.number), txt(time(a.since)), txt(a.node)],
       5, "No licence is held.");
 
-    setText("subscribers-count", status.subscribers.length);
+    const summary = status.summary || {};
+    for (const key of ["subscribers", "logged_on", "logged_off", "logon_failed", "unmanaged"]) {
+      setText("sum-" + key, summary[key] === undefined ? "?" : summary[key]);
+    }
+    const page = status.subscriber_page || { matched: status.subscribers.length, offset: 0 };
+    const shown = status.subscribers.length;
+    setText("subscribers-count", listing.q ? page.matched + " of " + summary.subscribers : summary.subscribers);
+    setText("subscriber-range", shown ? (page.offset + 1) + " to " + (page.offset + shown) + " of " + page.matched
+      : (listing.q ? "No match." : ""));
+    document.getElementById("subscriber-prev").hidden = page.offset <= 0;
+    document.getElementById("subscriber-next").hidden = page.offset + shown >= page.matched;
     fill("subscribers", status.subscribers, (s) => {
       const contacts = s.contacts || [];
       const contact = el("span", {}, clipped(s.contact));
@@ -194,7 +208,9 @@
   async function refresh() {
     clearTimeout(timer);
     try {
-      const answer = await fetch("status.json", { cache: "no-store", headers: { Accept: "application/json" } });
+      const query = new URLSearchParams({ limit: String(PAGE), offset: String(listing.offset) });
+      if (listing.q) query.set("q", listing.q);
+      const answer = await fetch("status.json?" + query, { cache: "no-store", headers: { Accept: "application/json" } });
       if (!answer.ok) throw new Error("HTTP " + answer.status);
       render(await answer.json());
       setLive(true);
@@ -239,8 +255,42 @@
     });
   }
 
+  // Search and paging without reloading the page; the links and the form still work without script.
+  function show(q, offset) {
+    listing.q = q;
+    listing.offset = Math.max(0, offset);
+    const query = new URLSearchParams();
+    if (listing.q) query.set("q", listing.q);
+    if (listing.offset) query.set("offset", String(listing.offset));
+    window.history.replaceState(null, "", window.location.pathname + (query.size ? "?" + query : ""));
+    refresh();
+  }
+  const search = document.getElementById("subscriber-q");
+  let typing = null;
+  search.addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => show(search.value.trim(), 0), 250);
+  });
+  document.getElementById("subscriber-search").addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearTimeout(typing);
+    show(search.value.trim(), 0);
+  });
+  document.getElementById("subscriber-prev").addEventListener("click", (event) => {
+    event.preventDefault();
+    show(listing.q, listing.offset - PAGE);
+  });
+  document.getElementById("subscriber-next").addEventListener("click", (event) => {
+    event.preventDefault();
+    show(listing.q, listing.offset + PAGE);
+  });
+
   // A flash from a form post without JavaScript came in the query string; drop it so a reload
-  // does not show it again.
-  if (window.location.search) window.history.replaceState(null, "", window.location.pathname);
+  // does not show it again (a search and an offset stay).
+  if (params.has("reset") || params.has("freed")) {
+    params.delete("reset");
+    params.delete("freed");
+    window.history.replaceState(null, "", window.location.pathname + (params.size ? "?" + params : ""));
+  }
   timer = setTimeout(refresh, refreshMs);
 })();
