@@ -395,6 +395,7 @@ class KeepaliveSweeper:
     def _sweep(self) -> list[str]:
         try:
             freed = self.service.expire_keepalives()
+            self.service.flush_failure_summary()  # a flood of unknown log-ons, summarised per window
         except ForumBridgeError as exc:
             if not self._failing:
                 log.error("keepalive sweep failed: %s (retrying every %g s)", exc, self.interval)
