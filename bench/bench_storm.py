@@ -18,6 +18,11 @@ Figures (one JSON object per line on stdout; human text on stderr):
 * ``storm_resyncs_<db>``: resyncs the storm triggered (target 0: the normal SuccessfulAuth-before-
   ContactStatus order is no disagreement with the PBX).
 * ``storm_peak_rss_mb_<db>``: peak resident memory of the bridge process after the storm.
+* ``storm_call_seconds_<db>``: a phone whose REGISTER arrived in the middle of the storm places a
+  call at once through the FastAGI hook (the real ``agi_*`` block): seconds to the answer, which
+  must be ``licence_acquired`` (``met`` false otherwise, whatever the time).
+* ``storm_emergency_seconds_<db>``: at the same moment a phone registered before the storm calls
+  112: seconds to the ``emergency`` answer (nothing of that phone is queued: it must not wait).
 
 ``full`` is 10,000 phones; ``small`` (500) is what CI runs as a smoke test.
 """
@@ -138,8 +143,11 @@ def storm_run(url: str, count: int) -> dict[str, float]:
     """One storm against a freshly provisioned database; returns the figures of this run."""
     from forum_bridge.adapters.asterisk.runner import Bridge
     from forum_bridge.config import load_settings
+    from forum_bridge.core import LoggedOn
     from forum_bridge.service import BridgeService
     from forum_bridge.store.database import Database
+    from tests.asterisk.storm import CHALLENGE_WINDOW, phone
+    from tests.asterisk.test_asterisk_agi import ask
 
     fake = Fake(count)
     try:
@@ -151,13 +159,15 @@ def storm_run(url: str, count: int) -> dict[str, float]:
                 "asterisk.ami_port": fake.port,
                 "asterisk.ami_secret": "fake-ami-secret",
                 "asterisk.agi_port": 0,
-                "asterisk.enforce": "ami",
+                "asterisk.enforce": "hook",
                 "web.enabled": False,
             },
         )
         database = Database(url)
         service = BridgeService(settings, database)
         service.start()
+        service.add_subscriber("e-phone", "99")
+        service.apply(LoggedOn("e-phone", service.clock(), contact="sip:e-phone@127.0.0.1:5099"))
         bridge = Bridge(settings, service)
 
         async def scenario() -> dict[str, float]:
@@ -168,6 +178,19 @@ def storm_run(url: str, count: int) -> dict[str, float]:
                 resyncs_before = bridge.ami.resyncs
                 started = time.perf_counter()
                 fake.go()
+                # Half the frames arrived: every phone of the windows before is registered in Asterisk.
+                await wait_for(lambda: bridge.ami.received >= 2 * count, 120, poll=0.001)
+                caller = phone(max(0, count // 2 - CHALLENGE_WINDOW - 1))
+
+                async def timed_ask(number: str, channel: str) -> tuple[dict[str, str], float]:
+                    asked = time.perf_counter()
+                    answer = await ask(bridge.agi.port, "outbound", number, channel=channel)
+                    return answer, time.perf_counter() - asked
+
+                (call, answered), (emergency, emergency_seconds) = await asyncio.gather(
+                    timed_ask("600", f"PJSIP/{caller}-00000001"), timed_ask("112", "PJSIP/e-phone-00000002")
+                )
+                backlog = bridge.ami.received - bridge.ami.done_upto()
                 await wait_for(lambda: bridge.ami.frames >= 4 * count, 120)
                 applied = time.perf_counter() - started
                 # Applied; now what an operator sees: the status document with everyone logged on.
@@ -181,6 +204,11 @@ def storm_run(url: str, count: int) -> dict[str, float]:
                 # Give the unknown-registration timer its chance to (wrongly) fire.
                 await asyncio.sleep(1.5)
                 return {
+                    "call_seconds": answered,
+                    "emergency_seconds": emergency_seconds,
+                    "call_ok": float(call.get("FORUM_BRIDGE_REASON") == "licence_acquired"),
+                    "emergency_ok": float(emergency.get("FORUM_BRIDGE_REASON") == "emergency"),
+                    "backlog_at_answer": float(backlog),
                     "seconds": elapsed,
                     "applied": applied,
                     "batches": float(bridge.ami.batches),
@@ -333,18 +361,42 @@ def main() -> int:
             met,
         )
         emit(f"storm_resyncs_{name}", "resyncs", resyncs, 0.0, "none needed", "0", max(resyncs) == 0)
+        calls = [r["call_seconds"] for r in results]
+        emit(
+            f"storm_call_seconds_{name}",
+            "s",
+            calls,
+            None,
+            "answer licence_acquired required",
+            "decided on the REGISTER just before, never not_logged_on",
+            all(r["call_ok"] for r in results),
+        )
+        emit(
+            f"storm_emergency_seconds_{name}",
+            "s",
+            [r["emergency_seconds"] for r in results],
+            None,
+            "asked at the same moment as the call above",
+            "112 allowed, not held up by the storm",
+            all(r["emergency_ok"] for r in results),
+        )
         rss_met = statistics.median(rss) <= TARGET_RSS_MB if full else None
         emit(f"storm_peak_rss_mb_{name}", "MB", rss, None, "", f"<= {TARGET_RSS_MB:.0f} MB", rss_met)
         applied = ", ".join(f"{r['applied']:.2f}" for r in results)
+        backlogs = ", ".join(f"{r['backlog_at_answer']:.0f}" for r in results)
+        emergencies = ", ".join(f"{r['emergency_seconds']:.3f}" for r in results)
         batches = ", ".join(f"{r['batches']:.0f}" for r in results)
         print(
             f"{name}: {count} phones logged on in {statistics.median(seconds):.2f}s (median of {args.runs};"
             f" runs {', '.join(f'{s:.2f}' for s in seconds)}), floor {floor:.2f}s;"
             f" resyncs {max(resyncs):.0f}; peak RSS {statistics.median(rss):.0f} MB;"
-            f" all frames applied after {applied}s in {batches} batches",
+            f" all frames applied after {applied}s in {batches} batches;"
+            f" call and 112 during the storm answered in {', '.join(f'{c:.3f}' for c in calls)}s and"
+            f" {emergencies}s"
+            f" with {backlogs} frames still queued",
             file=sys.stderr,
         )
-        failed |= max(resyncs) > 0
+        failed |= max(resyncs) > 0 or not all(r["call_ok"] and r["emergency_ok"] for r in results)
     return 1 if failed else 0
 
 
