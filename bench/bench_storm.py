@@ -115,6 +115,35 @@ class Fake:
             self.proc.wait()
 
 
+def serve_agi_client(port: int) -> None:
+    """Child process: play Asterisk's FastAGI side; ``NUMBER CHANNEL`` lines in, JSON answers out.
+
+    Asterisk is a process of its own: a client inside the bridge's event loop would also wait for
+    the storm the loop is parsing, and its time would be the client's as much as the bridge's.
+    """
+    from tests.asterisk.test_asterisk_agi import ask
+
+    async def one(number: str, channel: str) -> None:
+        started = time.perf_counter()
+        answer = await ask(port, "outbound", number, channel=channel)
+        print(
+            json.dumps({"channel": channel, "answer": answer, "seconds": time.perf_counter() - started}),
+            flush=True,
+        )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        print("ready", flush=True)
+        while line := await reader.readline():
+            requests = [r.split() for r in line.decode().strip().split(";") if r.strip()]
+            await asyncio.gather(*(one(number, channel) for number, channel in requests))
+            print("done", flush=True)
+
+    asyncio.run(main())
+
+
 # --- the measured bridge ---------------------------------------------------------------------------
 
 
@@ -147,7 +176,6 @@ def storm_run(url: str, count: int) -> dict[str, float]:
     from forum_bridge.service import BridgeService
     from forum_bridge.store.database import Database
     from tests.asterisk.storm import CHALLENGE_WINDOW, phone
-    from tests.asterisk.test_asterisk_agi import ask
 
     fake = Fake(count)
     try:
@@ -173,23 +201,44 @@ def storm_run(url: str, count: int) -> dict[str, float]:
         async def scenario() -> dict[str, float]:
             stop = asyncio.Event()
             task = asyncio.create_task(bridge.serve(stop))
+            client: asyncio.subprocess.Process | None = None
             try:
+                await asyncio.wait_for(bridge.started.wait(), 30)
+                client = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--agi-client",
+                    str(bridge.agi.port),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    cwd=ROOT,
+                )
+                assert client.stdin is not None
+                assert client.stdout is not None
+                # Started and imported before the storm, so that its start costs the storm nothing.
+                assert (await client.stdout.readline()).strip() == b"ready"
                 await bridge.ami.wait_until(lambda: bridge.ami.resyncs >= 1, 30)
                 resyncs_before = bridge.ami.resyncs
                 started = time.perf_counter()
+                cpu = resource.getrusage(resource.RUSAGE_SELF)
                 fake.go()
                 # Half the frames arrived: every phone of the windows before is registered in Asterisk.
                 await wait_for(lambda: bridge.ami.received >= 2 * count, 120, poll=0.001)
                 caller = phone(max(0, count // 2 - CHALLENGE_WINDOW - 1))
-
-                async def timed_ask(number: str, channel: str) -> tuple[dict[str, str], float]:
-                    asked = time.perf_counter()
-                    answer = await ask(bridge.agi.port, "outbound", number, channel=channel)
-                    return answer, time.perf_counter() - asked
-
-                (call, answered), (emergency, emergency_seconds) = await asyncio.gather(
-                    timed_ask("600", f"PJSIP/{caller}-00000001"), timed_ask("112", "PJSIP/e-phone-00000002")
+                client.stdin.write(f"600 PJSIP/{caller}-00000001;112 PJSIP/e-phone-00000002\n".encode())
+                await client.stdin.drain()
+                answers: dict[str, Any] = {}
+                while (line := (await client.stdout.readline()).decode().strip()) != "done":
+                    if not line:
+                        raise RuntimeError("the FastAGI client stopped")
+                    got = json.loads(line)
+                    answers[got["channel"]] = got
+                call, answered = (
+                    answers[f"PJSIP/{caller}-00000001"]["answer"],
+                    answers[f"PJSIP/{caller}-00000001"]["seconds"],
                 )
+                emergency = answers["PJSIP/e-phone-00000002"]["answer"]
+                emergency_seconds = answers["PJSIP/e-phone-00000002"]["seconds"]
                 backlog = bridge.ami.received - bridge.ami.done_upto()
                 await wait_for(lambda: bridge.ami.frames >= 4 * count, 120)
                 applied = time.perf_counter() - started
@@ -201,6 +250,8 @@ def storm_run(url: str, count: int) -> dict[str, float]:
                         break
                     await asyncio.sleep(0.02)
                 elapsed = time.perf_counter() - started
+                used = resource.getrusage(resource.RUSAGE_SELF)
+                cpu_seconds = used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime
                 # Give the unknown-registration timer its chance to (wrongly) fire.
                 await asyncio.sleep(1.5)
                 return {
@@ -210,12 +261,17 @@ def storm_run(url: str, count: int) -> dict[str, float]:
                     "emergency_ok": float(emergency.get("FORUM_BRIDGE_REASON") == "emergency"),
                     "backlog_at_answer": float(backlog),
                     "seconds": elapsed,
+                    "cpu_seconds": cpu_seconds,
                     "applied": applied,
                     "batches": float(bridge.ami.batches),
                     "resyncs": float(bridge.ami.resyncs - resyncs_before),
                     "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 }
             finally:
+                if client is not None:
+                    if client.stdin is not None:
+                        client.stdin.close()
+                    await asyncio.wait_for(client.wait(), 10)
                 stop.set()
                 await asyncio.wait_for(task, 30)
 
@@ -327,9 +383,13 @@ def main() -> int:
     parser.add_argument("--postgres", help="URL of an empty PostgreSQL database")
     parser.add_argument("--serve-fake", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-storm", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--agi-client", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fake:
         serve_fake(args.serve_fake)
+        return 0
+    if args.agi_client:
+        serve_agi_client(args.agi_client)
         return 0
     if args.one_storm:
         print(json.dumps(storm_run(args.one_storm[0], int(args.one_storm[1]))))
@@ -385,12 +445,13 @@ def main() -> int:
         applied = ", ".join(f"{r['applied']:.2f}" for r in results)
         backlogs = ", ".join(f"{r['backlog_at_answer']:.0f}" for r in results)
         emergencies = ", ".join(f"{r['emergency_seconds']:.3f}" for r in results)
+        cpus = ", ".join(f"{r['cpu_seconds']:.2f}" for r in results)
         batches = ", ".join(f"{r['batches']:.0f}" for r in results)
         print(
             f"{name}: {count} phones logged on in {statistics.median(seconds):.2f}s (median of {args.runs};"
             f" runs {', '.join(f'{s:.2f}' for s in seconds)}), floor {floor:.2f}s;"
             f" resyncs {max(resyncs):.0f}; peak RSS {statistics.median(rss):.0f} MB;"
-            f" all frames applied after {applied}s in {batches} batches;"
+            f" all frames applied after {applied}s in {batches} batches, {cpus}s of CPU;"
             f" call and 112 during the storm answered in {', '.join(f'{c:.3f}' for c in calls)}s and"
             f" {emergencies}s"
             f" with {backlogs} frames still queued",

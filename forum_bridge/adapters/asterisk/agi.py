@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
@@ -104,6 +104,7 @@ class FastAgiServer:
         decision_timeout: float | None = None,
         max_clients: int = _MAX_CLIENTS,
         before_decision: Callable[[float, str | None], Awaitable[object]] | None = None,
+        after_decision: Callable[[], object] | None = None,
         decisions: RecentDecisions | None = None,
     ) -> None:
         """Prepare the server; :meth:`start` binds it.
@@ -111,6 +112,8 @@ class FastAgiServer:
         ``before_decision(timeout, logon)`` is awaited before each decision: the runner passes the
         AMI listener's ``caught_up``, so a decision sees the events Asterisk sent just before the
         call (``logon`` is the caller's log-on for an outbound call, None for an inbound one).
+        ``after_decision()`` is called once the decision that followed is made (the listener lets
+        decisions have the database before its next batch).
         ``decisions`` is shared with the AMI listener so a call leg is decided once.
         """
         self._settings = settings
@@ -123,6 +126,7 @@ class FastAgiServer:
         )
         self.max_clients = max_clients
         self._before_decision = before_decision
+        self._after_decision = after_decision
         self._decisions = decisions
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -262,16 +266,16 @@ class FastAgiServer:
         if logon is None:
             # Not a PJSIP phone (a Local channel, a trunk of another technology): not managed.
             return [("FORUM_BRIDGE_RESULT", "allow"), ("FORUM_BRIDGE_REASON", Reason.UNMANAGED.value)]
-        await self._catch_up(logon)
-        known = self._decisions.call(channel) if self._decisions is not None else None
         try:
-            if known is not None:
-                decision = known  # decided (and logged) when its Newchannel came over AMI
-            else:
-                # Keyed by the channel, so an AMI event deciding the same leg at the same moment
-                # gets this answer (and one audit line) instead of deciding again.
-                authorize = functools.partial(self._service.authorize, channel=channel)
-                decision = await self._call(authorize, logon, number, Direction.OUTBOUND)
+            async with self._turn(logon):
+                known = self._decisions.call(channel) if self._decisions is not None else None
+                if known is not None:
+                    decision = known  # decided (and logged) when its Newchannel came over AMI
+                else:
+                    # Keyed by the channel, so an AMI event deciding the same leg at the same moment
+                    # gets this answer (and one audit line) instead of deciding again.
+                    authorize = functools.partial(self._service.authorize, channel=channel)
+                    decision = await self._call(authorize, logon, number, Direction.OUTBOUND)
         except (StoreError, TimeoutError) as exc:
             allowed = self._service.is_emergency(number) or self._settings.asterisk.fail_mode == "open"
             reason = Reason.EMERGENCY.value if self._service.is_emergency(number) else BRIDGE_ERROR
@@ -291,9 +295,9 @@ class FastAgiServer:
 
     async def _inbound(self, env: dict[str, str]) -> list[tuple[str, str]]:
         number = (env.get("agi_arg_1") or "").strip()
-        await self._catch_up()
         try:
-            ringable = await self._call(self._service.ringable, number)
+            async with self._turn():
+                ringable = await self._call(self._service.ringable, number)
         except (StoreError, TimeoutError) as exc:
             log.warning(
                 "no ringing decision for number=%s (%s); nobody rung",
@@ -309,6 +313,17 @@ class FastAgiServer:
         if allowed:
             answers.insert(0, ("FORUM_BRIDGE_DIAL", "&".join(f"PJSIP/{logon}" for logon in allowed)))
         return answers
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, logon: str | None = None) -> AsyncIterator[None]:
+        """Catch up with the PBX's events, then decide; tell the listener when the decision is made."""
+        await self._catch_up(logon)
+        try:
+            yield
+        finally:
+            if self._before_decision is not None and self._after_decision is not None:
+                with contextlib.suppress(Exception):
+                    self._after_decision()
 
     async def _catch_up(self, logon: str | None = None) -> None:
         if self._before_decision is not None:

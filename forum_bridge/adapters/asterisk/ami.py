@@ -79,8 +79,13 @@ HANGUP_CAUSE_UNAVAILABLE = 34
 """Q.850 NO_CIRCUIT_AVAILABLE: 503, for a call hung up because the bridge could not decide it."""
 
 _MAX_FRAME = 1 << 20  # bytes of one unfinished frame; far above any real AMI event
+_SLICE = 16 * 1024  # bytes parsed at a time (about 50 frames)
+_TURN = 0.005  # seconds of parsing per turn of the event loop, at most (plus one slice)
+_READ_AHEAD = 256 * 1024  # bytes received but not parsed yet before reading pauses
 _MAX_BACKLOG = 30_000  # queued frames before the listener gives up on them and resyncs instead
 _BATCH = 250  # frames applied in one transaction: big enough for a storm, short enough for the hook
+_DECISION_HOLD = 0.5  # seconds a hook decision counts as under way at most
+_GIVE_WAY = 0.1  # seconds the worker waits for decisions under way before its next batch, at most
 _RECONNECT_MIN = 0.5
 # A first REGISTER's ContactStatus follows its SuccessfulAuth within milliseconds; a log-on whose
 # ContactStatus has not *arrived* this long after its SuccessfulAuth arrived (however long the queue
@@ -211,7 +216,14 @@ def _logon_of(name: str, headers: Mapping[str, str]) -> str:
 
 
 class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk ships no type information
-    """AMIProtocol with incremental UTF-8 decoding and a bound on an unfinished frame."""
+    """AMIProtocol with incremental UTF-8 decoding, a bound on an unfinished frame, and fair turns.
+
+    A registration storm arrives as a continuous stream: asyncio hands over up to 256 KiB per read,
+    and parsing that many frames at once holds the event loop for tens of milliseconds, on every
+    turn, for as long as the storm lasts; the FastAGI hook, which needs a dozen turns per call,
+    then answers in seconds. So the bytes are parsed in slices, one slice per turn of the loop,
+    and reading pauses while more than a few slices wait.
+    """
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start a fresh incremental decoder for the new connection."""
@@ -219,6 +231,9 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk ships no type 
         # The banner can arrive before panoramisk hands its own logger over.
         self.log = _wire_log
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._unparsed = bytearray()
+        self._parsing = False
+        self._paused = False
 
     def handle_message(self, message: Any) -> None:
         """Route one parsed frame; a frame that cannot be routed is dropped, not fatal."""
@@ -230,6 +245,37 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk ships no type 
             log.warning("dropped a malformed AMI frame")
 
     def data_received(self, data: bytes) -> None:
+        """Parse a small read at once; queue a big one and parse it a slice per turn of the loop."""
+        if not self._parsing and len(data) <= _SLICE:
+            self._parse(data)
+            return
+        self._unparsed += data
+        if not self._parsing:
+            self._parsing = True
+            asyncio.get_running_loop().call_soon(self._parse_slice)
+        if len(self._unparsed) > _READ_AHEAD and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _parse_slice(self) -> None:
+        # Slices until the turn's time is used up: yielding after every slice would hand the
+        # interpreter to the database thread for a whole switch interval each time.
+        deadline = time.perf_counter() + _TURN
+        while self._unparsed and not self.transport.is_closing():
+            chunk = bytes(self._unparsed[:_SLICE])
+            del self._unparsed[:_SLICE]
+            self._parse(chunk)
+            if time.perf_counter() >= deadline:
+                break
+        if self._unparsed:
+            asyncio.get_running_loop().call_soon(self._parse_slice)
+        else:
+            self._parsing = False
+        if self._paused and len(self._unparsed) <= _READ_AHEAD // 2 and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _parse(self, data: bytes) -> None:
         """Decode whole characters only, then frame; drop the connection on an endless frame."""
         text = self._decoder.decode(data)
         if text:
@@ -241,7 +287,16 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk ships no type 
                 "Asterisk sent a frame over %d bytes without an end; dropping the connection", _MAX_FRAME
             )
             self.queue.clear()
+            self._unparsed.clear()
             self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Parse what had arrived before the connection ended, then report the loss."""
+        if self._unparsed:
+            rest = bytes(self._unparsed)
+            self._unparsed.clear()
+            self._parse(rest)
+        super().connection_lost(exc)
 
 
 class _Manager(Manager):  # type: ignore[misc]  # panoramisk ships no type information
@@ -359,6 +414,10 @@ class AmiListener:
         self._pending: dict[str, deque[int]] = {}
         self._urgent: set[str] = set()
         self._inflight: tuple[int, datetime] | None = None  # oldest frame of the batch being applied
+        # Hook decisions under way (when each stops counting): the worker lets them have the
+        # database between two batches, rather than SQLite's sleeping busy wait deciding who goes.
+        self._deciding: deque[float] = deque()
+        self._decided = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
         self._state = "new"  # new -> up <-> down
@@ -710,7 +769,15 @@ class AmiListener:
         the call (a failed log-on, a keepalive, a new contact); False when the deadline passed.
         With ``logon``, only that log-on's frames count, and they are applied ahead of the rest of
         the queue: a call placed during a registration storm waits for one batch, not the storm.
+        From its return until :meth:`decided` (half a second at most) the decision that follows
+        counts as under way, and the worker lets it have the database before its next batch.
         """
+        try:
+            return await self._caught_up(timeout, logon)
+        finally:
+            self._deciding.append(time.monotonic() + _DECISION_HOLD)
+
+    async def _caught_up(self, timeout: float, logon: str | None) -> bool:
         if logon is None:
             target = self.received
             predicate: Callable[[], bool] = lambda: self.done_upto() >= target  # noqa: E731
@@ -731,6 +798,26 @@ class AmiListener:
         except TimeoutError:
             return False
         return True
+
+    def decided(self) -> None:
+        """The hook has its answer (called once per :meth:`caught_up`): the worker may go on."""
+        if self._deciding:
+            self._deciding.popleft()
+        if not self._deciding:
+            self._decided.set()
+
+    async def _give_way(self) -> None:
+        """Let hook decisions under way have the database first, for a bounded time."""
+        deadline = time.monotonic() + _GIVE_WAY
+        while self._deciding:
+            now = time.monotonic()
+            while self._deciding and self._deciding[0] <= now:
+                self._deciding.popleft()  # its decided() never came: it no longer counts
+            if not self._deciding or now >= deadline:
+                return
+            self._decided.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._decided.wait(), min(deadline, self._deciding[0]) - now)
 
     def _take(self) -> list[_Frame] | _Resync:
         """The next work item: the urgent log-ons' frames, a resync marker, or a batch of frames."""
@@ -758,6 +845,8 @@ class AmiListener:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._deciding and not self._urgent:
+                await self._give_way()
             item = self._take()
             try:
                 if isinstance(item, _Resync):

@@ -66,6 +66,7 @@ class Bridge:
             settings,
             service,
             before_decision=self.ami.caught_up,
+            after_decision=self.ami.decided,
             decisions=decisions,
             decision_timeout=decision_timeout,
         )
