@@ -226,11 +226,15 @@ def subscriber_cells(slots: Mapping[str, int]) -> Cells:
 
 
 def failure_cells(f: Doc) -> list[str]:
-    """Time, log-on, reason, source, node."""
+    """Time, log-on (or, for a summary of a flood, a sample and how many more), reason, source, node."""
     reason = f["reason"] or ""
+    count = int(f.get("count") or 1)
+    who = h(f["logon"])
+    if count > 1:
+        who += f' <span class="muted">and {count - 1} more ({h(f.get("distinct", "?"))} names)</span>'
     return [
         h(fmt_time(f["at"])),
-        h(f["logon"]),
+        who,
         _badge(f"why-{reason}", REASON_LABELS.get(reason, reason.replace("_", " "))),
         h(f["source"]),
         h(f["node"]),

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 
@@ -476,3 +477,17 @@ def test_status_json_lists_one_page_of_subscribers_when_asked(bridge: Bridge) ->
     doc = json.loads(body)  # malformed numbers count as absent: every subscriber
     assert (doc["subscriber_page"]["offset"], doc["subscriber_page"]["limit"]) == (0, None)
     assert len(doc["subscribers"]) == 30
+
+
+def test_the_page_shows_a_flood_summary_as_a_sample_and_how_many_more(bridge: Bridge) -> None:
+    service = bridge.service
+    for i in range(40):
+        service.apply(
+            LogonFailed(f"scan{i}", at=bridge.clock(), source="203.0.113.9:5060", reason="unknown_user")
+        )
+    assert service.flush_failure_summary(bridge.clock() + timedelta(minutes=2))
+    app = make_app(service, bridge.settings, bridge.metrics)
+    _, _, body = wsgi_call(app, "/")
+    failed = body.decode().split('id="failed">')[1].split("</tbody>")[0]
+    assert "and 29 more (30 names)" in failed  # 10 written one by one, 30 summarised
+    assert failed.count("<tr>") == 11

@@ -184,8 +184,12 @@
     setText("failed-count", status.failed_logons.length);
     fill("failed", status.failed_logons, (f) => {
       const reason = f.reason || "";
+      const who = el("span", {}, txt(f.logon));
+      if ((f.count || 1) > 1) {
+        who.append(" ", el("span", { class: "muted" }, "and " + (f.count - 1) + " more (" + txt(f.distinct) + " names)"));
+      }
       return [
-        txt(time(f.at)), txt(f.logon), badge("why-" + reason, REASON[reason] || reason.replaceAll("_", " ")),
+        txt(time(f.at)), who, badge("why-" + reason, REASON[reason] || reason.replaceAll("_", " ")),
         txt(f.source), txt(f.node),
       ];
     }, 5, "No failed log-on.");
