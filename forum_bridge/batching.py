@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from forum_bridge.core.events import CallEnded, Event, Keepalive, LoggedOff, LoggedOn, LogonFailed
 from forum_bridge.store import operations as ops
-from forum_bridge.store.models import CallRow, RegistrationRow, SubscriberRow
+from forum_bridge.store.models import CallRow, RegistrationRow, SubscriberRow, stored
 
 if TYPE_CHECKING:
     from forum_bridge.service import BridgeService, Outcome
@@ -118,7 +118,9 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
 
     node = service.node
     block = service.settings.block_after_failed_logon
-    logons = sorted({e.logon for e in events if not isinstance(e, CallEnded)})
+    # Names and contacts as stored (over-long values fitted, see store.models.fit), so that what
+    # the run reads back from the database and what the events say are the same keys.
+    logons = sorted({stored(RegistrationRow.logon, e.logon) for e in events if not isinstance(e, CallEnded)})
     state = _load(session, node, logons)
     deleted: list[int] = []
     ended: list[str] = []
@@ -141,7 +143,7 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
             ended.append(event.channel)
             outcomes.append(Outcome())
             continue
-        entry = state[event.logon]
+        entry = state[stored(RegistrationRow.logon, event.logon)]
         if isinstance(event, Keepalive):
             for contact in entry.contacts.values():
                 contact.last_seen, contact.dirty = event.at, True
@@ -150,13 +152,14 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
                 Outcome(unknown_registration=not touched, blocked=clear_block(entry) if touched else None)
             )
         elif isinstance(event, LoggedOn):
-            known = entry.contacts.get(event.contact)
+            key = stored(RegistrationRow.contact, event.contact)
+            known = entry.contacts.get(key)
             if known is not None:
                 known.last_seen, known.dirty = event.at, True
                 known.source = event.source or known.source
                 known.user_agent = event.user_agent or known.user_agent
             else:
-                entry.contacts[event.contact] = _Contact(
+                entry.contacts[key] = _Contact(
                     id=None,
                     source=event.source,
                     user_agent=event.user_agent,
@@ -166,7 +169,8 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
                 service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, node)
             outcomes.append(Outcome(blocked=clear_block(entry)))
         elif isinstance(event, LoggedOff):
-            gone = [c for c in entry.contacts if not event.contact or c == event.contact]
+            removed_contact = stored(RegistrationRow.contact, event.contact)
+            gone = [c for c in entry.contacts if not event.contact or c == removed_contact]
             for name in gone:
                 removed = entry.contacts.pop(name)
                 if removed.id is not None:

@@ -912,6 +912,7 @@ class BridgeService:
             SubscriberRow.profile,
             SubscriberRow.last_logon_failed,
             SubscriberRow.last_failure_at,
+            SubscriberRow.reserved,
         ).order_by(SubscriberRow.logon)
         paged = bool(search) or limit is not None
         if search:
@@ -924,8 +925,8 @@ class BridgeService:
             matched = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
             query = query.offset(offset).limit(limit)
         subscribers = {
-            logon: (number, profile, failed, failure_at)
-            for logon, number, profile, failed, failure_at in session.execute(query)
+            logon: (number, profile, failed, failure_at, reserved)
+            for logon, number, profile, failed, failure_at, reserved in session.execute(query)
         }
         licences = list(session.scalars(select(LicenceRow).order_by(LicenceRow.slot)))
         holders = {row.logon: row for row in licences if row.logon}
@@ -956,14 +957,10 @@ class BridgeService:
         summary = self._state_counts(session)
         managed = summary["subscribers"]
         used = len(holders)
-        pool = ops.PoolCounts(
-            total=len(licences),
-            used=used,
-            reserved=sum(1 for sub in subscribers.values() if sub.reserved),
-            reserved_used=sum(1 for logon in holders if logon in subscribers and subscribers[logon].reserved),
-        )
+        # Counted over the whole pool (a page lists only some of the reserved log-ons).
+        pool = ops.pool_counts(session)
         subscriber_docs = []
-        for logon, (number, profile, last_failed, failure_at) in subscribers.items():
+        for logon, (number, profile, last_failed, failure_at, reserved) in subscribers.items():
             regs = registrations.get(logon, [])
             latest = regs[0] if regs else None
             state = "logon_failed" if last_failed else ("logged_on" if regs else "logged_off")
@@ -974,7 +971,7 @@ class BridgeService:
                     "profile": profile,
                     "state": state,
                     "licensed": logon in holders,
-                    "reserved": sub.reserved,
+                    "reserved": bool(reserved),
                     "last_seen": iso(latest.last_seen) if latest else None,
                     "contact": latest.contact if latest else None,
                     "contacts": [r.contact for r in regs],
@@ -1077,7 +1074,7 @@ class BridgeService:
 
     @staticmethod
     def _state_counts(session: Session) -> dict[str, Any]:
-        total, used = ops.licence_counts(session)
+        pool = ops.pool_counts(session)
         registered = select(RegistrationRow.logon).distinct().subquery()
         managed = session.scalar(select(func.count()).select_from(SubscriberRow)) or 0
         failed = (
@@ -1108,7 +1105,12 @@ class BridgeService:
             or 0
         )
         return {
-            "licences": {"total": total, "used": used, "free": total - used},
+            "licences": {
+                "total": pool.total,
+                "used": pool.used,
+                "free": pool.free,
+                "reserved": pool.reserved,
+            },
             "subscribers": managed,
             "states": {
                 "logged_on": logged_on,
