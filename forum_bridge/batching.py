@@ -17,11 +17,12 @@ line when the window ends. Failures of managed log-ons are never summarised.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, cast
@@ -49,6 +50,20 @@ SUMMARY_KIND = "logon_failed_summary"
 _SAMPLE = 5  # names and sources kept in a summary
 _DISTINCT_CAP = 10_000  # distinct names counted exactly per window; beyond, "at least"
 _CHUNK = 500  # values per IN (...) list: far below SQLite's and PostgreSQL's limits
+
+
+def _fitter(name: str) -> Callable[[str], str]:
+    """``stored(RegistrationRow.<name>, value)`` with the column looked up once, not per value.
+
+    Asking a mapped attribute for its type goes through SQLAlchemy's attribute proxies, which cost
+    more than the rest of a storm's bookkeeping together.
+    """
+    column = cast(Table, RegistrationRow.__table__).c[name]
+    return functools.partial(stored, column)
+
+
+_fit_logon = _fitter("logon")
+_fit_contact = _fitter("contact")
 
 
 def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -120,7 +135,7 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
     block = service.settings.block_after_failed_logon
     # Names and contacts as stored (over-long values fitted, see store.models.fit), so that what
     # the run reads back from the database and what the events say are the same keys.
-    logons = sorted({stored(RegistrationRow.logon, e.logon) for e in events if not isinstance(e, CallEnded)})
+    logons = sorted({_fit_logon(e.logon) for e in events if not isinstance(e, CallEnded)})
     state = _load(session, node, logons)
     deleted: list[int] = []
     ended: list[str] = []
@@ -143,7 +158,7 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
             ended.append(event.channel)
             outcomes.append(Outcome())
             continue
-        entry = state[stored(RegistrationRow.logon, event.logon)]
+        entry = state[_fit_logon(event.logon)]
         if isinstance(event, Keepalive):
             for contact in entry.contacts.values():
                 contact.last_seen, contact.dirty = event.at, True
@@ -152,7 +167,7 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
                 Outcome(unknown_registration=not touched, blocked=clear_block(entry) if touched else None)
             )
         elif isinstance(event, LoggedOn):
-            key = stored(RegistrationRow.contact, event.contact)
+            key = _fit_contact(event.contact)
             known = entry.contacts.get(key)
             if known is not None:
                 known.last_seen, known.dirty = event.at, True
@@ -169,7 +184,7 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
                 service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, node)
             outcomes.append(Outcome(blocked=clear_block(entry)))
         elif isinstance(event, LoggedOff):
-            removed_contact = stored(RegistrationRow.contact, event.contact)
+            removed_contact = _fit_contact(event.contact)
             gone = [c for c in entry.contacts if not event.contact or c == removed_contact]
             for name in gone:
                 removed = entry.contacts.pop(name)
