@@ -169,6 +169,7 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
         elif isinstance(event, LoggedOn):
             key = _fit_contact(event.contact)
             known = entry.contacts.get(key)
+            others: tuple[str, ...] = ()
             if known is not None:
                 known.last_seen, known.dirty = event.at, True
                 known.source = event.source or known.source
@@ -182,7 +183,9 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
                     registered_at=event.at,
                 )
                 service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, node)
-            outcomes.append(Outcome(blocked=clear_block(entry)))
+                # As BridgeService._logged_on: the log-on's other contacts here, for the adapter.
+                others = tuple(sorted(c for c in entry.contacts if c != key))
+            outcomes.append(Outcome(blocked=clear_block(entry), other_contacts=others))
         elif isinstance(event, LoggedOff):
             removed_contact = _fit_contact(event.contact)
             gone = [c for c in entry.contacts if not event.contact or c == removed_contact]
