@@ -163,9 +163,16 @@ def apply_run(service: BridgeService, session: Session, events: Sequence[Event])
             for contact in entry.contacts.values():
                 contact.last_seen, contact.dirty = event.at, True
             touched = bool(entry.contacts)
-            outcomes.append(
-                Outcome(unknown_registration=not touched, blocked=clear_block(entry) if touched else None)
-            )
+            # As BridgeService._keepalive: only a confirmed REGISTER, not newer than the latest
+            # failure, lifts a block; an unconfirmed one asks the adapter to check.
+            if not touched or not entry.managed or not entry.failed:
+                outcomes.append(Outcome(unknown_registration=not touched))
+            elif not event.clears_block:
+                outcomes.append(Outcome(check_logon=True))
+            elif entry.failure_at is not None and entry.failure_at > event.at:
+                outcomes.append(Outcome())
+            else:
+                outcomes.append(Outcome(blocked=clear_block(entry)))
         elif isinstance(event, LoggedOn):
             key = _fit_contact(event.contact)
             known = entry.contacts.get(key)

@@ -113,6 +113,10 @@ class Outcome:
     # keeps one contact per address (FreeSWITCH without multiple-registrations) may have dropped
     # them without an event; the adapter can check and log them off.
     other_contacts: tuple[str, ...] = ()
+    # For a Keepalive that may not clear a block, of a registered log-on whose latest log-on failed:
+    # the adapter should find out whether it was a REGISTER after all and, if so, send it again
+    # with ``clears_block=True``.
+    check_logon: bool = False
 
 
 @dataclass(frozen=True)
@@ -444,10 +448,18 @@ class BridgeService:
 
     def _keepalive(self, session: Session, event: Keepalive) -> Outcome:
         touched = ops.touch_registrations(session, self.node, event.logon, event.at)
-        # Only a registered log-on's success counts as a successful log-on attempt: a phone that
-        # failed to register must not clear that by authenticating a call (e.g. to 112).
-        blocked = self._block_cleared(session.get(SubscriberRow, event.logon)) if touched else None
-        return Outcome(unknown_registration=touched == 0, blocked=blocked)
+        # Only a successful REGISTER of a registered log-on counts as a successful log-on attempt:
+        # a phone must not clear its failed log-on by authenticating a call (e.g. to 112).
+        subscriber = session.get(SubscriberRow, event.logon) if touched else None
+        if subscriber is None or not subscriber.last_logon_failed:
+            return Outcome(unknown_registration=touched == 0)
+        if not event.clears_block:
+            return Outcome(check_logon=True)
+        failed_at = subscriber.last_failure_at
+        if failed_at is not None and failed_at > event.at:
+            # Confirmed late (the adapter asked the PBX first): a failure since then stands.
+            return Outcome()
+        return Outcome(blocked=self._block_cleared(subscriber))
 
     def _call_started(self, event: CallStarted, enforce: bool) -> Outcome:
         if not enforce:

@@ -108,8 +108,8 @@ def test_failed_log_on_blocks_every_call_and_frees_the_licence(svc: BridgeServic
     assert svc.authorize("21-desk", "112").reason is Reason.LOGON_FAILED
     assert svc.authorize("21-desk", "600").reason is Reason.LOGON_FAILED
     assert used(svc) == 0
-    # A later successful authentication of a registered contact (a refresh) clears it.
-    svc.apply(Keepalive("21-desk", at=clock()))
+    # A later successful REGISTER of a registered contact (a refresh) clears it.
+    svc.apply(Keepalive("21-desk", at=clock(), clears_block=True))
     assert sub(svc, "21-desk")["state"] == "logged_on"
     assert svc.authorize("21-desk", "600").allowed
 
@@ -125,6 +125,38 @@ def test_failed_log_on_is_not_cleared_by_authenticating_a_call(svc: BridgeServic
     assert svc.authorize("23-desk", "112").reason is Reason.EMERGENCY
 
 
+def test_a_registered_log_ons_authenticated_call_does_not_lift_its_block(
+    svc: BridgeService, clock: FakeClock
+) -> None:
+    logon(svc, clock, "21-desk")
+    assert svc.apply(LogonFailed("21-desk", at=clock())).blocked is True
+    # A successful authentication the adapter cannot tell from an INVITE (e.g. to 112): the
+    # keepalive clock moves, the block stays, and the adapter is asked to find out.
+    clock.advance(5)
+    outcome = svc.apply(Keepalive("21-desk", at=clock()))
+    assert outcome.blocked is None and outcome.check_logon and not outcome.unknown_registration
+    assert svc.blocked_logons() == ["21-desk"]
+    assert svc.authorize("21-desk", "112").reason is Reason.LOGON_FAILED
+    assert sub(svc, "21-desk")["last_seen"] == "2026-11-24T08:00:05Z"
+    # Confirmed as a REGISTER: the block goes, and nothing more needs checking.
+    outcome = svc.apply(Keepalive("21-desk", at=clock(), clears_block=True))
+    assert outcome.blocked is False and not outcome.check_logon
+    assert svc.authorize("21-desk", "112").reason is Reason.EMERGENCY
+    assert not svc.apply(Keepalive("21-desk", at=clock())).check_logon  # not blocked: no question
+
+
+def test_a_late_confirmation_does_not_lift_a_block_of_a_newer_failure(
+    svc: BridgeService, clock: FakeClock
+) -> None:
+    logon(svc, clock, "21-desk")
+    svc.apply(LogonFailed("21-desk", at=clock()))
+    register_at = clock()
+    clock.advance(1)
+    svc.apply(LogonFailed("21-desk", at=clock()))  # failed again while the PBX was being asked
+    assert svc.apply(Keepalive("21-desk", at=register_at, clears_block=True)).blocked is None
+    assert svc.blocked_logons() == ["21-desk"]
+
+
 def test_blocked_set_follows_failed_log_ons_and_reports_each_change(
     svc: BridgeService, clock: FakeClock
 ) -> None:
@@ -136,7 +168,7 @@ def test_blocked_set_follows_failed_log_ons_and_reports_each_change(
     svc.apply(LogonFailed("23-desk", at=clock()))
     assert svc.blocked_logons() == ["21-desk", "23-desk"]
     assert svc.apply(Keepalive("23-desk", at=clock())).blocked is None  # not registered: still blocked
-    assert svc.apply(Keepalive("21-desk", at=clock())).blocked is False
+    assert svc.apply(Keepalive("21-desk", at=clock(), clears_block=True)).blocked is False
     assert svc.apply(LoggedOn("23-desk", at=clock(), contact="sip:23@x")).blocked is False
     assert svc.blocked_logons() == []
 

@@ -52,11 +52,17 @@ class LogonFailed:
 
 @dataclass(frozen=True)
 class Keepalive:
-    """The log-on proved it is alive (refresh REGISTER or any successful authentication)."""
+    """The log-on proved it is alive (refresh REGISTER or any successful authentication).
+
+    ``clears_block`` says the adapter knows this was a successful *log-on* (a REGISTER), which
+    lifts the block of a failed log-on. A successful authentication alone (e.g. of an INVITE to
+    112) may not, so the default is False: an adapter that cannot tell never lifts a block.
+    """
 
     logon: str
     at: datetime
     source: str = ""
+    clears_block: bool = False
 
 
 @dataclass(frozen=True)

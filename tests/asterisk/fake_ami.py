@@ -56,6 +56,7 @@ class FakeAmi:
         # AstDB as full keys ("/family/key") and the loaded modules (None: every module is loaded).
         self.astdb: dict[str, str] = {}
         self.modules: set[str] | None = None
+        self.endpoints: set[str] = set()  # endpoints PJSIPShowEndpoint knows besides those with contacts
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
@@ -222,6 +223,8 @@ class FakeAmi:
                 "A listing of Contacts follows, presented as ContactList events",
                 "No Contacts found",
             )
+        elif name == "pjsipshowendpoint":
+            self._show_endpoint(session, head, action.get("Endpoint", ""))
         elif name == "coreshowchannels":
             self._list(
                 session,
@@ -255,6 +258,37 @@ class FakeAmi:
                 )
             )
         return True
+
+    def _show_endpoint(self, session: Session, head: dict[str, str], endpoint: str) -> None:
+        """PJSIPShowEndpoint as res_pjsip answers it: the endpoint, then one ContactStatusDetail per
+        contact (from the ``contacts`` set for PJSIPShowContacts: its Uri and ExpirationTime)."""
+        known = endpoint in self.endpoints or any(c.get("Endpoint") == endpoint for c in self.contacts)
+        if not endpoint or not known:
+            session.send(
+                render({"Response": "Error", **head, "Message": f"Unable to retrieve endpoint {endpoint}"})
+            )
+            return
+        rows = [{"ObjectType": "endpoint", "ObjectName": endpoint, "Event": "EndpointDetail"}]
+        for contact in self.contacts:
+            if contact.get("Endpoint") == endpoint:
+                rows.append(
+                    {
+                        "Event": "ContactStatusDetail",
+                        "AOR": endpoint,
+                        "URI": contact.get("Uri", ""),
+                        "UserAgent": contact.get("UserAgent", ""),
+                        "RegExpire": contact.get("ExpirationTime", ""),
+                        "CallID": contact.get("CallId", ""),
+                        "Status": contact.get("Status", ""),
+                        "EndpointName": endpoint,
+                    }
+                )
+        message = "Following are Events for each object associated with the Endpoint"
+        out = [render({"Response": "Success", **head, "EventList": "start", "Message": message})]
+        out.extend(render({"Event": row.pop("Event"), **head, **row}) for row in rows)
+        complete = {"Event": "EndpointDetailComplete", **head, "EventList": "Complete"}
+        out.append(render({**complete, "ListItems": str(len(rows))}))
+        session.send(b"".join(out))
 
     def _astdb_action(
         self, session: Session, head: dict[str, str], name: str, action: dict[str, str]

@@ -26,6 +26,7 @@ from tests.asterisk.conftest import (
     new_channel,
     running,
 )
+from tests.asterisk.fake_ami import FakeAmi
 
 ServiceFactory = Callable[[Settings], BridgeService]
 SettingsFactory = Callable[..., Settings]
@@ -548,3 +549,126 @@ def test_a_utf8_character_split_across_two_reads_survives() -> None:
     protocol.data_received(data[:cut])
     protocol.data_received(data[cut:])
     assert [m["UserAgent"] for m in seen] == ["Zoë Müller"]
+
+
+def queries(fake: FakeAmi) -> list[dict[str, str]]:
+    """The PJSIPShowEndpoint actions the bridge sent."""
+    return fake.actions_named("PJSIPShowEndpoint")
+
+
+def successful_auth(logon: str, call_id: str) -> dict[str, str]:
+    """A SuccessfulAuth as Asterisk 22 writes it, for a REGISTER or an INVITE alike."""
+    return {
+        "Event": "SuccessfulAuth",
+        "Privilege": "security,all",
+        "EventTV": "2026-11-24T04:39:17.371+0000",
+        "Severity": "Informational",
+        "Service": "PJSIP",
+        "EventVersion": "1",
+        "AccountID": logon,
+        "SessionID": call_id,
+        "LocalAddress": "IPV4/UDP/127.0.0.1/5060",
+        "RemoteAddress": "IPV4/UDP/127.0.0.1/5081",
+        "UsingPassword": "1",
+    }
+
+
+def test_only_a_register_lifts_a_registered_log_ons_block_not_its_authenticated_112(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ami, "_LOGON_CHECK_DELAYS", (0.01, 0.02, 0.04, 0.08))
+    changes: list[tuple[str, bool]] = []
+
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            fake.contacts = registered("21-desk")
+            async with running(
+                service.settings, service, on_blocked=lambda *c: changes.append(c)
+            ) as listener:
+                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
+                assert subscriber(service.status(), "21-desk")["state"] == "logged_on"
+                fake.push(challenge_failed("21-desk"))
+                # The contact's expiry now is the reference a REGISTER must move.
+                await listener.wait_until(lambda: "21-desk" in listener._expiries, 5)
+                assert [a["Endpoint"] for a in queries(fake)] == ["21-desk"]
+                assert changes == [("21-desk", True)]
+                # Two INVITEs (to 112) authenticate: the contact's expiry does not move, so the
+                # block stays however long the bridge looks.
+                for attempt in range(2):
+                    asked = len(queries(fake))
+                    fake.push(successful_auth("21-desk", f"invite-{attempt}@127.0.0.1"))
+                    await fake.wait_until(lambda: len(queries(fake)) >= asked + 4)  # noqa: B023
+                    await listener.wait_until(lambda: not listener._logon_checks, 5)
+                    assert service.blocked_logons() == ["21-desk"]
+                    assert changes == [("21-desk", True)]
+                # A REGISTER refresh from the same contact, with a new Call-ID: Asterisk keeps the
+                # contact's first Call-ID but moves its expiry, and only a bit after the auth.
+                fake.push(successful_auth("21-desk", "register-2@127.0.0.1"))
+                await fake.wait_until(lambda: len(queries(fake)) >= 5)
+                fake.contacts = [dict(fake.contacts[0], ExpirationTime="1795497162")]
+                await listener.wait_until(lambda: bool(changes[1:]), 5)
+                assert changes == [("21-desk", True), ("21-desk", False)]
+                assert service.blocked_logons() == []
+                assert subscriber(service.status(), "21-desk")["state"] == "logged_on"
+
+    run(scenario())
+
+
+def test_a_failure_after_the_reference_needs_a_register_after_that_failure(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ami, "_LOGON_CHECK_DELAYS", (0.01, 0.02))
+
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            fake.contacts = registered("21-desk")
+            async with running(service.settings, service) as listener:
+                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
+                fake.push(challenge_failed("21-desk"))
+                await listener.wait_until(lambda: "21-desk" in listener._expiries, 5)
+                # The phone refreshed (expiry moved) but the bridge missed that SuccessfulAuth;
+                # then a log-on fails again: the reference is taken anew, so the next INVITE's
+                # authentication finds nothing moved since the latest failure.
+                uri, moved = fake.contacts[0]["Uri"], "1795497162"
+                fake.contacts = [dict(fake.contacts[0], ExpirationTime=moved)]
+                fake.push(dict(challenge_failed("21-desk"), SessionID="another-register@127.0.0.1"))
+                await listener.wait_until(lambda: listener._expiries["21-desk"].get(uri) == moved, 5)
+                fake.push(successful_auth("21-desk", "invite@127.0.0.1"))
+                await fake.wait_until(lambda: len(queries(fake)) >= 4)
+                await listener.wait_until(lambda: not listener._logon_checks, 5)
+                assert service.blocked_logons() == ["21-desk"]
+
+    run(scenario())
+
+
+def test_a_block_check_the_ami_user_may_not_run_leaves_the_block_and_the_session(
+    bridge_settings: SettingsFactory,
+    make_service: ServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(ami, "_LOGON_CHECK_DELAYS", (0.01,))
+
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            fake.refused_actions.add("pjsipshowendpoint")
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            fake.contacts = registered("21-desk")
+            async with running(service.settings, service) as listener:
+                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
+                target = listener.frames + 2
+                fake.push(challenge_failed("21-desk"))
+                fake.push(successful_auth("21-desk", "register@127.0.0.1"))
+                await listener.wait_until(lambda: listener.frames >= target, 5)
+                await listener.wait_until(lambda: not listener._logon_checks, 5)
+                assert service.blocked_logons() == ["21-desk"]
+                assert listener.connected and fake.logins == 1
+
+    with caplog.at_level(logging.WARNING, logger=AMI_LOGGER):
+        run(scenario())
+    assert "could not read the contacts of blocked logon=21-desk" in caplog.text

@@ -54,7 +54,7 @@ from forum_bridge.adapters.asterisk.events import (
     logon_of_channel,
 )
 from forum_bridge.config import Settings
-from forum_bridge.core.events import CallStarted, Direction, Event, Keepalive, LoggedOn
+from forum_bridge.core.events import CallStarted, Direction, Event, Keepalive, LoggedOn, LogonFailed
 from forum_bridge.core.rules import Decision
 from forum_bridge.errors import PbxAuthError, PbxConnectionError, PbxError, ProtocolError, StoreError
 from forum_bridge.service import BridgeService, Outcome, ResyncReport
@@ -93,6 +93,10 @@ _RECONNECT_MIN = 0.5
 _UNKNOWN_RESYNC_DELAY = 1.0
 _UNKNOWN_RESYNC_MIN_INTERVAL = 5.0
 _NO_CONTACTS = "no contacts found"
+# After a blocked log-on's SuccessfulAuth, when to look at its contacts (seconds, one after the
+# other): the registrar stores a REGISTER's refresh a moment after the authentication is reported.
+_LOGON_CHECK_DELAYS = (0.1, 0.2, 0.4, 0.8)
+_MAX_EXPIRY_REFERENCES = 10_000  # blocked log-ons whose contact expiries are remembered
 
 T = TypeVar("T")
 
@@ -429,6 +433,10 @@ class AmiListener:
         self._unknown_logons: dict[str, float] = {}  # log-on -> when its SuccessfulAuth arrived
         self._resync_timer: asyncio.Task[None] | None = None
         self._last_resync = float("-inf")
+        # Blocked log-ons: their contacts' expiries (URI -> RegExpire) when the block began, and the
+        # latest keepalive of each whose check is running.
+        self._expiries: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._logon_checks: dict[str, Keepalive] = {}
         self.connected = False
         self.logins = 0
         self.resyncs = 0
@@ -683,6 +691,7 @@ class AmiListener:
         self._resync_error_logged = False
         self.resyncs += 1
         self.last_resync = report
+        self._spawn(self._remember_blocked())
         self._notify()
         return report
 
@@ -922,6 +931,7 @@ class AmiListener:
                     self._observer.observe_event_lag((now - stamped).total_seconds())
             if outcome.blocked is not None:
                 self._blocked_changed(event, outcome.blocked)
+            self._follow_block(event, outcome)
             if isinstance(event, LoggedOn):
                 self._unknown_logons.pop(event.logon, None)
             if outcome.unknown_registration and isinstance(event, Keepalive):
@@ -1033,6 +1043,111 @@ class AmiListener:
             self._on_blocked(logon, blocked)
         except Exception:  # telling the PBX is best effort; the periodic rewrite repairs it
             log.exception("could not pass on the block of logon=%s", logon)
+
+    # --- lifting a block: only a REGISTER may -------------------------------------------------
+    #
+    # SuccessfulAuth comes for any authenticated request, an INVITE to 112 as well as a REGISTER,
+    # and says nothing of which. A refresh REGISTER from a contact Asterisk already has raises
+    # nothing else (no ContactStatus), and Asterisk 22 keeps the contact's first Call-ID on a
+    # refresh, so the SessionID cannot be matched against the contact either. What a REGISTER
+    # does change, and an INVITE never, is the contact's expiry (RegExpire). So, for a blocked
+    # log-on only: remember its contacts' expiries when the block begins, and after each of its
+    # SuccessfulAuths look again (PJSIPShowEndpoint, write = system); a moved or new expiry proves
+    # a successful REGISTER, which the service then hears as a Keepalive that clears the block.
+
+    def _follow_block(self, event: Event, outcome: Outcome) -> None:
+        """Hook after each applied event: keep the expiry references and start logon checks."""
+        logon = getattr(event, "logon", "")
+        if not logon:
+            return
+        if outcome.blocked is True or (isinstance(event, LogonFailed) and logon in self._expiries):
+            # Taken again after every failure, so only a REGISTER after the latest one counts.
+            self._spawn(self._remember_expiries(logon))
+        elif outcome.blocked is False:
+            self._expiries.pop(logon, None)
+        if outcome.check_logon and isinstance(event, Keepalive):
+            running = logon in self._logon_checks
+            self._logon_checks[logon] = event
+            if not running:
+                self._spawn(self._check_logon(logon))
+
+    async def _contact_expiries(self, logon: str) -> dict[str, str]:
+        """URI -> RegExpire of every contact Asterisk holds for the endpoint ``logon``."""
+        responses = await self.send_action({"Action": "PJSIPShowEndpoint", "Endpoint": logon})
+        first = responses[0]
+        if not first.success:
+            raise ProtocolError(f"Asterisk refused PJSIPShowEndpoint: {first.get('Message', '')}")
+        expiries: dict[str, str] = {}
+        for response in responses:
+            item = headers_of(response)
+            if item.get("event") == "ContactStatusDetail" and item.get("uri"):
+                expiries[item["uri"].strip()] = item.get("regexpire", "").strip()
+        return expiries
+
+    async def _remember_expiries(self, logon: str) -> None:
+        try:
+            expiries = await self._contact_expiries(logon)
+        except PbxError as exc:
+            log.warning("could not read the contacts of blocked logon=%s: %s", logon, exc)
+            return
+        self._expiries[logon] = expiries
+        self._expiries.move_to_end(logon)
+        while len(self._expiries) > _MAX_EXPIRY_REFERENCES:
+            self._expiries.popitem(last=False)
+        self._notify()
+
+    async def _remember_blocked(self) -> None:
+        """After a resync: a reference for every blocked log-on that has none (e.g. after a restart)."""
+        try:
+            blocked = await self._in_db(self._service.blocked_logons)
+        except StoreError:
+            return  # the next resync tries again; a check without a reference takes one
+        for logon in blocked[:_MAX_EXPIRY_REFERENCES]:
+            if logon not in self._expiries:
+                await self._remember_expiries(logon)
+
+    async def _check_logon(self, logon: str) -> None:
+        """Did the latest SuccessfulAuth of blocked ``logon`` come with a REGISTER? If so, lift."""
+        try:
+            if logon not in self._expiries:
+                # No reference (the bridge started after the block): take one now; the next
+                # REGISTER lifts the block. Erring this way never lets a blocked 112 through.
+                await self._remember_expiries(logon)
+                return
+            current = self._logon_checks[logon]
+            attempt = 0
+            while attempt < len(_LOGON_CHECK_DELAYS):
+                await asyncio.sleep(_LOGON_CHECK_DELAYS[attempt])
+                attempt += 1
+                latest = self._logon_checks[logon]
+                if latest is not current:  # another SuccessfulAuth meanwhile: watch for that one
+                    current, attempt = latest, 0
+                reference = self._expiries.get(logon)
+                if reference is None:
+                    return  # lifted meanwhile (e.g. by a new contact)
+                expiries = await self._contact_expiries(logon)
+                if any(reference.get(uri) != expiry for uri, expiry in expiries.items()):
+                    await self._lift_block(current, expiries)
+                    return
+        except PbxError as exc:
+            log.warning("could not check whether logon=%s registered: %s", logon, exc)
+        finally:
+            self._logon_checks.pop(logon, None)
+            self._notify()
+
+    async def _lift_block(self, event: Keepalive, expiries: dict[str, str]) -> None:
+        confirmed = Keepalive(logon=event.logon, at=event.at, source=event.source, clears_block=True)
+        try:
+            outcome = await self._in_db(self._service.apply, confirmed)
+        except StoreError as exc:
+            log.error("could not lift the block of logon=%s: %s", event.logon, exc)
+            return
+        if outcome.blocked is False:
+            log.info("logon=%s registered again: its failed log-on no longer blocks it", event.logon)
+            self._blocked_changed(confirmed, False)
+            self._expiries.pop(event.logon, None)
+        elif event.logon in self._expiries:
+            self._expiries[event.logon] = expiries  # still blocked (failed again since): new reference
 
     def _store_failed(self, event: Event, exc: StoreError, enforce: bool) -> Outcome:
         if not self._db_failing:
