@@ -238,3 +238,10 @@ def test_event_time_reads_event_tv_and_timestamp() -> None:
     assert event_time({"timestamp": "1795497078.172800"}) == datetime.fromtimestamp(1795497078.1728, UTC)
     assert event_time({"eventtv": "yesterday"}) is None
     assert event_time({}) is None
+
+
+def test_a_successful_auth_never_clears_a_block_by_itself() -> None:
+    # The capture has SuccessfulAuths of REGISTERs and of INVITEs (to 600 and 700): alike on the wire.
+    keepalives = [event for event in map_all(CAPTURE) if isinstance(event, Keepalive)]
+    assert len(keepalives) == 6
+    assert not any(event.clears_block for event in keepalives)

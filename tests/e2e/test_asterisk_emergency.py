@@ -28,7 +28,7 @@ from forum_bridge.config import load_settings
 from tests.conftest import _postgres_bindir, wait_until
 from tests.e2e import test_asterisk_e2e as _base
 from tests.e2e.test_asterisk_e2e import Installation, by_logon, metrics
-from tests.sandbox import SippResult, free_tcp_port
+from tests.sandbox import SippPhone, SippResult, free_tcp_port
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.timeout(600)]
 
@@ -203,6 +203,59 @@ def test_a_blocked_log_on_cannot_call_112_with_the_bridge_up_or_hung(
     assert timed_call(inst, "21-desk", "112") == 200
 
 
+def test_a_registered_log_ons_blocked_112_stays_refused_until_it_registers_again(
+    make_installation: Callable[..., Installation],
+) -> None:
+    # With the sample least-privilege AMI user: finding out whether a SuccessfulAuth was a REGISTER
+    # (PJSIPShowEndpoint) must work with what that user may do.
+    inst = make_installation(licences=1, start=False)
+    use_the_sample_ami_user(inst)
+    inst.start_bridge()
+    desk = inst.phone("21-desk")
+    assert desk.register() == 200
+    registered_second = int(time.time())
+    inst.wait_status(lambda s: by_logon(s)["21-desk"]["state"] == "logged_on")
+    # The same phone (same contact) tries again with a wrong password: its latest log-on failed.
+    wrong = SippPhone("21-desk", "wrong-password", inst.sandbox.sip_port, local_port=desk.local_port)
+    inst.phones.append(wrong)
+    assert wrong.register() == 401
+    inst.wait_status(lambda s: by_logon(s)["21-desk"]["state"] == "logon_failed")
+    wait_until(lambda: "blocked/21-desk" in astdb(inst), 10, "the block of 21-desk in AstDB")
+    # Its right password now authenticates each INVITE (a SuccessfulAuth, like a REGISTER's), but
+    # that is no log-on: 112 is refused again and again, and the block stays in AstDB.
+    for _ in range(2):
+        refused = timed_call(inst, "21-desk", "112")
+        assert refused == 403
+        assert refused.elapsed < ANSWER_WITHIN, refused
+    assert "blocked/21-desk" in astdb(inst)
+    assert by_logon(inst.status())["21-desk"]["state"] == "logon_failed"
+    # A good REGISTER from the same contact with a new Call-ID (no ContactStatus: the contact
+    # exists) lifts it. Asterisk states a contact's expiry in whole seconds, and the bridge tells a
+    # REGISTER by the expiry it moves: let the clock leave the second of the first REGISTER.
+    wait_until(lambda: int(time.time()) > registered_second, 5, "the next second")
+    assert desk.register() == 200
+    wait_until(lambda: "blocked/21-desk" not in astdb(inst), 10, "the block to be lifted in AstDB")
+    inst.wait_status(lambda s: by_logon(s)["21-desk"]["state"] == "logged_on")
+    answered = timed_call(inst, "21-desk", "112")
+    assert answered == 200
+    assert answered.elapsed < ANSWER_WITHIN, answered
+    log = inst.log_text()
+    assert "Permission denied" not in log and "could not read the contacts" not in log
+
+
+def use_the_sample_ami_user(inst: Installation) -> None:
+    """Give the sandbox's AMI user the privileges of deploy/asterisk/manager.conf.sample."""
+    sample = _base.sample_ami_user()
+    manager = inst.sandbox.config_dir / "manager.conf"
+    lines = []
+    for line in manager.read_text().splitlines():
+        name = line.split("=", 1)[0].strip()
+        lines.extend(sample[name] if name in ("read", "write") else [line])
+    manager.write_text("\n".join(lines) + "\n")
+    inst.sandbox.cli("manager reload")
+    assert "write perm: system\n" in inst.sandbox.cli(f"manager show user {inst.sandbox.ami_username}")
+
+
 def test_blocks_go_stale_without_the_bridges_heartbeat_and_come_back_with_the_bridge(
     make_installation: Callable[..., Installation],
 ) -> None:
@@ -276,15 +329,7 @@ def test_the_sample_least_privilege_ami_user_may_keep_astdb_and_check_modules(
     make_installation: Callable[..., Installation],
 ) -> None:
     inst = make_installation(licences=1, start=False)
-    sample = _base.sample_ami_user()
-    manager = inst.sandbox.config_dir / "manager.conf"
-    lines = []
-    for line in manager.read_text().splitlines():
-        name = line.split("=", 1)[0].strip()
-        lines.extend(sample[name] if name in ("read", "write") else [line])
-    manager.write_text("\n".join(lines) + "\n")
-    inst.sandbox.cli("manager reload")
-    assert "write perm: system\n" in inst.sandbox.cli(f"manager show user {inst.sandbox.ami_username}")
+    use_the_sample_ami_user(inst)
     inst.start_bridge()
     inst.wait_log("Asterisk has every module the dialplan needs")
     fail_a_logon(inst, "21-desk")  # DBPut as that user

@@ -5,7 +5,9 @@ against frames recorded from a real Asterisk 22 (see ``tests/asterisk/fixtures``
 
 * a REGISTER (first or refresh) raises ``SuccessfulAuth`` with ``Service: PJSIP``: a keepalive.
   Only a *new* contact also raises ``ContactStatus`` (``NonQualified``, or ``Created`` on old
-  versions, ``Reachable`` with qualify on); a refresh raises nothing else.
+  versions, ``Reachable`` with qualify on); a refresh raises nothing else. An authenticated INVITE
+  raises the same ``SuccessfulAuth`` (``SessionID`` is the request's Call-ID either way), so its
+  keepalive may not lift a failed log-on's block; the listener finds out which it was.
 * a wrong password raises ``ChallengeResponseFailed`` (``AccountID`` = the endpoint); an unknown
   user raises ``InvalidAccountID`` (twice per attempt, same Call-ID) plus a
   ``ChallengeResponseFailed`` for ``<unknown>``, which carries no name and is skipped.
@@ -223,7 +225,8 @@ class AmiEventMapper:
             self._sources[logon] = source
         # A success ends the "same failure again" suppression for this log-on.
         self._forget_failures(logon)
-        return Keepalive(logon=logon, at=at, source=source)
+        # REGISTER or INVITE: the event does not say, so this keepalive never clears a block.
+        return Keepalive(logon=logon, at=at, source=source, clears_block=False)
 
     def _failure(self, headers: Headers, at: datetime, reason: str) -> Event | None:
         if headers.get("service", "PJSIP").strip().upper() != "PJSIP":
