@@ -672,3 +672,28 @@ def test_a_block_check_the_ami_user_may_not_run_leaves_the_block_and_the_session
     with caplog.at_level(logging.WARNING, logger=AMI_LOGGER):
         run(scenario())
     assert "could not read the contacts of blocked logon=21-desk" in caplog.text
+
+
+def test_a_block_from_before_the_bridge_started_is_lifted_by_the_first_register(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ami, "_LOGON_CHECK_DELAYS", (0.01, 0.02))
+
+    async def scenario() -> None:
+        async with fake_ami() as fake:
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            fake.contacts = registered("21-desk")
+            async with running(service.settings, service) as listener:
+                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
+                fake.push(challenge_failed("21-desk"))
+                await listener.wait_until(lambda: "21-desk" in listener._expiries, 5)
+            # A new bridge process: it knows the block only from the database.
+            async with running(service.settings, service) as listener:
+                await listener.wait_until(lambda: "21-desk" in listener._expiries, 5)
+                assert service.blocked_logons() == ["21-desk"]
+                fake.contacts = [dict(fake.contacts[0], ExpirationTime="1795497162")]
+                fake.push(successful_auth("21-desk", "register-after-restart@127.0.0.1"))
+                await listener.wait_until(lambda: not service.blocked_logons(), 5)
+
+    run(scenario())

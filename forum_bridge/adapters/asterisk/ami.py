@@ -97,6 +97,7 @@ _NO_CONTACTS = "no contacts found"
 # other): the registrar stores a REGISTER's refresh a moment after the authentication is reported.
 _LOGON_CHECK_DELAYS = (0.1, 0.2, 0.4, 0.8)
 _MAX_EXPIRY_REFERENCES = 10_000  # blocked log-ons whose contact expiries are remembered
+_MAX_LOGON_CHECKS = 256  # blocked log-ons checked at once; beyond that a block waits for a later REGISTER
 
 T = TypeVar("T")
 
@@ -1067,6 +1068,9 @@ class AmiListener:
             self._expiries.pop(logon, None)
         if outcome.check_logon and isinstance(event, Keepalive):
             running = logon in self._logon_checks
+            if not running and len(self._logon_checks) >= _MAX_LOGON_CHECKS:
+                log.warning("too many blocked log-ons authenticating at once; not checking logon=%s", logon)
+                return
             self._logon_checks[logon] = event
             if not running:
                 self._spawn(self._check_logon(logon))
