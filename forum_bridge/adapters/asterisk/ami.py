@@ -1088,17 +1088,18 @@ class AmiListener:
                 expiries[item["uri"].strip()] = item.get("regexpire", "").strip()
         return expiries
 
-    async def _remember_expiries(self, logon: str) -> None:
+    async def _remember_expiries(self, logon: str) -> bool:
         try:
             expiries = await self._contact_expiries(logon)
         except PbxError as exc:
             log.warning("could not read the contacts of blocked logon=%s: %s", logon, exc)
-            return
+            return False
         self._expiries[logon] = expiries
         self._expiries.move_to_end(logon)
         while len(self._expiries) > _MAX_EXPIRY_REFERENCES:
             self._expiries.popitem(last=False)
         self._notify()
+        return True
 
     async def _remember_blocked(self) -> None:
         """After a resync: a reference for every blocked log-on that has none (e.g. after a restart)."""
@@ -1107,8 +1108,8 @@ class AmiListener:
         except StoreError:
             return  # the next resync tries again; a check without a reference takes one
         for logon in blocked[:_MAX_EXPIRY_REFERENCES]:
-            if logon not in self._expiries:
-                await self._remember_expiries(logon)
+            if logon not in self._expiries and not await self._remember_expiries(logon):
+                return  # one warning is enough; the next resync tries again
 
     async def _check_logon(self, logon: str) -> None:
         """Did the latest SuccessfulAuth of blocked ``logon`` come with a REGISTER? If so, lift."""
