@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -43,7 +44,10 @@ def random_events(rng: random.Random, clock: FakeClock, count: int) -> list[Even
         if kind < 0.3:
             events.append(LoggedOn(logon, clock(), contact=contact, source="127.0.0.1:5060", user_agent="UA"))
         elif kind < 0.55:
-            events.append(Keepalive(logon, clock(), source="127.0.0.1:5060"))
+            # Half of them confirmed REGISTERs (which may lift a block), some confirmed late.
+            confirmed = rng.random() < 0.5
+            at = clock() - timedelta(seconds=rng.choice([0, 0, 3])) if confirmed else clock()
+            events.append(Keepalive(logon, at, source="127.0.0.1:5060", clears_block=confirmed))
         elif kind < 0.7:
             events.append(LoggedOff(logon, clock(), contact=rng.choice([contact, ""]), reason="logoff"))
         elif kind < 0.8:
