@@ -36,6 +36,10 @@ class AlreadyExistsError(StoreError):
     """A record with that name exists already."""
 
 
+class DecisionAbandoned(ForumBridgeError):
+    """A call decision was rolled back because its caller had already answered without it."""
+
+
 class InvalidInputError(ForumBridgeError):
     """An argument (log-on, number, CSV row, ...) is not acceptable."""
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,6 +40,7 @@ from forum_bridge.core.names import invisible_character
 from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call, keepalive_expired
 from forum_bridge.errors import (
     AlreadyExistsError,
+    DecisionAbandoned,
     ForumBridgeError,
     InvalidInputError,
     NotFoundError,
@@ -152,6 +156,108 @@ class ResyncReport:
     calls_dropped: int = 0
 
 
+class DecisionTicket:
+    """One caller's wait for a call decision: its deadline, and the leg it is about.
+
+    The FastAGI hook makes one per question. When the deadline passes it answers by its fail mode
+    and tells the service (:meth:`BridgeService.give_up`); from then on the decision can no longer
+    commit, and the leg keeps the answer given.
+    """
+
+    _numbers = itertools.count(1)
+
+    def __init__(self, deadline: float, channel: str = "") -> None:
+        """``deadline`` is a ``time.monotonic()`` value; ``channel`` the leg, if there is one."""
+        self.deadline = deadline
+        self.channel = channel
+        self.key = f"#{next(self._numbers)}"
+
+    def expired(self) -> bool:
+        """True once the deadline has passed."""
+        return time.monotonic() >= self.deadline
+
+
+class _Superseded(Exception):
+    """Internal: the leg was answered without the database meanwhile; roll back, return that."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason.value)
+        self.decision = decision
+
+
+class _DecisionGate:
+    """Makes "committed" and "answered without the database" exclude each other, per leg.
+
+    A decision commits only after :meth:`begin_commit` said yes; a caller that gives up first
+    makes every later commit of its ticket and its channel fail, so an answer once given is never
+    contradicted by a licence taken later. Answers given are kept a while (bounded) so that the
+    same leg seen again (its AMI event) gets the same answer.
+    """
+
+    _TTL = 600.0
+    _LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._committing: dict[str, int] = {}
+        self._settled: OrderedDict[str, tuple[float, Decision]] = OrderedDict()
+
+    def settled(self, *keys: str) -> Decision | None:
+        """The answer given without the database for any of ``keys``, if one was."""
+        if not self._settled:
+            return None
+        with self._lock:
+            for key in keys:
+                entry = self._settled.get(key) if key else None
+                if entry is not None and time.monotonic() - entry[0] <= self._TTL:
+                    return entry[1]
+        return None
+
+    def begin_commit(self, keys: Sequence[str], ticket: DecisionTicket | None) -> bool | Decision:
+        """True: commit. False: the ticket's caller gave up. A Decision: the leg was answered so."""
+        with self._lock:
+            if ticket is not None and ticket.key in self._settled:
+                return False
+            for key in keys:
+                entry = self._settled.get(key)
+                if entry is not None:
+                    return entry[1]
+            for key in keys:
+                self._committing[key] = self._committing.get(key, 0) + 1
+            return True
+
+    def end_commit(self, keys: Sequence[str]) -> Decision | None:
+        """The commit finished; the answer given meanwhile by a caller that could not wait, if any."""
+        with self._lock:
+            answer = None
+            for key in keys:
+                left = self._committing.get(key, 0) - 1
+                if left > 0:
+                    self._committing[key] = left
+                else:
+                    self._committing.pop(key, None)
+                entry = self._settled.get(key)
+                if entry is not None:
+                    answer = entry[1]
+            return answer
+
+    def give_up(self, ticket: DecisionTicket, answer: Decision, *, force: bool) -> bool:
+        """Record ``answer`` for the ticket and its leg; False (nothing recorded) while committing."""
+        keys = [k for k in (ticket.key, ticket.channel) if k]
+        with self._lock:
+            if not force and any(self._committing.get(k) for k in keys):
+                return False
+            now = time.monotonic()
+            for key in keys:
+                self._settled[key] = (now, answer)
+                self._settled.move_to_end(key)
+            while self._settled and (
+                len(self._settled) > self._LIMIT or now - next(iter(self._settled.values()))[0] > self._TTL
+            ):
+                self._settled.popitem(last=False)
+            return True
+
+
 def validate_logon(logon: str) -> str:
     """A log-on name: SIP user part characters, nothing invisible, at most 128 characters.
 
@@ -204,6 +310,7 @@ class BridgeService:
         self._prune_failing = False
         # Failed log-ons of unknown log-ons (SIP scanners) are counted, not written one by one.
         self.failure_digest = FailureDigest()
+        self._gate = _DecisionGate()
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -478,37 +585,146 @@ class BridgeService:
         return self.settings.emergency.is_emergency(number)
 
     def authorize(
-        self, logon: str, number: str, direction: Direction = Direction.OUTBOUND, *, channel: str = ""
+        self,
+        logon: str,
+        number: str,
+        direction: Direction = Direction.OUTBOUND,
+        *,
+        channel: str = "",
+        ticket: DecisionTicket | None = None,
     ) -> Decision:
         """Decide a call leg now and apply it: an allowed call may take a licence.
 
         Emergency calls come first: if the database fails, an outbound emergency call is still
         allowed (the failed-log-on rule cannot be checked then). Other calls raise StoreError and the
-        adapter applies its fail mode. A ``channel`` decided before gets the same answer again.
+        adapter applies its fail mode. A ``channel`` decided before gets the same answer again, also
+        when the answer was given without the database (see :meth:`give_up`).
+
+        ``ticket`` ties the decision to a caller that may stop waiting for it: a decision whose
+        caller gave up is rolled back (DecisionAbandoned) and takes no licence.
         """
         emergency = direction is Direction.OUTBOUND and self.is_emergency(number)
+        keys = [k for k in (channel, ticket.key if ticket is not None else "") if k]
+        settled = self._gate.settled(*keys)
+        if settled is not None and (ticket is None or self._gate.settled(ticket.key) is None):
+            return settled  # the leg was answered without the database before; that answer stands
+        if ticket is not None and (settled is not None or ticket.expired()):
+            raise DecisionAbandoned("the caller stopped waiting before the decision began")
         now = self.clock()
-        earlier: Decision | None = None
+        committing = False
+        late: Decision | None = None
         try:
-            with self.database.transaction() as session:
-                if channel:
-                    # Taken before looking, so a hook and an event deciding the same leg at once queue.
-                    ops.lock_logon(session, logon)
-                    earlier = ops.call_decision(session, self.node, channel)
-                if earlier is not None:
+            with self.database.begin(ticket.deadline if ticket else None) as session:
+                facts = ops.decision_facts(session, self.node, logon, channel)
+                if facts.earlier is not None:
                     # The same leg seen twice (AMI event and dialplan hook): one decision, one audit line.
-                    return earlier
-                decision = self._decide(session, logon, number, direction, emergency, now, apply=True)
+                    return facts.earlier
+                state = facts.state
+                decision = decide_call(
+                    state,
+                    direction=direction,
+                    is_emergency=emergency,
+                    # Only asked when it can matter; an emergency call never waits for the pool count.
+                    licence_free=not emergency
+                    and state.managed
+                    and state.logged_on
+                    and not state.holds_licence
+                    and ops.licence_available(session, logon),
+                    block_after_failed_logon=self.settings.block_after_failed_logon,
+                )
+                decision = self._apply_decision(session, logon, number, direction, decision, now)
                 if channel:
-                    ops.add_call(session, self.node, channel, logon, number, direction, now, decision)
+                    ops.record_call_decision(
+                        session, self.node, channel, logon, number, direction.value, now, decision
+                    )
+                stand = self._gate.begin_commit(keys, ticket)
+                if isinstance(stand, Decision):
+                    raise _Superseded(stand)
+                if not stand:
+                    raise DecisionAbandoned("the caller stopped waiting; the decision was rolled back")
+                committing = True
+            committing = False
+            late = self._gate.end_commit(keys)
+        except _Superseded as superseded:
+            return superseded.decision
         except StoreError:
+            if committing:
+                self._gate.end_commit(keys)
             self._decision_failed()
             if not emergency:
                 raise
             service_log.exception("database failed during an emergency call; letting it through")
             decision = Decision(True, Reason.EMERGENCY)
+        if late is not None and not late.allowed and decision.reason is Reason.LICENCE_ACQUIRED:
+            self._undo_late_licence(logon, channel)
         self._report(logon, number, direction, decision, channel)
         return decision
+
+    def give_up(self, ticket: DecisionTicket, answer: Decision) -> bool:
+        """The caller of :meth:`authorize` answered ``answer`` without waiting for the database.
+
+        True: no decision of that ticket will ever be committed, and the ticket's channel gets
+        ``answer`` from now on. False: the decision is being committed at this very moment; wait
+        for it (its answer is the truth) and call ``give_up(ticket, answer, force=True)`` if even
+        that takes too long.
+        """
+        return self._gate.give_up(ticket, answer, force=False)
+
+    def give_up_anyway(self, ticket: DecisionTicket, answer: Decision) -> None:
+        """Like :meth:`give_up` while a commit is in progress: a licence it takes is given back."""
+        self._gate.give_up(ticket, answer, force=True)
+
+    def _apply_decision(
+        self,
+        session: Session,
+        logon: str,
+        number: str,
+        direction: Direction,
+        decision: Decision,
+        now: datetime,
+    ) -> Decision:
+        if decision.takes_licence:
+            slot = ops.acquire(session, logon, self.node, now)
+            if slot is None:  # lost the last licence to a concurrent call
+                decision = Decision(False, Reason.EMERGENCY_ONLY)
+            else:
+                ops.audit(
+                    session,
+                    now,
+                    "acquire",
+                    logon=logon,
+                    number=number,
+                    reason=direction.value,
+                    node=self.node,
+                    detail=f"slot {slot}",
+                )
+        if not decision.allowed:
+            ops.audit(
+                session,
+                now,
+                "deny",
+                logon=logon,
+                number=number,
+                reason=decision.reason.value,
+                node=self.node,
+                detail=direction.value,
+            )
+        return decision
+
+    def _undo_late_licence(self, logon: str, channel: str) -> None:
+        # The caller was answered (a denial, or fail mode) before this decision's commit finished.
+        service_log.warning(
+            "a late decision took a licence after its caller was answered; giving it back"
+            " logon=%s channel=%s node=%s",
+            logon,
+            channel or "-",
+            self.node,
+        )
+        try:
+            with self.database.transaction() as session:
+                ops.release(session, logon, self.clock(), "late_decision", self.node)
+        except StoreError as exc:
+            service_log.error("could not give back the late licence of %s: %s", logon, exc)
 
     def blocked_logons(self) -> list[str]:
         """The managed log-ons that may make no call at all, 112 included (latest log-on failed).
@@ -519,24 +735,24 @@ class BridgeService:
         """
         if not self.settings.block_after_failed_logon:
             return []
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             return ops.failed_logons(session)
 
     def logon_state(self, logon: str) -> LogonState:
         """What the rules know about ``logon`` now (managed, logged on, failed, licensed)."""
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             return ops.logon_state(session, logon)
 
     def call_number(self, logon: str) -> str | None:
         """The call number of a managed log-on, or None for one that is not provisioned."""
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             row = session.get(SubscriberRow, logon)
             return row.number if row is not None else None
 
     def check(self, logon: str, number: str, direction: Direction = Direction.OUTBOUND) -> Decision:
         """What :meth:`authorize` would answer now, without taking a licence or writing anything."""
         emergency = direction is Direction.OUTBOUND and self.is_emergency(number)
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             return self._decide(session, logon, number, direction, emergency, self.clock(), apply=False)
 
     def _decide(
@@ -614,15 +830,16 @@ class BridgeService:
             except Exception:  # a broken listener must never affect a call
                 service_log.exception("decision listener failed")
 
-    def ringable(self, number: str) -> list[tuple[str, Decision]]:
+    def ringable(self, number: str, *, ticket: DecisionTicket | None = None) -> list[tuple[str, Decision]]:
         """Decide, for every log-on of call number ``number``, whether its phone may ring now.
 
         Each allowed log-on takes its licence (a call received is a connection). Log-ons denied
-        are not rung; the others of the same number still may be.
+        are not rung; the others of the same number still may be. ``ticket``: as for
+        :meth:`authorize`, once its caller gives up no further licence is taken.
         """
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             logons = [row.logon for row in ops.subscribers_of_number(session, number)]
-        return [(logon, self.authorize(logon, number, Direction.INBOUND)) for logon in logons]
+        return [(logon, self.authorize(logon, number, Direction.INBOUND, ticket=ticket)) for logon in logons]
 
     # --- clocks, resync, reset ----------------------------------------------------------------
 
@@ -877,7 +1094,7 @@ class BridgeService:
 
     def profiles(self) -> list[dict[str, Any]]:
         """Every profile with its keepalive and how many subscribers use it."""
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             users: dict[str, int] = {}
             for profile in session.scalars(select(SubscriberRow.profile)):
                 users[profile] = users.get(profile, 0) + 1
@@ -904,7 +1121,7 @@ class BridgeService:
         counts every subscriber by state, and ``subscriber_page`` says which part is listed.
         """
         now = self.clock()
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             return self._status(session, now, history_hours, failures, search.strip(), max(offset, 0), limit)
 
     def _status(
@@ -1134,7 +1351,7 @@ class BridgeService:
 
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest audit lines, newest first."""
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             rows = session.scalars(select(AuditRow).order_by(AuditRow.id.desc()).limit(limit))
             return [
                 {

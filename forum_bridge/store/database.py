@@ -1,15 +1,22 @@
 """Engines, transactions and migrations for SQLite and PostgreSQL.
 
-SQLite transactions start with ``BEGIN IMMEDIATE`` so that two processes competing for the last
-licence are serialised by the database's write lock instead of racing between read and write.
+SQLite write transactions start with ``BEGIN IMMEDIATE`` so that two processes competing for the
+last licence are serialised by the database's write lock instead of racing between read and write.
+Read transactions (:meth:`Database.read`) start with a plain ``BEGIN``: in WAL mode they read a
+snapshot and never take or wait for the write lock, so a status page being read never delays a
+call decision. Within one process, writers queue on a lock of their own before asking SQLite: the
+queue hands over at once, where SQLite's busy handler would sleep and retry for milliseconds.
 The schema belongs to Alembic (``migrations/``); nothing here calls ``create_all``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,12 @@ log = logging.getLogger(__name__)
 
 HEAD_REVISION = "0002"
 _VERSION_TABLE = "alembic_version"
+
+SQLITE_BUSY_SECONDS = 30.0
+"""How long a SQLite writer waits for the write lock (another process's, or this process's queue)."""
+
+# Set while a read transaction begins, so the connection's BEGIN takes no write lock.
+_READING: ContextVar[bool] = ContextVar("forum_bridge_reading", default=False)
 
 
 def migrations_dir() -> Path:
@@ -88,11 +101,15 @@ def _make_sqlite_serialisable(engine: Engine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL syncs at checkpoints instead of at every commit: the database stays
+        # consistent through a power cut, which may forget the last moments' changes (the PBX
+        # restarts with it and the resync at start-up brings registrations and calls back).
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if _READING.get() else "BEGIN IMMEDIATE")
 
 
 class Database:
@@ -102,6 +119,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time: this process's writers queue here (see the module text).
+        self._writer = threading.Lock() if self.engine.dialect.name == "sqlite" else None
 
     def _redact(self, text: str) -> str:
         # Drivers quote host names and connection strings in their errors; a mistyped URL can put
@@ -116,11 +135,44 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back on any error."""
+        with self._write_turn(None):
+            try:
+                with self._sessions.begin() as session:
+                    yield session
+            except SQLAlchemyError as exc:
+                raise StoreError(f"database error: {self._redact(_describe(exc))}") from exc
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A transaction that only reads: on SQLite it takes no write lock and waits for no writer.
+
+        Writing in it is a bug (SQLite would have to upgrade the lock and may refuse); nothing is
+        committed.
+        """
+        token = _READING.set(True)
         try:
-            with self._sessions.begin() as session:
+            with self._sessions() as session:
                 yield session
+                session.rollback()
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {self._redact(_describe(exc))}") from exc
+        finally:
+            _READING.reset(token)
+
+    @contextmanager
+    def begin(self, deadline: float | None = None) -> Iterator[Session]:
+        """A write transaction for the hot call-decision path.
+
+        Same rules as :meth:`transaction` (its commit hooks run too); the decision path runs its
+        few statements on ``session.connection()`` without the ORM's cost. ``deadline`` (a
+        ``time.monotonic()`` value) bounds the wait for SQLite's write lock in this process.
+        """
+        with self._write_turn(deadline):
+            try:
+                with self._sessions.begin() as session:
+                    yield session
+            except SQLAlchemyError as exc:
+                raise StoreError(f"database error: {self._redact(_describe(exc))}") from exc
 
     def add_commit_hooks(self, before: Callable[[Session], None], after: Callable[[Session], None]) -> None:
         """Run ``before`` inside every transaction just before it commits, ``after`` once it has.
@@ -130,6 +182,19 @@ class Database:
         """
         event.listen(self._sessions, "before_commit", before)
         event.listen(self._sessions, "after_commit", after)
+
+    @contextmanager
+    def _write_turn(self, deadline: float | None) -> Iterator[None]:
+        if self._writer is None:
+            yield
+            return
+        wait = SQLITE_BUSY_SECONDS if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._writer.acquire(timeout=wait):
+            raise StoreError("database error: database is locked")
+        try:
+            yield
+        finally:
+            self._writer.release()
 
     def current_revision(self) -> str | None:
         """The Alembic revision the database is at, or None when it was never upgraded."""

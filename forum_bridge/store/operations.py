@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -36,6 +36,7 @@ from forum_bridge.store.models import (
     RegistrationRow,
     SubscriberRow,
     UsageRow,
+    UTCDateTime,
 )
 
 log = logging.getLogger(__name__)
@@ -651,3 +652,90 @@ def prune_usage(session: Session, before: datetime, limit: int) -> int:
     )
     query = delete(UsageRow).where(UsageRow.id.in_(oldest.scalar_subquery()))
     return _rowcount(session.execute(query.execution_options(synchronize_session=False)))
+
+
+# --- the call-decision path -------------------------------------------------------------------
+#
+# A call waits for these statements, so they are few, written once as SQL that both databases
+# run unchanged, and executed on the session's connection without the ORM: one statement gathers
+# every fact the rules need, and the leg's decision is one more. Taking a licence (rare: once per
+# log-on until it is freed) goes through :func:`acquire`, which knows the reservations. Every
+# value is bound with its column's type, so it is bounded exactly as the ORM would store it.
+
+_CALLS = CallRow.__table__.c
+_FACTS = text(
+    "SELECT s.logon IS NOT NULL, s.last_logon_failed,"
+    " EXISTS (SELECT 1 FROM registrations r WHERE r.logon = :logon),"
+    " (SELECT l.slot FROM licences l WHERE l.logon = :logon),"
+    " (SELECT c.allowed FROM calls c WHERE c.node = :node AND c.channel = :channel),"
+    " (SELECT c.reason FROM calls c WHERE c.node = :node AND c.channel = :channel)"
+    " FROM (SELECT 1 AS one) AS anchor LEFT JOIN subscribers s ON s.logon = :logon"
+).bindparams(
+    bindparam("logon", type_=SubscriberRow.__table__.c.logon.type),
+    bindparam("node", type_=_CALLS.node.type),
+    bindparam("channel", type_=_CALLS.channel.type),
+)
+_CALL = text(
+    "INSERT INTO calls (node, channel, logon, number, direction, started_at, allowed, reason)"
+    " VALUES (:node, :channel, :logon, :number, :direction, :at, :allowed, :reason)"
+    " ON CONFLICT (node, channel) DO UPDATE SET allowed = excluded.allowed, reason = excluded.reason"
+).bindparams(
+    *(bindparam(c.name, type_=c.type) for c in _CALLS if c.name != "started_at"),
+    bindparam("at", type_=UTCDateTime()),
+)
+_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:logon))")
+
+
+@dataclass(frozen=True)
+class DecisionFacts:
+    """What a call decision reads first, in one statement: the log-on's state and the leg's past."""
+
+    state: LogonState
+    earlier: Decision | None
+
+
+def decision_facts(session: Session, node: str, logon: str, channel: str) -> DecisionFacts:
+    """Read what deciding a call of ``logon`` on ``channel`` needs (``channel`` may be empty).
+
+    On PostgreSQL the log-on is locked first (as :func:`lock_logon` does), so two decisions about
+    it queue; the facts are read in a later statement, after the lock is held.
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(_LOCK, {"logon": logon})
+    row = connection.execute(_FACTS, {"logon": logon, "node": node, "channel": channel}).one()
+    managed, failed, registered, held, allowed, reason = row
+    state = LogonState(
+        managed=bool(managed),
+        logged_on=bool(registered) and bool(managed),
+        last_logon_failed=bool(failed),
+        holds_licence=held is not None,
+    )
+    earlier = Decision(bool(allowed), Reason(reason)) if allowed is not None and reason else None
+    return DecisionFacts(state, earlier)
+
+
+def record_call_decision(
+    session: Session,
+    node: str,
+    channel: str,
+    logon: str,
+    number: str,
+    direction: str,
+    at: datetime,
+    decision: Decision,
+) -> None:
+    """Store the decision on a call leg under its channel (the leg row is made if it is new)."""
+    session.connection().execute(
+        _CALL,
+        {
+            "node": node,
+            "channel": channel,
+            "logon": logon,
+            "number": number,
+            "direction": direction,
+            "at": at,
+            "allowed": decision.allowed,
+            "reason": decision.reason.value,
+        },
+    )
