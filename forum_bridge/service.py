@@ -606,6 +606,11 @@ class BridgeService:
         emergency = direction is Direction.OUTBOUND and self.is_emergency(number)
         keys = [k for k in (channel, ticket.key if ticket is not None else "") if k]
         settled = self._gate.settled(*keys)
+        if settled is not None and emergency and settled.reason is Reason.BRIDGE_ERROR:
+            # Emergency first: a fail-mode denial never sticks to a call for help (which takes
+            # no licence, so deciding it again cannot take one either).
+            keys = [ticket.key] if ticket is not None else []
+            settled = self._gate.settled(*keys)
         if settled is not None and (ticket is None or self._gate.settled(ticket.key) is None):
             return settled  # the leg was answered without the database before; that answer stands
         if ticket is not None and (settled is not None or ticket.expired()):

@@ -32,6 +32,9 @@ class Reason(StrEnum):
     LICENCE_ACQUIRED = "licence_acquired"
     EMERGENCY_ONLY = "emergency_only"
     UNMANAGED = "unmanaged"
+    # Not a row of the table: the answer an adapter gave by its fail mode when the bridge could not
+    # decide in time (the database failed or was too slow).
+    BRIDGE_ERROR = "bridge_error"
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,13 @@ Scripts (the part after the address in ``AGI(agi://host:port/<script>,...)``):
 
 When the database fails or is too slow, an outbound emergency call is allowed and anything else
 follows ``asterisk.fail_mode`` (reason ``bridge_error``); inbound answers ``FORUM_BRIDGE_RESULT``
-= ``error`` with no dial string. Every client is bounded in time and memory: one that connects
-and closes, stalls, or sends garbage costs a few kilobytes for at most ``read_timeout`` seconds.
+= ``error`` with no dial string. An answer given that way is final: the decision still running is
+rolled back (it takes no licence later), and the call leg keeps that answer when its AMI event
+comes (see :class:`forum_bridge.service.DecisionTicket`). An outbound decision is stored under
+the leg's channel, so the AMI event of the same leg reuses it instead of deciding again.
+
+Every client is bounded in time and memory: one that connects and closes, stalls, or sends
+garbage costs a few kilobytes for at most ``read_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
@@ -38,7 +44,8 @@ from forum_bridge.adapters.asterisk.events import logon_of_channel
 from forum_bridge.config import Settings
 from forum_bridge.core.events import Direction
 from forum_bridge.core.rules import Decision, Reason
-from forum_bridge.errors import ConfigError, ProtocolError, StoreError
+from forum_bridge.errors import ConfigError, DecisionAbandoned, ProtocolError, StoreError
+from forum_bridge.service import DecisionTicket
 
 __all__ = ["FastAgiServer", "HookService", "agi_quote", "parse_environment"]
 
@@ -55,6 +62,9 @@ _CATCH_UP = 0.25  # seconds a decision waits for AMI events already received to 
 # ... for the caller's own events, which the listener applies ahead of any backlog: the wait is the
 # batch in flight plus one, whatever the backlog, and a wrong "not_logged_on" costs more than it.
 _CATCH_UP_LOGON = 1.0
+# A decision found committing at its deadline is waited for this much longer: its answer is the
+# truth, and the commit is its last step.
+_COMMIT_GRACE = 1.0
 BRIDGE_ERROR = "bridge_error"
 
 
@@ -62,15 +72,27 @@ class HookService(Protocol):
     """The part of :class:`forum_bridge.service.BridgeService` the hook needs."""
 
     def authorize(
-        self, logon: str, number: str, direction: Direction = Direction.OUTBOUND, *, channel: str = ""
+        self,
+        logon: str,
+        number: str,
+        direction: Direction = Direction.OUTBOUND,
+        *,
+        channel: str = "",
+        ticket: DecisionTicket | None = None,
     ) -> Decision:
         """Decide a call leg now and apply it."""
 
-    def ringable(self, number: str) -> list[tuple[str, Decision]]:
+    def ringable(self, number: str, *, ticket: DecisionTicket | None = None) -> list[tuple[str, Decision]]:
         """Which log-ons of a call number may ring now."""
 
     def is_emergency(self, number: str) -> bool:
         """True for an emergency number."""
+
+    def give_up(self, ticket: DecisionTicket, answer: Decision) -> bool:
+        """The hook answered without the decision; False while it is being committed."""
+
+    def give_up_anyway(self, ticket: DecisionTicket, answer: Decision) -> None:
+        """The hook answered without the decision, even though it was being committed."""
 
 
 def agi_quote(value: str) -> str:
@@ -128,6 +150,8 @@ class FastAgiServer:
         self._before_decision = before_decision
         self._after_decision = after_decision
         self._decisions = decisions
+        # A service without decision tickets (a stand-in) is asked the plain way.
+        self._tickets = callable(getattr(service, "give_up", None))
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
@@ -266,28 +290,42 @@ class FastAgiServer:
         if logon is None:
             # Not a PJSIP phone (a Local channel, a trunk of another technology): not managed.
             return [("FORUM_BRIDGE_RESULT", "allow"), ("FORUM_BRIDGE_REASON", Reason.UNMANAGED.value)]
+        emergency = self._service.is_emergency(number)
+        fallback = Decision(
+            emergency or self._settings.asterisk.fail_mode == "open",
+            Reason.EMERGENCY if emergency else Reason.BRIDGE_ERROR,
+        )
+        # The deadline counts from the request, catch-up included: Asterisk's own bound on the hook
+        # runs from then too, and an answer it no longer waits for must not take a licence.
+        ticket = DecisionTicket(time.monotonic() + self.decision_timeout, channel)
         try:
             async with self._turn(logon):
                 known = self._decisions.call(channel) if self._decisions is not None else None
                 if known is not None:
                     decision = known  # decided (and logged) when its Newchannel came over AMI
                 else:
-                    # Keyed by the channel, so an AMI event deciding the same leg at the same moment
+                    # Keyed by the channel (the decision is stored under it), so the leg's AMI event
                     # gets this answer (and one audit line) instead of deciding again.
-                    authorize = functools.partial(self._service.authorize, channel=channel)
-                    decision = await self._call(authorize, logon, number, Direction.OUTBOUND)
-        except (StoreError, TimeoutError) as exc:
-            allowed = self._service.is_emergency(number) or self._settings.asterisk.fail_mode == "open"
-            reason = Reason.EMERGENCY.value if self._service.is_emergency(number) else BRIDGE_ERROR
+                    decision = await self._decide(
+                        ticket,
+                        fallback,
+                        self._service.authorize,
+                        logon,
+                        number,
+                        Direction.OUTBOUND,
+                        channel=channel,
+                        ticket=ticket,
+                    )
+        except (StoreError, TimeoutError, DecisionAbandoned) as exc:
             log.warning(
                 "no decision for logon=%s number=%s (%s): fail_mode=%s -> %s",
                 logon,
                 number,
-                "timed out" if isinstance(exc, TimeoutError) else exc,
+                "timed out" if isinstance(exc, TimeoutError | DecisionAbandoned) else exc,
                 self._settings.asterisk.fail_mode,
-                "allow" if allowed else "deny",
+                "allow" if fallback.allowed else "deny",
             )
-            return [("FORUM_BRIDGE_RESULT", "allow" if allowed else "deny"), ("FORUM_BRIDGE_REASON", reason)]
+            decision = fallback
         return [
             ("FORUM_BRIDGE_RESULT", "allow" if decision.allowed else "deny"),
             ("FORUM_BRIDGE_REASON", decision.reason.value),
@@ -295,10 +333,13 @@ class FastAgiServer:
 
     async def _inbound(self, env: dict[str, str]) -> list[tuple[str, str]]:
         number = (env.get("agi_arg_1") or "").strip()
+        ticket = DecisionTicket(time.monotonic() + self.decision_timeout)
         try:
             async with self._turn():
-                ringable = await self._call(self._service.ringable, number)
-        except (StoreError, TimeoutError) as exc:
+                ringable = await self._decide(
+                    ticket, Decision(False, Reason.BRIDGE_ERROR), self._service.ringable, number, ticket=ticket
+                )
+        except (StoreError, TimeoutError, DecisionAbandoned) as exc:
             log.warning(
                 "no ringing decision for number=%s (%s); nobody rung",
                 number,
@@ -333,10 +374,35 @@ class FastAgiServer:
             except Exception:  # only an optimisation: never let it cost the answer
                 log.exception("waiting for pending PBX events failed")
 
-    async def _call(self, func: Callable[..., T], *args: Any) -> T:
+    async def _decide(
+        self, own: DecisionTicket, fallback: Decision, func: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> T:
+        """Run a decision in a database thread until the ticket's deadline.
+
+        TimeoutError means the caller must answer ``fallback``, which is then final: the service
+        was told, so the decision still running can no longer take a licence.
+        """
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, functools.partial(func, *args))
-        return await asyncio.wait_for(future, self.decision_timeout)
+        if not self._tickets:
+            kwargs.pop("ticket", None)
+        future = loop.run_in_executor(self._executor, functools.partial(func, *args, **kwargs))
+        # Whatever the thread ends with is collected, also after we stopped waiting for it.
+        future.add_done_callback(_collect)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), own.deadline - time.monotonic())
+        except TimeoutError:
+            if not self._tickets or self._service.give_up(own, fallback):
+                raise
+        except (StoreError, DecisionAbandoned):
+            # Nothing was committed; the leg keeps the fail-mode answer also for its AMI event.
+            if self._tickets:
+                self._service.give_up(own, fallback)
+            raise
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), _COMMIT_GRACE)
+        except TimeoutError:
+            self._service.give_up_anyway(own, fallback)
+            raise
 
     async def _command(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, command: str
@@ -373,3 +439,8 @@ class FastAgiServer:
                 return int(line[:3])
             raise ProtocolError("unexpected FastAGI reply line")
         raise ProtocolError("too many lines in one FastAGI reply")
+
+
+def _collect(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

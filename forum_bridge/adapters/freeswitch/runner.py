@@ -69,23 +69,29 @@ def run(settings: Settings) -> int:
     _patch()
     import gevent
     from gevent.event import Event
+    from gevent.threadpool import ThreadPool
 
     from forum_bridge.errors import ForumBridgeError
     from forum_bridge.service import BridgeService
     from forum_bridge.store.database import Database
 
     from .listener import EslListener, KeepaliveSweeper
+    from .offhub import OffHub
     from .socket_hook import SocketHookServer
 
     _configure_logging(settings)
     fs = settings.freeswitch
     database = Database(settings.database_url)
-    service = BridgeService(settings, database)
+    # One native thread for all SQL: the hub never waits for the database, and no gevent lock
+    # is ever contended between native threads (gevent cannot wake a waiter in another one).
+    db_thread = ThreadPool(1)
+    bridge = BridgeService(settings, database)
+    service: Any = OffHub(bridge, db_thread)
     hook: SocketHookServer | None = None
     web: Any = None
     greenlets: list[Any] = []
     try:
-        service.start()
+        bridge.start()
         metrics: Any = None
         if settings.web.enabled:
             metrics, web = _start_web(service, settings)
@@ -100,6 +106,7 @@ def run(settings: Settings) -> int:
             hook.stop()
         if web is not None:
             _stop_web(web)
+        db_thread.kill()
         database.dispose()
         return EXIT_FAILURE
 
@@ -138,6 +145,7 @@ def run(settings: Settings) -> int:
             _stop_web(web)
         for handler in handlers:
             handler.cancel()
+        db_thread.kill()
         database.dispose()
         log.info("FreeSWITCH connector stopped")
     return EXIT_OK
