@@ -92,9 +92,7 @@ def test_a_denial_given_at_the_deadline_never_takes_a_licence_afterwards(
     make_settings: SettingsFactory, make_service: ServiceFactory, database_url: str
 ) -> None:
     """The database's write lock is held while callers ask: they are refused, and stay refused."""
-    settings = make_settings(
-        **{"database.url": database_url, "asterisk.agi_port": 0, "licences.count": 10}
-    )
+    settings = make_settings(**{"database.url": database_url, "asterisk.agi_port": 0, "licences.count": 10})
     service = make_service(settings)
     logons = provisioned(service, 6)
     channels = [f"PJSIP/{logon}-0000000{i}" for i, logon in enumerate(logons)]
@@ -104,13 +102,9 @@ def test_a_denial_given_at_the_deadline_never_takes_a_licence_afterwards(
         await server.start()
         try:
             with write_lock_held(database_url):
-                answers = [
-                    await ask(server.port, "outbound", "600", channel=channel) for channel in channels
-                ]
+                answers = [await ask(server.port, "outbound", "600", channel=channel) for channel in channels]
                 inbound = await ask(server.port, "inbound", "20", channel="PJSIP/trunk-00000009")
-                emergency = await ask(
-                    server.port, "outbound", "112", channel=f"PJSIP/{logons[0]}-00000010"
-                )
+                emergency = await ask(server.port, "outbound", "112", channel=f"PJSIP/{logons[0]}-00000010")
             # The lock is gone: the decisions still waiting behind it run now and must roll back.
             return [*answers, inbound, emergency]
         finally:
