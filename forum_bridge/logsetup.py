@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -30,15 +31,16 @@ _MIN_SECRET = 4
 
 def quote(value: str) -> str:
     """Quote a logfmt value: backslash escapes for quotes and every control character."""
-    out = []
-    for char in value:
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        elif ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0:
-            out.append(f"\\x{ord(char):02x}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
+    # Every call decision logs a line: the common case (nothing to escape) is one regex scan.
+    return '"' + _NEEDS_ESCAPE.sub(_escape, value) + '"'
+
+
+_NEEDS_ESCAPE = re.compile(r'[\\"\x00-\x1f\x7f-\x9f]')
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or f"\\x{ord(char):02x}"
 
 
 class LogfmtFormatter(logging.Formatter):
