@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Select, String, column, create_engine, event, inspect, select, table
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from forum_bridge.config import redact_url_secrets
@@ -89,7 +89,50 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(
             "database.url", f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
         )
-    return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    engine = create_engine(
+        parsed,
+        connect_args={
+            "connect_timeout": 10,
+            # A commit returns before its WAL record is on disk (PostgreSQL's WAL writer syncs it
+            # within milliseconds): the database stays consistent through a crash of its host,
+            # which may forget the last moments' changes; the resync after it restores them.
+            # Each commit waiting for fsync made the shared pool disk-bound.
+            "options": "-c synchronous_commit=off",
+        },
+    )
+    _ping_idle_connections(engine)
+    return engine
+
+
+_PING_AFTER_IDLE = 1.0  # seconds a pooled connection may rest before it is checked on checkout
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Check a pooled connection before use only if it rested a while.
+
+    ``pool_pre_ping`` would cost one round trip per transaction (a call decision is a handful).
+    A connection used within the last second is trusted; an older one is pinged and replaced
+    when the server went away meanwhile (a restart while the bridge was idle). A server that dies
+    in the middle of busy traffic fails one transaction, after which the pool starts afresh.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["forum_bridge_used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        used = record.info.get("forum_bridge_used")
+        if used is not None and time.monotonic() - used < _PING_AFTER_IDLE:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+            dbapi_connection.rollback()
+        except Exception as exc:
+            # The pool retries the checkout with a new connection.
+            raise DisconnectionError(str(exc)) from exc
 
 
 def _make_sqlite_serialisable(engine: Engine) -> None:

@@ -1,0 +1,162 @@
+"""Benchmark: a licence pool shared by several bridge processes on one database.
+
+    .venv/bin/python bench/bench_pool.py --runs N [--size small|full] [--postgres URL]
+
+Four processes (one per PBX node) share 40 licences between 200 log-ons, 50 per node. Each
+process loops over its own log-ons: a call decision takes a licence (``authorize``, the hook's
+path: per-log-on lock, SKIP LOCKED claim, audit line) and then frees it again (the release a
+log-off makes), for a fixed time. The figure is acquisitions plus releases per second, all
+processes together. Afterwards the audit log is replayed in order: a slot acquired while another
+log-on still held it would be a licence held twice, and the run fails.
+
+The target is stated for PostgreSQL (the shared pool); SQLite, one file on one host, is shown
+beside it for comparison.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from typing import Any
+
+import _common
+
+PROCESSES = 4
+LOGONS_PER_PROCESS = 50
+LICENCES = 40
+
+
+def worker(url: str, index: int, seconds: float, ready: Any, start: Any, results: Any) -> None:
+    """One node: acquire and release licences of its own log-ons until ``seconds`` have passed."""
+    from forum_bridge.config import load_settings
+    from forum_bridge.service import BridgeService
+    from forum_bridge.store import operations as ops
+
+    settings = load_settings(
+        environ={}, overrides={"database.url": url, "licences.count": LICENCES, "node.name": f"node{index}"}
+    )
+    service = BridgeService(settings)
+    logons = [f"u{index * LOGONS_PER_PROCESS + i}" for i in range(LOGONS_PER_PROCESS)]
+    operations = denied = 0
+    # Warm up (connect, prepare the statements) before the clock starts.
+    service.authorize(logons[0], "600")
+    with service.database.transaction() as session:
+        ops.release(session, logons[0], service.clock(), "logoff", service.node)
+    ready.put(index)
+    start.wait(120)
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        logon = logons[i % len(logons)]
+        i += 1
+        decision = service.authorize(logon, "600")
+        operations += 1
+        if decision.reason.value != "licence_acquired":
+            denied += 1
+            continue
+        with service.database.transaction() as session:
+            ops.release(session, logon, service.clock(), "logoff", service.node)
+        operations += 1
+    results.put((index, operations, denied))
+    service.database.dispose()
+
+
+def replay(url: str) -> tuple[int, int]:
+    """Replay the audit log; (acquisitions seen, acquisitions of a slot another log-on held)."""
+    from sqlalchemy import select
+
+    from forum_bridge.store.database import Database
+    from forum_bridge.store.models import AuditRow
+
+    database = Database(url)
+    held: dict[str, str] = {}
+    acquired = twice = 0
+    with database.read() as session:
+        rows = session.execute(
+            select(AuditRow.kind, AuditRow.logon, AuditRow.detail)
+            .where(AuditRow.kind.in_(("acquire", "release")))
+            .order_by(AuditRow.id)
+        ).all()
+    for kind, logon, detail in rows:
+        if kind == "acquire":
+            acquired += 1
+            if held.get(detail, logon) != logon:
+                twice += 1
+            held[detail] = logon
+        else:
+            held.pop(detail, None)
+    database.dispose()
+    return acquired, twice
+
+
+def one_run(url: str, seconds: float) -> tuple[float, int]:
+    """(operations per second over all processes, licences held twice) on a fresh database."""
+    service = _common.provision(
+        url, subscribers=PROCESSES * LOGONS_PER_PROCESS, licences=LICENCES, node="setup"
+    )
+    service.database.dispose()
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    ready, results = ctx.Queue(), ctx.Queue()
+    procs = [
+        ctx.Process(target=worker, args=(url, i, seconds, ready, start, results)) for i in range(PROCESSES)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=120)
+        start.set()
+        answers = [results.get(timeout=seconds + 120) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise SystemExit(f"a pool worker failed: exit codes {[p.exitcode for p in procs]}")
+    total = sum(ops for _index, ops, _denied in answers)
+    _acquired, twice = replay(url)
+    return total / seconds, twice
+
+
+def main() -> int:
+    """Run the pool on each database; print the figures. Exit 1 if a licence was ever held twice."""
+    args = _common.options(__doc__.splitlines()[0])
+    seconds = 10.0 if args.size == "full" else 1.0
+    failed = False
+    for name, url in _common.databases(args):
+        rates: list[float] = []
+        doubles = 0
+        for run in range(args.runs):
+            with _common.database_for_run(url) as db_url:
+                rate, twice = one_run(db_url, seconds)
+            rates.append(rate)
+            doubles += twice
+            _common.say(f"{name} run {run + 1}: {rate:.0f} operations/s, licences held twice: {twice}")
+        postgres = name == "postgresql"
+        _common.emit(
+            f"pool_operations_per_s_4_processes_{name}",
+            "operations/s",
+            rates,
+            floor=None,
+            floor_note="no floor measured; each operation is one committed transaction",
+            target=">= 2000/s" if postgres else "- (PostgreSQL is the shared pool)",
+            met=(lambda median: median >= 2000) if postgres else None,
+        )
+        _common.emit(
+            f"pool_licences_held_twice_{name}",
+            "count",
+            [float(doubles)],
+            floor=None,
+            floor_note="audit log replayed in order after every run",
+            target="0",
+            met=lambda median: median == 0,
+        )
+        failed |= doubles > 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
