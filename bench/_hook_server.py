@@ -1,11 +1,12 @@
 """A FastAGI server in a process of its own for the hook benchmarks (the client must not share its CPU).
 
     python bench/_hook_server.py floor
-    python bench/_hook_server.py bridge DATABASE_URL LICENCES [NODE]
+    python bench/_hook_server.py bridge DATABASE_URL LICENCES [NODE [WEB_PORT]]
 
 ``floor``: the least any FastAGI hook can do: read the AGI environment, send one SET VARIABLE,
 read the reply, close. ``bridge``: the bridge's own hook (:class:`FastAgiServer` with a started
-:class:`BridgeService`, logging at INFO as in production) on a database the caller provisioned.
+:class:`BridgeService`, logging at INFO as in production) on a database the caller provisioned;
+with ``WEB_PORT`` also the status page in the same process, as ``forum-bridge run`` serves it.
 Prints the port on the first line of stdout, then serves until stdin closes.
 """
 
@@ -52,6 +53,7 @@ async def main() -> None:
 
         url, licences = sys.argv[2], int(sys.argv[3])
         node = sys.argv[4] if len(sys.argv) > 4 else "bench"
+        web_port = int(sys.argv[5]) if len(sys.argv) > 5 else 0
         settings = load_settings(
             environ={},
             overrides={
@@ -59,12 +61,18 @@ async def main() -> None:
                 "licences.count": licences,
                 "node.name": node,
                 "asterisk.agi_port": 0,
+                "web.port": web_port,
             },
         )
         configure_logging("INFO", [])
         logging.getLogger("alembic").setLevel(logging.WARNING)
         service = BridgeService(settings, Database(url))
         service.start()
+        if web_port:
+            from forum_bridge.web.server import start_web
+
+            web = start_web(service, settings, None)
+            closers.append(web.stop)
         hook = FastAgiServer(settings, service, decisions=RecentDecisions())
         await hook.start()
         port = hook.port

@@ -11,6 +11,8 @@ process of its own (bench/_hook_server.py), so the client does not share its int
   to 112), one after the other; the figure is the median time from connect to close.
 * concurrent: 20 clients at once, 4,000 calls from the same log-ons (now mostly licensed);
   decisions per second over the whole batch.
+* with pollers: the sequential figure again while 64 clients poll the status page's
+  ``/status.json`` (served by the same process, as ``forum-bridge run`` does) as fast as it answers.
 
 Figures per database; each run uses a fresh database and a fresh server.
 """
@@ -29,6 +31,7 @@ import _common
 HERE = Path(__file__).resolve().parent
 LICENCE_SHARE = 0.8
 CLIENTS = 20
+POLLERS = 64
 
 
 def environment(channel: str, number: str, port: int) -> bytes:
@@ -85,10 +88,10 @@ def number_for(index: int) -> str:
     return "112" if index % 10 == 0 else "600"
 
 
-async def sequential(port: int, calls: int, logons: int) -> list[float]:
+async def sequential(port: int, calls: int, logons: int, offset: int = 0) -> list[float]:
     """``calls`` conversations one after the other; their durations."""
     times = []
-    for i in range(calls):
+    for i in range(offset, offset + calls):
         took, answers = await one_call(port, f"PJSIP/u{i % logons}-{i:08x}", number_for(i))
         if "FORUM_BRIDGE_RESULT" not in answers:
             raise SystemExit(f"call {i} got no answer: {answers}")
@@ -134,6 +137,30 @@ def stop_server(process: subprocess.Popen[str]) -> None:
         process.wait()
 
 
+def with_pollers(db_url: str, licences: int, calls: int, logons: int) -> float:
+    """Median sequential latency (ms) while POLLERS clients poll /status.json of the same process."""
+    web_port = _common.free_port()
+    server, port = start_server("bridge", db_url, str(licences), "bench", str(web_port))
+    poller = subprocess.Popen(
+        [sys.executable, str(HERE / "_poller.py"), str(web_port), str(POLLERS)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        _common.wait_for_line(poller)
+        times = asyncio.run(sequential(port, calls, logons, offset=100_000))
+    finally:
+        assert poller.stdin is not None
+        poller.stdin.close()
+        polled = poller.stdout.read().strip() if poller.stdout else "?"
+        poller.wait(60)
+        stop_server(server)
+    _common.say(f"  status documents read meanwhile: {polled}")
+    return statistics.median(times) * 1000
+
+
 def measure(port: int, sequential_calls: int, concurrent_calls: int, logons: int) -> tuple[float, float]:
     """(median sequential latency in ms, concurrent decisions per second) against one server."""
     times = asyncio.run(sequential(port, sequential_calls, logons))
@@ -168,7 +195,7 @@ def main() -> int:
         met=None,
     )
     for name, url in _common.databases(args):
-        latencies, rates = [], []
+        latencies, rates, polled = [], [], []
         for run in range(args.runs):
             with _common.database_for_run(url) as db_url:
                 service = _common.provision(db_url, subscribers=logons, licences=int(logons * LICENCE_SHARE))
@@ -178,6 +205,7 @@ def main() -> int:
                     latency, rate = measure(port, seq_calls, conc_calls, logons)
                 finally:
                     stop_server(server)
+                polled.append(with_pollers(db_url, int(logons * LICENCE_SHARE), seq_calls, logons))
             latencies.append(latency)
             rates.append(rate)
             _common.say(f"{name} run {run + 1}: {latency:.3f} ms, {rate:.0f}/s")
@@ -189,6 +217,15 @@ def main() -> int:
             floor_note="same client against the floor server, same run",
             target="<= 2x floor",
             met=lambda median: median <= 2 * floor_ms,
+        )
+        _common.emit(
+            f"hook_latency_sequential_64_status_pollers_{name}",
+            "ms",
+            polled,
+            floor=statistics.median(latencies),
+            floor_note="the sequential figure without pollers, same runs",
+            target="status reads must not slow decisions (no number set)",
+            met=None,
         )
         _common.emit(
             f"hook_decisions_per_s_20_clients_{name}",

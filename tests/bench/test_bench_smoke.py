@@ -54,6 +54,7 @@ def test_hook_benchmark_answers_every_call_on_both_databases(postgres_url: str) 
     assert set(names) == {
         "hook_floor_latency",
         *(f"hook_latency_sequential_{db}" for db in ("sqlite", "postgresql")),
+        *(f"hook_latency_sequential_64_status_pollers_{db}" for db in ("sqlite", "postgresql")),
         *(f"hook_decisions_per_s_20_clients_{db}" for db in ("sqlite", "postgresql")),
     }
     assert names["hook_latency_sequential_sqlite"]["floor"] == names["hook_floor_latency"]["median"]
