@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -132,6 +133,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run only these scripts (e.g. bench_hook)")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args()
+    # Stopped with SIGTERM: still stop the throwaway PostgreSQL on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scripts = sorted(HERE.glob("bench_*.py"))
     if args.only:
         scripts = [s for s in scripts if s.stem in args.only or s.name in args.only]
