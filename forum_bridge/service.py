@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -75,6 +76,7 @@ RESERVED_WORDS = {
     "false": False,
     "0": False,
 }
+STATUS_MAX_AGE = 1.0  # seconds a shared status document serves readers when nothing changed here
 
 
 def utcnow() -> datetime:
@@ -258,6 +260,56 @@ class _DecisionGate:
             return True
 
 
+_SHARED_DOCUMENTS = 16  # listings kept at once (searches and pages of the status page)
+
+
+class _SharedDocument:
+    """One status document for many concurrent readers (the status page's pollers).
+
+    A reader gets the document computed for the same database generation (no write by this
+    process since) if it is younger than ``max_age`` seconds, or waits for the one being computed
+    for that generation; otherwise it computes it. So 64 clients polling ``/status.json`` cost one
+    computation at a time instead of 64 competing with call decisions for the interpreter, and a
+    change made through this process is visible to the very next reader.
+    """
+
+    def __init__(self, max_age: float) -> None:
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        # Keyed by (generation, listing): the whole document and the page's first pages are shared.
+        self._done: dict[tuple[Any, ...], tuple[float, dict[str, Any]]] = {}
+        self._running: dict[tuple[Any, ...], Future[dict[str, Any]]] = {}
+
+    def get(self, key: tuple[Any, ...], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The shared document for ``key`` (generation first); ``compute`` makes a new one when needed."""
+        with self._lock:
+            done = self._done.get(key)
+            if done is not None and time.monotonic() - done[0] <= self._max_age:
+                return done[1]
+            running = self._running.get(key)
+            if running is None:
+                mine: Future[dict[str, Any]] = Future()
+                self._running[key] = mine
+        if running is not None:
+            return running.result()
+        try:
+            document = compute()
+        except BaseException as exc:
+            with self._lock:
+                self._running.pop(key, None)
+            mine.set_exception(exc)
+            raise
+        with self._lock:
+            self._running.pop(key, None)
+            # Documents of older generations are stale; and a search per reader must not pile up.
+            if len(self._done) >= _SHARED_DOCUMENTS:
+                self._done.clear()
+            self._done = {k: v for k, v in self._done.items() if k[0] == key[0]}
+            self._done[key] = (time.monotonic(), document)
+        mine.set_result(document)
+        return document
+
+
 def validate_logon(logon: str) -> str:
     """A log-on name: SIP user part characters, nothing invisible, at most 128 characters.
 
@@ -311,6 +363,7 @@ class BridgeService:
         # Failed log-ons of unknown log-ons (SIP scanners) are counted, not written one by one.
         self.failure_digest = FailureDigest()
         self._gate = _DecisionGate()
+        self._shared_status = _SharedDocument(STATUS_MAX_AGE)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -1128,6 +1181,18 @@ class BridgeService:
         now = self.clock()
         with self.database.read() as session:
             return self._status(session, now, history_hours, failures, search.strip(), max(offset, 0), limit)
+
+    def shared_status(self, *, search: str = "", offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """:meth:`status` for many readers at once (the status page, ``/status.json``); read-only.
+
+        Readers asking for the same listing at the same moment share one computation; a document
+        is reused while this process changed nothing and it is younger than a second (changes made
+        by other processes, e.g. another node, show within that second).
+        """
+        key = (self.database.generation, search, offset, limit)
+        return self._shared_status.get(
+            key, lambda: self.status(search=search, offset=offset, limit=limit)
+        )
 
     def _status(
         self,

@@ -164,6 +164,17 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time: this process's writers queue here (see the module text).
         self._writer = threading.Lock() if self.engine.dialect.name == "sqlite" else None
+        self._generation = 0
+        self._generation_lock = threading.Lock()
+
+    @property
+    def generation(self) -> int:
+        """How many write transactions this object has committed (readers use it to reuse results)."""
+        return self._generation
+
+    def _committed(self) -> None:
+        with self._generation_lock:
+            self._generation += 1
 
     def _redact(self, text: str) -> str:
         # Drivers quote host names and connection strings in their errors; a mistyped URL can put
@@ -184,6 +195,7 @@ class Database:
                     yield session
             except SQLAlchemyError as exc:
                 raise StoreError(f"database error: {self._redact(_describe(exc))}") from exc
+            self._committed()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -216,6 +228,7 @@ class Database:
                     yield session
             except SQLAlchemyError as exc:
                 raise StoreError(f"database error: {self._redact(_describe(exc))}") from exc
+            self._committed()
 
     def add_commit_hooks(self, before: Callable[[Session], None], after: Callable[[Session], None]) -> None:
         """Run ``before`` inside every transaction just before it commits, ``after`` once it has.

@@ -338,7 +338,7 @@ class StatusApp:
     def page(self, environ: WSGIEnvironment) -> Response:
         """``GET /``: the status page, one page of subscribers (``?q=`` searches, ``?offset=`` pages)."""
         search, offset, _limit = _listing(environ)
-        status = self.service.status(search=search, offset=offset, limit=PAGE_SIZE)
+        status = self.service.shared_status(search=search, offset=offset, limit=PAGE_SIZE)
         headers: list[tuple[str, str]] = []
         csrf = None
         if self._token:
@@ -379,9 +379,9 @@ class StatusApp:
         """
         search, offset, limit = _listing(environ)
         if search or offset or limit is not None:
-            status = self.service.status(search=search, offset=offset, limit=limit or PAGE_SIZE)
+            status = self.service.shared_status(search=search, offset=offset, limit=limit or PAGE_SIZE)
         else:
-            status = self.service.status()
+            status = self.service.shared_status()
         return Response(200, json.dumps(status).encode("utf-8"), _JSON)
 
     def metrics_text(self, environ: WSGIEnvironment) -> Response:
