@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py [--runs N] [--size small|full] [--postgres URL] [--only NAME ...]
                                   [--markdown FILE]
 
-Each script runs as a subprocess with ``--runs N --size S`` and, when it takes one, ``--postgres``:
+Each script runs as a subprocess with ``--runs N --size S`` (when it takes them) and ``--postgres``:
 the URL given, or a throwaway PostgreSQL server started here from Debian's binaries (default
 settings) for the length of the run, with a fresh database per script. The table lists medians of
 the runs, the floor each figure is compared with, the target and whether it is met, then the
@@ -76,7 +76,9 @@ def run_script(
     script: Path, args: argparse.Namespace, postgres: str | None
 ) -> tuple[list[dict[str, Any]], str]:
     """Run one benchmark; its figure lines and, if it failed, why."""
-    argv = [sys.executable, str(script), "--runs", str(args.runs), "--size", args.size]
+    argv = [sys.executable, str(script)]
+    if "--size" in script.read_text(encoding="utf-8"):
+        argv += ["--runs", str(args.runs), "--size", args.size]
     if postgres and takes_postgres(script):
         argv += ["--postgres", postgres]
     _common.say(f"==> {script.name}")
