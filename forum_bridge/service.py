@@ -682,12 +682,9 @@ class BridgeService:
                     state,
                     direction=direction,
                     is_emergency=emergency,
-                    # Only asked when it can matter; an emergency call never waits for the pool count.
-                    licence_free=not emergency
-                    and state.managed
-                    and state.logged_on
-                    and not state.holds_licence
-                    and ops.licence_available(session, logon),
+                    # Taken as free here: acquire() below decides (reservations included) and the
+                    # call becomes emergency_only when none may be taken, so the pool is counted once.
+                    licence_free=True,
                     block_after_failed_logon=self.settings.block_after_failed_logon,
                 )
                 decision = self._apply_decision(session, logon, number, direction, decision, now)
