@@ -1187,9 +1187,7 @@ class BridgeService:
         by other processes, e.g. another node, show within that second).
         """
         key = (self.database.generation, search, offset, limit)
-        return self._shared_status.get(
-            key, lambda: self.status(search=search, offset=offset, limit=limit)
-        )
+        return self._shared_status.get(key, lambda: self.status(search=search, offset=offset, limit=limit))
 
     def _status(
         self,
@@ -1360,7 +1358,7 @@ class BridgeService:
         ``licences`` (total, used, free), ``subscribers`` by state (as in the status document) and
         ``unmanaged`` endpoints, without reading a row per subscriber.
         """
-        with self.database.transaction() as session:
+        with self.database.read() as session:
             counted = self._state_counts(session)
         return {
             "licences": counted["licences"],

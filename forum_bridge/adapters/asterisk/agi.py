@@ -337,7 +337,11 @@ class FastAgiServer:
         try:
             async with self._turn():
                 ringable = await self._decide(
-                    ticket, Decision(False, Reason.BRIDGE_ERROR), self._service.ringable, number, ticket=ticket
+                    ticket,
+                    Decision(False, Reason.BRIDGE_ERROR),
+                    self._service.ringable,
+                    number,
+                    ticket=ticket,
                 )
         except (StoreError, TimeoutError, DecisionAbandoned) as exc:
             log.warning(
