@@ -98,6 +98,8 @@ _NO_CONTACTS = "no contacts found"
 _LOGON_CHECK_DELAYS = (0.1, 0.2, 0.4, 0.8)
 _MAX_EXPIRY_REFERENCES = 10_000  # blocked log-ons whose contact expiries are remembered
 _MAX_LOGON_CHECKS = 256  # blocked log-ons checked at once; beyond that a block waits for a later REGISTER
+_RUNG_PER_LOGON = 16  # ring stamps kept per log-on (calls ringing it within the TTL)
+_HANGUPS_KEPT = 1000  # channels kept in AmiListener.hangups_sent, newest last
 
 T = TypeVar("T")
 
@@ -133,10 +135,30 @@ class RecentDecisions:
         self._calls: OrderedDict[str, tuple[float, Decision]] = OrderedDict()
         self._rung: OrderedDict[str, list[float]] = OrderedDict()
 
+    def __len__(self) -> int:
+        """Entries held now (decided legs plus rung stamps), for tests and diagnostics."""
+        with self._lock:
+            return len(self._calls) + sum(len(stamps) for stamps in self._rung.values())
+
+    def _prune(self, now: float) -> None:
+        # Both maps are in insertion order, oldest first, so expired entries sit at the front:
+        # without this, a log-on rung once and never answered kept its stamp until the limit.
+        while self._calls and now - next(iter(self._calls.values()))[0] > self._ttl:
+            self._calls.popitem(last=False)
+        while self._rung:
+            logon, stamps = next(iter(self._rung.items()))
+            while stamps and now - stamps[0] > self._ttl:
+                stamps.pop(0)
+            if stamps:
+                break
+            del self._rung[logon]
+
     def record_call(self, channel: str, decision: Decision) -> None:
         """The AMI side decided the call leg on ``channel``."""
         with self._lock:
-            self._calls[channel] = (self._clock(), decision)
+            now = self._clock()
+            self._prune(now)
+            self._calls[channel] = (now, decision)
             self._calls.move_to_end(channel)
             while len(self._calls) > self._limit:
                 self._calls.popitem(last=False)
@@ -152,8 +174,13 @@ class RecentDecisions:
     def record_rung(self, logon: str) -> None:
         """The hook let ``logon`` ring for one call (it took its licence)."""
         with self._lock:
+            now = self._clock()
+            self._prune(now)
             stamps = self._rung.setdefault(logon, [])
-            stamps.append(self._clock())
+            stamps.append(now)
+            # A log-on rings for at most a few calls at once; more stamps are inbound queries with
+            # no call behind them, which must not grow this list without end.
+            del stamps[:-_RUNG_PER_LOGON]
             self._rung.move_to_end(logon)
             while len(self._rung) > self._limit:
                 self._rung.popitem(last=False)
@@ -444,7 +471,7 @@ class AmiListener:
         self.received = 0  # event frames received
         self.frames = 0  # event frames done: applied, dropped as of no interest, or given up on
         self.batches = 0  # transactions of queued frames
-        self.hangups_sent: list[str] = []
+        self.hangups_sent: list[str] = []  # the newest channels hung up (at most _HANGUPS_KEPT)
         self.last_resync: ResyncReport | None = None
 
     @property
@@ -664,6 +691,9 @@ class AmiListener:
         ok = bool(first is not None and first.success)
         if ok:
             self.hangups_sent.append(channel)
+            if len(self.hangups_sent) > _HANGUPS_KEPT:
+                # Diagnostics only: keep the newest, so a long-running bridge does not grow.
+                del self.hangups_sent[: len(self.hangups_sent) - _HANGUPS_KEPT]
             log.info("hung up channel=%s cause=%d", channel, cause)
         else:
             message = first.get("Message", "") if first is not None else ""
