@@ -122,6 +122,7 @@ class Settings:
     default_profile: str = "default"
     keepalive_grace: int = 10
     node_name: str = field(default_factory=socket.gethostname)
+    node_dead_after: int = 60
     asterisk: AsteriskSettings = field(default_factory=AsteriskSettings)
     freeswitch: FreeswitchSettings = field(default_factory=FreeswitchSettings)
     web: WebSettings = field(default_factory=WebSettings)
@@ -186,6 +187,7 @@ _SCALARS: dict[str, type] = {
     "keepalive.grace": int,
     "keepalive.default_profile": str,
     "node.name": str,
+    "node.dead_after": int,
     "log.level": str,
     "web.enabled": bool,
     "web.host": str,
@@ -396,6 +398,9 @@ def _validated(
     if hidden is not None or len(node) > 128:
         problem = f"holds an invisible or control character ({hidden})" if hidden else "over 128 characters"
         raise ConfigError("node.name", problem)
+    dead_after = values.get("node.dead_after", settings.node_dead_after)
+    if not 5 <= dead_after <= 86_400:
+        raise ConfigError("node.dead_after", f"must be between 5 and 86400 seconds, got {dead_after}")
     asterisk = replace(settings.asterisk, **sections["asterisk"])
     freeswitch = replace(settings.freeswitch, **sections["freeswitch"])
     _check_section("asterisk", asterisk.enforce, ENFORCE_MODES, asterisk.fail_mode)
@@ -463,6 +468,7 @@ def _validated(
         default_profile=default_profile,
         keepalive_grace=grace,
         node_name=node,
+        node_dead_after=dead_after,
         asterisk=asterisk,
         freeswitch=freeswitch,
         web=web,

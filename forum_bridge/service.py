@@ -38,7 +38,7 @@ from forum_bridge.core.events import (
     LogonFailed,
 )
 from forum_bridge.core.names import invisible_character
-from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call, keepalive_expired
+from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call
 from forum_bridge.errors import (
     AlreadyExistsError,
     DecisionAbandoned,
@@ -65,6 +65,7 @@ log = logging.getLogger("forum_bridge.decision")
 service_log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+Monotonic = Callable[[], float]
 MAX_NAME = 128
 MAX_NUMBER = 64
 RESERVED_WORDS = {
@@ -344,12 +345,21 @@ class BridgeService:
         settings: Settings,
         database: Database | None = None,
         clock: Clock = utcnow,
+        monotonic: Monotonic | None = None,
         *,
         watch_pool: bool = True,
     ) -> None:
+        """``clock`` gives wall times (stored, shown); ``monotonic`` measures "how long since".
+
+        Without ``monotonic`` the real clock pairs with :func:`time.monotonic`, and a test clock
+        also drives the keepalive timing (its timestamps), so tests need to move only one clock.
+        """
         self.settings = settings
         self.database = database if database is not None else Database(settings.database_url)
         self.clock = clock
+        if monotonic is None:
+            monotonic = time.monotonic if clock is utcnow else (lambda: clock().timestamp())
+        self.monotonic = monotonic
         self.node = settings.node_name
         self._listeners: list[Callable[[CallRecord], None]] = []
         self._failure_listeners: list[Callable[[], None]] = []
@@ -364,6 +374,14 @@ class BridgeService:
         self.failure_digest = FailureDigest()
         self._gate = _DecisionGate()
         self._shared_status = _SharedDocument(STATUS_MAX_AGE)
+        # Keepalive timing on the monotonic clock, so a wall-clock step neither frees nor keeps a
+        # licence. (logon, contact) of this node -> last refresh; logon -> last keepalive (which
+        # refreshes all of its contacts here). Only contacts in the database are kept.
+        self._contact_seen: dict[tuple[str, str], float] = {}
+        self._logon_seen: dict[str, float] = {}
+        # Other nodes: name -> (heartbeat count, when this process saw that count first).
+        self._peer_beats: dict[str, tuple[int, float]] = {}
+        self._peers_gone: set[str] = set()
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -514,17 +532,21 @@ class BridgeService:
         )
         blocked = self._block_cleared(session.get(SubscriberRow, event.logon))
         others: tuple[str, ...] = ()
+        self._contact_seen[(event.logon, event.contact)] = self.monotonic()
         if new:
             service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, self.node)
             contacts = ops.logon_contacts(session, self.node, event.logon)
             others = tuple(c for c in contacts if c != event.contact)
         return Outcome(blocked=blocked, other_contacts=others)
 
-    def _logged_off(self, session: Session, logon: str, contact: str, at: datetime, reason: str) -> bool:
-        removed = ops.remove_registrations(session, self.node, logon, contact)
+    def _logged_off(
+        self, session: Session, logon: str, contact: str, at: datetime, reason: str, node: str | None = None
+    ) -> bool:
+        node = node or self.node
+        removed = ops.remove_registrations(session, node, logon, contact)
         if removed:
             service_log.info(
-                "logged off logon=%s contact=%s reason=%s node=%s", logon, contact or "*", reason, self.node
+                "logged off logon=%s contact=%s reason=%s node=%s", logon, contact or "*", reason, node
             )
         if ops.is_registered(session, logon):
             return False
@@ -608,6 +630,8 @@ class BridgeService:
 
     def _keepalive(self, session: Session, event: Keepalive) -> Outcome:
         touched = ops.touch_registrations(session, self.node, event.logon, event.at)
+        if touched:
+            self._logon_seen[event.logon] = self.monotonic()
         # Only a successful REGISTER of a registered log-on counts as a successful log-on attempt:
         # a phone must not clear its failed log-on by authenticating a call (e.g. to 112).
         subscriber = session.get(SubscriberRow, event.logon) if touched else None
@@ -899,35 +923,132 @@ class BridgeService:
     # --- clocks, resync, reset ----------------------------------------------------------------
 
     def expire_keepalives(self, now: datetime | None = None) -> list[str]:
-        """Log off every contact of this node that missed its keepalive; return the log-ons freed.
+        """Log off every contact that missed its keepalive; return the log-ons freed.
 
         ``now`` is the moment up to which the adapter has applied every event it received (default:
         the clock): a keepalive received in time but still queued behind a flood must not count as
         missed.
+
+        Also counts one heartbeat of this node. This node's contacts are timed on the monotonic
+        clock (a contact not refreshed since this process started counts from its stored
+        ``last_seen`` once). Contacts of another node are left to that node while its heartbeat
+        moves; once it has not moved for ``node.dead_after`` seconds, they expire here by their
+        own keepalive interval counted from that node's last heartbeat, with its calls.
         """
-        now = self.clock() if now is None else min(now, self.clock())
+        wall = self.clock()
+        now = wall if now is None else min(now, wall)
+        # Silence is measured only up to the moment the adapter's events are applied.
+        mono = self.monotonic() - (wall - now).total_seconds()
         freed: list[str] = []
         with self.database.transaction() as session:
             # The sweep runs every few seconds: it also catches pool changes made by one-shot
             # commands (reset, reserve), which do not watch the pool themselves.
             ops.mark_pool_changed(session)
-            keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
-            default = keepalive.get(self.settings.default_profile, 120)
-            profiles: dict[str, str] = dict(
-                session.execute(select(SubscriberRow.logon, SubscriberRow.profile)).all()
-            )
-            for row in ops.node_registrations(session, self.node):
-                interval = keepalive.get(profiles.get(row.logon, ""), default)
-                if keepalive_expired(now, row.last_seen, interval, self.settings.keepalive_grace):
+            ops.heartbeat(session, self.node, now)
+            limit = self._keepalive_limits(session)
+            rows = ops.node_registrations(session, self.node)
+            self._forget_unknown_contacts(rows)
+            for row in rows:
+                silent = mono - self._last_refresh(row, now, mono, limit(row.logon))
+                if silent > limit(row.logon):
                     service_log.info(
-                        "missed keepalive logon=%s contact=%s last_seen=%s node=%s",
+                        "missed keepalive logon=%s contact=%s last_seen=%s silent=%.0fs node=%s",
                         row.logon,
                         row.contact,
                         iso(row.last_seen),
+                        silent,
                         self.node,
                     )
+                    self._contact_seen.pop((row.logon, row.contact), None)
                     if self._logged_off(session, row.logon, row.contact, now, "keepalive"):
                         freed.append(row.logon)
+        freed += self._expire_gone_nodes(now, mono)
+        return freed
+
+    def _keepalive_limits(self, session: Session) -> Callable[[str], float]:
+        """Seconds of silence after which a log-on's contact counts as gone (profile plus grace)."""
+        keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
+        default = keepalive.get(self.settings.default_profile, 120)
+        profiles: dict[str, str] = dict(
+            session.execute(select(SubscriberRow.logon, SubscriberRow.profile)).all()
+        )
+        grace = self.settings.keepalive_grace
+
+        def limit(logon: str) -> float:
+            return float(keepalive.get(profiles.get(logon, ""), default) + grace)
+
+        return limit
+
+    def _last_refresh(self, row: RegistrationRow, now: datetime, mono: float, limit: float) -> float:
+        key = (row.logon, row.contact)
+        seen = self._contact_seen.get(key)
+        if seen is None:
+            # Not refreshed since this process started: the stored wall time is all there is. Read
+            # it once, clamped (a clock that stepped back must not keep the contact for ever).
+            elapsed = (now - row.last_seen).total_seconds()
+            seen = mono - min(max(elapsed, 0.0), limit + 1.0)
+            self._contact_seen[key] = seen
+        keepalive = self._logon_seen.get(row.logon)
+        return seen if keepalive is None else max(seen, keepalive)
+
+    def _forget_unknown_contacts(self, rows: Sequence[RegistrationRow]) -> None:
+        contacts = {(row.logon, row.contact) for row in rows}
+        logons = {row.logon for row in rows}
+        for key in [k for k in self._contact_seen if k not in contacts]:
+            self._contact_seen.pop(key, None)
+        for logon in [k for k in self._logon_seen if k not in logons]:
+            self._logon_seen.pop(logon, None)
+
+    def _expire_gone_nodes(self, now: datetime, mono: float) -> list[str]:
+        with self.database.transaction() as session:
+            beats = ops.node_beats(session)
+        gone: list[tuple[str, int, float]] = []
+        for name in [n for n in self._peer_beats if n not in beats]:
+            del self._peer_beats[name]
+            self._peers_gone.discard(name)
+        for name, count in beats.items():
+            if name == self.node:
+                continue
+            seen = self._peer_beats.get(name)
+            if seen is None or seen[0] != count:
+                self._peer_beats[name] = (count, mono)
+                if name in self._peers_gone:
+                    self._peers_gone.discard(name)
+                    service_log.warning("node %s sends heartbeats again node=%s", name, self.node)
+                continue
+            stale = mono - seen[1]
+            if stale > self.settings.node_dead_after:
+                gone.append((name, count, stale))
+        freed: list[str] = []
+        for name, count, stale in gone:
+            with self.database.transaction() as session:
+                # Under the node's row lock and re-read: a peer doing the same waits, then finds
+                # nothing left; a node that came back meanwhile is left alone.
+                if not ops.lock_node(session, name) or ops.node_beats(session).get(name) != count:
+                    continue
+                if name not in self._peers_gone:
+                    self._peers_gone.add(name)
+                    service_log.warning(
+                        "node %s sent no heartbeat for %.0fs; expiring its contacts by their keepalive"
+                        " node=%s",
+                        name,
+                        stale,
+                        self.node,
+                    )
+                limit = self._keepalive_limits(session)
+                for row in ops.node_registrations(session, name):
+                    if stale > limit(row.logon):
+                        service_log.info(
+                            "missed keepalive logon=%s contact=%s node=%s (gone) expired_by=%s",
+                            row.logon,
+                            row.contact,
+                            name,
+                            self.node,
+                        )
+                        if self._logged_off(session, row.logon, row.contact, now, "keepalive", node=name):
+                            freed.append(row.logon)
+                # A node that is gone has no calls in progress either.
+                ops.replace_calls(session, name, [])
         return freed
 
     def resync(
@@ -943,16 +1064,20 @@ class BridgeService:
         }
         with self.database.transaction() as session:
             known = {(row.logon, row.contact) for row in ops.node_registrations(session, self.node)}
+            mono = self.monotonic()
             for logon, contact in sorted(known - set(wanted)):
                 report.logged_off.append(logon)
+                self._contact_seen.pop((logon, contact), None)
                 if self._logged_off(session, logon, contact, now, "logoff"):
                     report.released.append(logon)
             for logon, contact in sorted(known & set(wanted)):
                 # The PBX still holds the contact, so the phone refreshed it while we were away.
                 ops.touch_registrations(session, self.node, logon, now, contact)
+                self._contact_seen[(logon, contact)] = mono
             for key in sorted(set(wanted) - known):
                 r = wanted[key]
                 ops.add_registration(session, self.node, r.logon, r.contact, r.source, r.user_agent, now)
+                self._contact_seen[key] = mono
                 report.logged_on.append(r.logon)
             report.calls_dropped = ops.replace_calls(session, self.node, [c.channel for c in calls])
             for call in calls:

@@ -30,7 +30,7 @@ from forum_bridge.errors import ConfigError, SchemaError, StoreError
 
 log = logging.getLogger(__name__)
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 _VERSION_TABLE = "alembic_version"
 
 SQLITE_BUSY_SECONDS = 30.0

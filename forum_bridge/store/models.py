@@ -246,3 +246,18 @@ class UsageRow(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     used: Mapped[int] = mapped_column(Integer)
     total: Mapped[int] = mapped_column(Integer)
+
+
+class NodeRow(Base):
+    """One bridge of the (possibly shared) pool and its heartbeat.
+
+    ``beats`` grows by one at every keepalive sweep of that node. Other nodes never compare
+    ``seen_at`` with their own wall clock (hosts' clocks differ and step): they watch ``beats``
+    change on their own monotonic clock. ``seen_at`` is for display only.
+    """
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    beats: Mapped[int] = mapped_column(Integer)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -31,6 +31,7 @@ from forum_bridge.store.models import (
     AuditRow,
     CallRow,
     LicenceRow,
+    NodeRow,
     PoolStateRow,
     ProfileRow,
     RegistrationRow,
@@ -739,3 +740,35 @@ def record_call_decision(
             "reason": decision.reason.value,
         },
     )
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+
+def heartbeat(session: Session, node: str, at: datetime) -> int:
+    """Count one more heartbeat of ``node`` (creating its row); return the new count."""
+    row = session.get(NodeRow, node)
+    if row is None:
+        row = NodeRow(name=node, beats=0, seen_at=at)
+        session.add(row)
+    # Wraps long before the column would overflow; peers only look for a change.
+    row.beats = (row.beats + 1) % 2_000_000_000
+    row.seen_at = at
+    session.flush()
+    return row.beats
+
+
+def node_beats(session: Session) -> dict[str, int]:
+    """Every node's heartbeat count, by name."""
+    return {row.name: row.beats for row in session.execute(select(NodeRow.name, NodeRow.beats))}
+
+
+def lock_node(session: Session, node: str) -> bool:
+    """Hold ``node``'s row until the transaction ends (so two peers never expire it at once).
+
+    Returns False when the row is gone. SQLite's ``BEGIN IMMEDIATE`` already serialises writers.
+    """
+    query = select(NodeRow.name).where(NodeRow.name == node)
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return session.scalar(query) is not None

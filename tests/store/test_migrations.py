@@ -16,6 +16,7 @@ TABLES = [
     "calls",
     "licence_usage",
     "licences",
+    "nodes",
     "pool_state",
     "profiles",
     "registrations",
