@@ -7,6 +7,7 @@ password, web token) may come from the file or the environment and are never par
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -58,6 +59,8 @@ class AsteriskSettings:
     ami_secret: str = field(default="", repr=False)
     agi_host: str = "127.0.0.1"
     agi_port: int = 4573
+    # Addresses (networks) allowed to ask the FastAGI hook; anyone who can ask can take licences.
+    agi_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     enforce: str = "both"
     fail_mode: str = "closed"
     reconnect_max: float = 30.0
@@ -326,6 +329,8 @@ def _build(flat: dict[str, Any], source: str) -> Settings:
                 raise ConfigError(key, "expected tables such as [profiles.default] keepalive = 120")
             for name, body in value.items():
                 profiles[name] = _profile(name, body)
+        elif key == "asterisk.agi_allow":
+            sections["asterisk"]["agi_allow"] = _networks(key, value)
         elif key.partition(".")[0] in _SECTION_TYPES:
             section, _, option = key.partition(".")
             known = {f.name: f.type for f in fields(_SECTION_TYPES[section])}
@@ -336,6 +341,24 @@ def _build(flat: dict[str, Any], source: str) -> Settings:
         else:
             raise ConfigError(key, "unknown key")
     return _validated(settings, values, sections, profiles, numbers)
+
+
+def _networks(key: str, value: Any) -> tuple[str, ...]:
+    """An allow-list: addresses or networks, as a list or one comma-separated string (environment)."""
+    if isinstance(value, str):
+        value = [part for part in value.replace(";", ",").split(",") if part.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, 'expected a list of addresses or networks, e.g. ["127.0.0.1", "10.1.2.0/24"]')
+    networks: list[str] = []
+    for item in value:
+        try:
+            network = ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigError(key, f"not an address or network: {item.strip()[:60]!r}") from exc
+        if network.prefixlen == 0:
+            raise ConfigError(key, f"{network} would let any host take licences; name the PBX's addresses")
+        networks.append(str(network))
+    return tuple(networks)
 
 
 def _profile(name: str, body: Any) -> Profile:

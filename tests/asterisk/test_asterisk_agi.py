@@ -403,7 +403,7 @@ def test_bad_clients_cost_nothing_and_the_next_good_client_is_answered_at_once(
     assert time.process_time() - cpu_before < 0.9
 
 
-def test_too_many_clients_at_once_are_refused(
+def test_too_many_clients_at_once_drop_the_oldest_idle_one(
     hook_settings: Callable[..., Settings], make_service: ServiceFactory
 ) -> None:
     service = make_service(hook_settings())
@@ -412,10 +412,12 @@ def test_too_many_clients_at_once_are_refused(
         server = await started(service.settings, service, max_clients=2, read_timeout=5)
         try:
             idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
-            await asyncio.sleep(0)
+            while server.active < 2:
+                await asyncio.sleep(0.01)
             r, w = await asyncio.open_connection("127.0.0.1", server.port)
-            assert await asyncio.wait_for(r.read(), 2) == b""
-            assert server.refused == 1
+            # The newcomer stays; the oldest connection that said nothing makes room for it.
+            assert await asyncio.wait_for(idle[0][0].read(), 2) == b""
+            assert server.evicted == 1 and server.refused == 0 and server.active == 2
             w.close()
             for _r, writer in idle:
                 writer.close()

@@ -26,6 +26,13 @@ the leg's channel, so the AMI event of the same leg reuses it instead of decidin
 
 Every client is bounded in time and memory: one that connects and closes, stalls, or sends
 garbage costs a few kilobytes for at most ``read_timeout`` seconds.
+
+FastAGI has no authentication, and whoever can ask ``inbound`` takes licences: only addresses in
+``asterisk.agi_allow`` (default: loopback) are served; others are closed at once. At most
+``max_clients`` connections are open; when a new one would exceed that, the oldest connection
+that has not yet sent its whole environment is dropped to make room (Asterisk sends it at once,
+so that one is idle or hostile); only when every connection is busy deciding is the new one
+refused.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -156,10 +164,16 @@ class FastAgiServer:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
         self._over_capacity_logged = False
+        self._allowed = [ipaddress.ip_network(n, strict=False) for n in settings.asterisk.agi_allow]
+        # Connections still waiting for their AGI environment, oldest first, with their writers.
+        self._waiting: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._stranger_logged: set[str] = set()
         self.port = settings.asterisk.agi_port
         self.requests = 0
         self.answered = 0
         self.refused = 0
+        self.evicted = 0  # idle connections dropped to make room for a new one
+        self.rejected = 0  # connections from addresses outside asterisk.agi_allow
 
     @property
     def active(self) -> int:
@@ -207,17 +221,50 @@ class FastAgiServer:
 
     # --- one connection ----------------------------------------------------------------------
 
+    def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address is not None and any(address in network for network in self._allowed):
+            return True
+        self.rejected += 1
+        if host not in self._stranger_logged and len(self._stranger_logged) < 64:
+            self._stranger_logged.add(host)  # once per address, so a scan cannot flood the log
+            log.warning("FastAGI connection from %s refused: not in asterisk.agi_allow", host or "?")
+        return False
+
+    def _make_room(self, newcomer: asyncio.Task[Any] | None) -> bool:
+        """Drop the oldest connection still waiting for its environment; False when there is none."""
+        for task, writer in self._waiting.items():
+            if task is not newcomer:
+                del self._waiting[task]
+                self.evicted += 1
+                writer.transport.abort()
+                log.debug("dropped an idle FastAGI connection to make room")
+                return True
+        return False
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if not self._peer_allowed(writer):
+            writer.transport.abort()
+            return
         if task is not None:
             self._handlers.add(task)
+            self._waiting[task] = writer
         try:
-            if len(self._handlers) > self.max_clients:
+            if len(self._handlers) > self.max_clients and not self._make_room(task):
                 self.refused += 1
                 if not self._over_capacity_logged:
                     self._over_capacity_logged = True
                     log.warning(
-                        "more than %d FastAGI connections at once; refusing new ones", self.max_clients
+                        "more than %d FastAGI connections deciding at once; refusing new ones",
+                        self.max_clients,
                     )
                 return
             self._over_capacity_logged = False
@@ -231,6 +278,8 @@ class FastAgiServer:
                 # ValueError: a line over the limit (asyncio's LimitOverrunError).
                 log.debug("FastAGI client dropped: %s", exc)
                 return
+            if task is not None and self._waiting.pop(task, None) is None:
+                return  # dropped to make room while its last line was arriving
             self.requests += 1
             await self._dispatch(env, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -245,6 +294,7 @@ class FastAgiServer:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
             if task is not None:
                 self._handlers.discard(task)
+                self._waiting.pop(task, None)
             self._notify()
 
     async def _read_environment(self, reader: asyncio.StreamReader) -> dict[str, str]:
