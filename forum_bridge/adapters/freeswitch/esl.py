@@ -118,10 +118,21 @@ def content_length(value: str) -> int | None:
 class FrameReader:
     """Reads whole frames from a stream socket (gevent or standard), with bounded buffers."""
 
-    def __init__(self, sock: Any, *, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        sock: Any,
+        *,
+        max_body: int = MAX_BODY_BYTES,
+        max_header: int = MAX_HEADER_BYTES,
+        max_total: int | None = None,
+    ) -> None:
+        """Read from ``sock``; ``max_total`` bounds the bytes of the whole connection (None: no bound)."""
         self._sock = sock
         self._buffer = bytearray()
         self._max_body = max_body
+        self._max_header = max_header
+        self._max_total = max_total
+        self.received = 0  # bytes taken off the socket so far
 
     def _fill(self) -> None:
         try:
@@ -132,6 +143,9 @@ class FrameReader:
             raise PbxConnectionError(f"connection lost: {describe_os_error(exc)}") from exc
         if not chunk:
             raise ConnectionClosed("the peer closed the connection")
+        self.received += len(chunk)
+        if self._max_total is not None and self.received > self._max_total:
+            raise ProtocolError(f"the peer sent more than {self._max_total} bytes on one connection")
         self._buffer += chunk
 
     def read_frame(self) -> Frame:
@@ -143,8 +157,8 @@ class FrameReader:
             end = self._buffer.find(b"\n\n")
             if end >= 0:
                 break
-            if len(self._buffer) > MAX_HEADER_BYTES:
-                raise ProtocolError("a header block longer than 1 MiB: not an ESL peer")
+            if len(self._buffer) > self._max_header:
+                raise ProtocolError(f"a header block longer than {self._max_header} bytes: not an ESL peer")
             self._fill()
         block = bytes(self._buffer[:end]).decode("utf-8", errors="replace")
         del self._buffer[: end + 2]

@@ -23,6 +23,12 @@ When no decision can be made (database down, a broken session) ``freeswitch.fail
 call go on. If the bridge cannot be reached at all, the dialplan itself applies the fail mode (see
 :mod:`.dialplan`).
 
+Every connection is bounded: ``session_timeout`` seconds, ``MAX_SESSION_BYTES`` received (a real
+``CHANNEL_DATA`` is a few kilobytes) and ``max_sessions`` at once. When a new connection would
+exceed that, the oldest one still waiting for its channel data is dropped to make room (FreeSWITCH
+sends it at once, so that one is stuck or hostile); only when every session is deciding is the
+new one closed at once, and the dialplan applies the fail mode.
+
 This is a small gevent ``StreamServer`` rather than greenswitch's ``OutboundESLServer``, which
 calls ``sys.exit()`` when it cannot bind (and with port 0), polls ``accept`` every 0.1 s, has no
 time limit on a session, and decodes ``CHANNEL_DATA`` as one block before splitting it.
@@ -65,6 +71,10 @@ HANGUP_CAUSE = "CALL_REJECTED"
 UNAVAILABLE_CAUSE = "NORMAL_TEMPORARY_FAILURE"  # no decision, fail_mode closed: SIP 503
 _REPLIES = ("command/reply", "api/response")
 _BACKLOG = 1024  # the kernel caps it at net.core.somaxconn (4096 on current kernels)
+MAX_SESSIONS = 128  # hook connections at once
+MAX_SESSION_BYTES = 256 * 1024  # bytes one connection may send in all
+_MAX_HEADER = 128 * 1024  # bytes of one header block (CHANNEL_DATA with every channel variable)
+_MAX_BODY = 64 * 1024
 
 
 class SocketHookServer:
@@ -78,6 +88,7 @@ class SocketHookServer:
         host: str | None = None,
         port: int | None = None,
         session_timeout: float = 10.0,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
         self.service = service
         self.settings = settings if settings is not None else service.settings
@@ -86,8 +97,15 @@ class SocketHookServer:
         self.requested_port = fs.socket_port if port is None else port
         self.fail_open = fs.fail_mode == "open"
         self.session_timeout = session_timeout
+        self.max_sessions = max_sessions
         self._server: Any = None
+        self._open: set[Any] = set()  # greenlets of the connections being handled
+        # Connections still waiting for their channel data, oldest first.
+        self._waiting: dict[Any, None] = {}
+        self._over_capacity_logged = False
         self.sessions = 0  # finished sessions, for tests and diagnostics
+        self.evicted = 0  # connections dropped while waiting, to make room for a new one
+        self.refused = 0  # connections closed at once: every place was busy deciding
 
     @property
     def port(self) -> int:
@@ -127,12 +145,42 @@ class SocketHookServer:
 
     # --- one call ---------------------------------------------------------------------------------
 
+    def _admit(self) -> bool:
+        """Make room for the current connection; False when it must be refused."""
+        current = gevent.getcurrent()
+        self._open.add(current)
+        self._waiting[current] = None
+        if len(self._open) <= self.max_sessions:
+            self._over_capacity_logged = False
+            return True
+        for oldest in self._waiting:
+            if oldest is not current:
+                del self._waiting[oldest]
+                self.evicted += 1
+                oldest.kill(_Evicted(), block=False)
+                return True
+        self.refused += 1
+        if not self._over_capacity_logged:
+            self._over_capacity_logged = True
+            log.warning(
+                "more than %d socket hook sessions deciding at once; refusing new ones", self.max_sessions
+            )
+        return False
+
+    def deciding(self) -> None:
+        """The current session has its channel data: it may no longer be dropped to make room."""
+        self._waiting.pop(gevent.getcurrent(), None)
+
     def _handle(self, sock: Any, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         session = _HookSession(self, sock)
         try:
+            if not self._admit():
+                return
             with gevent.Timeout(self.session_timeout, PbxConnectionError("the session took too long")):
                 session.run()
+        except _Evicted:
+            log.debug("socket hook connection from %s dropped to make room: it sent no channel data", peer)
         except PbxConnectionError as exc:
             self._connection_ended(session, peer, exc)
         except PbxError as exc:
@@ -141,6 +189,9 @@ class SocketHookServer:
         except Exception:
             log.exception("socket hook session from %s failed", peer)
         finally:
+            current = gevent.getcurrent()
+            self._open.discard(current)
+            self._waiting.pop(current, None)
             self.sessions += 1
             with contextlib.suppress(OSError):
                 sock.close()
@@ -200,19 +251,26 @@ class SocketHookServer:
         return ("allow" if allowed else "deny"), ",".join(allowed)
 
 
+class _Evicted(BaseException):
+    """Raised in a waiting session's greenlet to drop it for a newer connection."""
+
+
 class _HookSession:
     """One outbound-socket conversation."""
 
     def __init__(self, server: SocketHookServer, sock: Any) -> None:
         self.server = server
         self.sock = sock
-        self.reader = FrameReader(sock)
+        self.reader = FrameReader(
+            sock, max_body=_MAX_BODY, max_header=_MAX_HEADER, max_total=MAX_SESSION_BYTES
+        )
         self.uuid = ""  # the channel, once its data came
         self.decided: bool | None = None  # True allowed, False denied, None not yet
 
     def run(self) -> None:
         self._send("connect")
         channel = event_from_frame(self.reader.read_frame())
+        self.server.deciding()
         uuid = channel_uuid(channel)
         if not is_channel_uuid(uuid):
             raise ProtocolError("the channel data has no usable Unique-ID")
