@@ -60,8 +60,8 @@ def test_silent_connections_give_way_to_a_real_call(start_hook: HookFactory) -> 
         wait_until(lambda: all(p.commands == ["connect"] for p in silent), 10, "four silent sessions")
         assert place(small, "c-1", "1000", "600").commands == allowed("c-1")
         assert small.evicted == 1 and small.refused == 0
-        wait_until(silent[0].finished.is_set, 5, "the oldest silent session to be dropped")
-        assert not any(p.finished.is_set() for p in silent[1:])
+        wait_until(lambda: any(p.finished.is_set() for p in silent), 5, "a silent session to be dropped")
+        assert sum(p.finished.is_set() for p in silent) == 1
     finally:
         small.stop(timeout=1)
 

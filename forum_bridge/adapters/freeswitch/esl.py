@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_QUEUED_EVENTS = 10_000  # events read but not applied yet, before they are dropped for a resync
+MAX_QUEUED_BYTES = 16 * 1024 * 1024  # their body bytes
+_YIELD_EVERY = 8  # frames the reader takes off the socket before it lets other greenlets run
 UNDEFINED = "_undef_"  # what switch_event_serialize writes for an empty value
 
 
@@ -279,6 +282,16 @@ def check_one_line(value: str, what: str) -> str:
 _CLOSED = object()
 
 
+@dataclass(frozen=True)
+class EventsDropped:
+    """Returned by :meth:`EslClient.next_event` in place of events dropped from a full queue.
+
+    The owner must resynchronise with FreeSWITCH's tables: what those events said is lost.
+    """
+
+    count: int
+
+
 class EslClient:
     """One authenticated connection to mod_event_socket, driven by gevent.
 
@@ -288,9 +301,24 @@ class EslClient:
     the event queue fail with :class:`PbxConnectionError`.
     """
 
-    def __init__(self, host: str, port: int, password: str, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str,
+        *,
+        timeout: float = 5.0,
+        max_queued: int = MAX_QUEUED_EVENTS,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+    ) -> None:
+        """Prepare a client; ``max_queued``/``max_queued_bytes`` bound the events not yet taken."""
         if "\n" in password or "\r" in password:
             raise ConfigError("freeswitch.esl_password", "must not contain a line break")
+        self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
+        self.peak_queued = 0  # most events ever waiting at once, for tests and diagnostics
+        self.dropped = 0  # events dropped because the queue was full
         self.host = host
         self.port = port
         self._password = password
@@ -364,9 +392,15 @@ class EslClient:
         reason = "FreeSWITCH closed the connection"
         reader = self._reader
         assert reader is not None
+        frames = 0
         try:
             while True:
                 self._dispatch(reader.read_frame())
+                frames += 1
+                if frames % _YIELD_EVERY == 0:
+                    # A socket that always has data never blocks, so gevent would never switch:
+                    # during a flood the hook sessions and the page would starve.
+                    gevent.sleep(0)
         except ConnectionClosed:
             pass
         except PbxError as exc:
@@ -394,7 +428,7 @@ class EslClient:
             except ProtocolError as exc:
                 log.warning("dropped a malformed event from %s: %s", self.peer, exc)
                 return
-            self._events.put(event)
+            self._queue_event(event, len(frame.body))
         elif kind == "text/disconnect-notice":
             if frame.header("Content-Disposition") != "linger":
                 log.debug("%s sent a disconnect notice", self.peer)
@@ -404,8 +438,31 @@ class EslClient:
         else:
             log.warning("dropped a %r frame from %s", kind[:40], self.peer)
 
-    def next_event(self, timeout: float | None = None) -> EslEvent | None:
-        """The next event, or None after ``timeout`` seconds; raise PbxConnectionError once closed."""
+    def _queue_event(self, event: EslEvent, size: int) -> None:
+        if self._events.qsize() >= self.max_queued or self._queued_bytes + size > self.max_queued_bytes:
+            # Like the AMI side: memory stays bounded, and a resync restores what was dropped.
+            dropped = 0
+            with contextlib.suppress(Empty):
+                while True:
+                    if isinstance(self._events.get_nowait(), tuple):
+                        dropped += 1
+            self._queued_bytes = 0
+            self.dropped += dropped
+            log.error(
+                "%d events from %s queued faster than they could be applied; dropped them, resyncing",
+                dropped,
+                self.peer,
+            )
+            self._events.put(EventsDropped(dropped))
+        self._queued_bytes += size
+        self._events.put((event, size))
+        self.peak_queued = max(self.peak_queued, self._events.qsize())
+
+    def next_event(self, timeout: float | None = None) -> EslEvent | EventsDropped | None:
+        """The next event, or None after ``timeout`` seconds; raise PbxConnectionError once closed.
+
+        :class:`EventsDropped` stands where events were dropped because too many were waiting.
+        """
         try:
             item = self._events.get(timeout=timeout)
         except Empty:
@@ -413,7 +470,11 @@ class EslClient:
         if item is _CLOSED:
             self._events.put(_CLOSED)  # every later call fails the same way
             raise PbxConnectionError(self.closed_reason or "connection closed")
-        return cast(EslEvent, item)
+        if isinstance(item, EventsDropped):
+            return item
+        event, size = cast(tuple[EslEvent, int], item)
+        self._queued_bytes -= size
+        return event
 
     # --- commands ---------------------------------------------------------------------------------
 

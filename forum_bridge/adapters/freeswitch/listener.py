@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import gevent
 from gevent.event import Event as GeventEvent
 
 from forum_bridge.config import Settings
@@ -31,7 +32,7 @@ from forum_bridge.service import BridgeService, CallSnapshot
 from forum_bridge.store.operations import Registration
 
 from .emergency import EmergencyHash
-from .esl import EslClient, EslEvent
+from .esl import MAX_QUEUED_EVENTS, EslClient, EslEvent, EventsDropped
 from .events import (
     SUBSCRIPTION,
     FailureDeduplicator,
@@ -76,6 +77,7 @@ class EslListener:
         idle_probe: float = 30.0,
         command_timeout: float = 10.0,
         wall_clock: Callable[[], float] = time.time,
+        max_queued: int = MAX_QUEUED_EVENTS,
     ) -> None:
         self.service = service
         self.settings = settings if settings is not None else service.settings
@@ -89,6 +91,8 @@ class EslListener:
         self.command_timeout = command_timeout
         self.metrics = metrics
         self._wall_clock = wall_clock
+        self.max_queued = max_queued
+        self.overflow_resyncs = 0  # resyncs after dropped events, for tests and diagnostics
         self._stopping = GeventEvent()
         self._failures = FailureDeduplicator()
         self._client: EslClient | None = None
@@ -117,7 +121,9 @@ class EslListener:
         delay = self.initial_backoff
         while not self._stopping.is_set():
             try:
-                client = EslClient(self.host, self.port, self.settings.freeswitch.esl_password)
+                client = EslClient(
+                    self.host, self.port, self.settings.freeswitch.esl_password, max_queued=self.max_queued
+                )
             except ConfigError as exc:  # retrying cannot help
                 log.error("FreeSWITCH listener stopped: %s", exc)
                 return
@@ -203,8 +209,14 @@ class EslListener:
                     # Nothing for a while: prove the link is alive, or find out it is not.
                     client.api("status", timeout=self.command_timeout)
                 continue
+            if isinstance(event, EventsDropped):
+                self._resync(client)
+                self.overflow_resyncs += 1
+                continue
             self._handle(client, event)
             self.emergency.tick(client)
+            # Each event is a database transaction; let the hook sessions and the page in between.
+            gevent.sleep(0)
 
     def _resync(self, client: EslClient) -> None:
         try:
