@@ -440,6 +440,7 @@ class AmiListener:
         self._on_blocked = on_blocked
         self._mapper = AmiEventMapper(number_of=self._number_of)
         self._manager: _Manager | None = None
+        self._lost: asyncio.Future[object] | None = None  # set when the current session's link dies
         self._queue: deque[_Frame | _Resync] = deque()
         self._wake = asyncio.Event()
         # Sequence numbers of the queued frames of each log-on, oldest first (the hook's fast lane).
@@ -554,6 +555,7 @@ class AmiListener:
         )
         manager.register_event("*", self._on_event)
         self._manager = manager
+        self._lost = lost
         pinger: asyncio.Task[None] | None = None
         stopping = asyncio.ensure_future(stop.wait())
         try:
@@ -672,13 +674,18 @@ class AmiListener:
         if manager is None or not self.connected:
             raise PbxConnectionError(f"not connected to Asterisk AMI; {action.get('Action')} not sent")
         deadline = self.action_timeout if timeout is None else timeout
-        try:
-            result = await asyncio.wait_for(manager.send_action(dict(action)), deadline)
-        except TimeoutError as exc:
-            raise PbxConnectionError(
-                f"Asterisk did not answer {action.get('Action')} within {deadline:.1f}s"
-            ) from exc
-        return _response_list(result)
+        lost = self._lost
+        sent = asyncio.ensure_future(manager.send_action(dict(action)))
+        # A link that dies mid-answer (a resync's list cut in half) fails at once, not after the
+        # deadline: panoramisk keeps such an action waiting for a reconnect that never comes.
+        waiting: set[asyncio.Future[Any]] = {sent} if lost is None else {sent, lost}
+        await asyncio.wait(waiting, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        if not sent.done():
+            sent.cancel()
+            if lost is not None and lost.done():
+                raise PbxConnectionError(f"connection lost before Asterisk answered {action.get('Action')}")
+            raise PbxConnectionError(f"Asterisk did not answer {action.get('Action')} within {deadline:.1f}s")
+        return _response_list(sent.result())
 
     async def hangup(self, channel: str, cause: int = HANGUP_CAUSE_REJECTED) -> bool:
         """Hang up ``channel`` with a Q.850 ``cause``; True when Asterisk did."""
@@ -917,6 +924,7 @@ class AmiListener:
     async def _resync_item(self, item: _Resync) -> None:
         if not self.connected:
             return  # the next login queues its own resync
+        manager = self._manager
         try:
             await self.resync()
         except StoreError as exc:
@@ -937,8 +945,8 @@ class AmiListener:
             # No answer: the state cannot be trusted and the session may be dead; a new session
             # starts with a resync (the backoff keeps growing until one succeeds).
             log.warning("resync after %s failed: %s; reconnecting", item.reason, exc)
-            if self._manager is not None:
-                self._manager.abort()
+            if manager is not None and manager is self._manager:
+                manager.abort()  # never a newer session that replaced the one that failed
 
     def _resync_retry_delay(self) -> float:
         return max(1.0, float(self._ami.reconnect_max))
