@@ -459,6 +459,7 @@ class AmiListener:
         self._failures = 0  # sessions since the last good resync, for the backoff
         self._resync_error_logged = False
         self._db_failing = False
+        self._db_back = False  # set in the database thread; the worker then resyncs
         self._unknown_logons: dict[str, float] = {}  # log-on -> when its SuccessfulAuth arrived
         self._resync_timer: asyncio.Task[None] | None = None
         self._last_resync = float("-inf")
@@ -784,6 +785,11 @@ class AmiListener:
         log.error("%d AMI events queued faster than they could be applied; dropped them, resyncing", dropped)
         self._enqueue(_Resync("backlog"))
 
+    def request_resync(self, reason: str) -> None:
+        """Queue a resync, e.g. once the database is back: events it could not store are lost."""
+        if self.connected:
+            self._enqueue(_Resync(reason))
+
     def _oldest_unapplied(self) -> tuple[int, datetime] | None:
         """(sequence number, receipt time) of the oldest frame not applied yet, or None."""
         oldest = self._inflight
@@ -910,6 +916,9 @@ class AmiListener:
                 if not isinstance(item, _Resync):
                     self._done(item)
                 self._inflight = None
+                if self._db_back:
+                    self._db_back = False
+                    self.request_resync("database back")
                 self._notify()
 
     def _done(self, frames: list[_Frame]) -> None:
@@ -1027,6 +1036,7 @@ class AmiListener:
     def _database_ok(self) -> None:
         if self._db_failing:
             self._db_failing = False
+            self._db_back = True  # what failed meanwhile is lost: the worker resyncs
             log.info("database is back")
 
     def _apply_frame(self, event: Event) -> tuple[Event, Outcome]:

@@ -117,6 +117,8 @@ class Bridge:
                 await loop.run_in_executor(self.executor, self.service.prune_if_due)
                 if failing:
                     log.info("keepalive clock works again")
+                    # Events that arrived while the database was away were not stored.
+                    self.ami.request_resync("database back")
                 failing = False
             except StoreError as exc:
                 if not failing:

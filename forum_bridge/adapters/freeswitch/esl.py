@@ -458,6 +458,10 @@ class EslClient:
         self._events.put((event, size))
         self.peak_queued = max(self.peak_queued, self._events.qsize())
 
+    def request_resync(self) -> None:
+        """Make :meth:`next_event` return ``EventsDropped(0)`` next, so the owner resyncs."""
+        self._events.put(EventsDropped(0))
+
     def next_event(self, timeout: float | None = None) -> EslEvent | EventsDropped | None:
         """The next event, or None after ``timeout`` seconds; raise PbxConnectionError once closed.
 

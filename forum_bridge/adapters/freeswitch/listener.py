@@ -149,6 +149,12 @@ class EslListener:
             delay = min(delay * 2, self.reconnect_max)
         self._set_connected(False)
 
+    def request_resync(self) -> None:
+        """Resync with FreeSWITCH's tables soon (the database is back: events meanwhile were lost)."""
+        client = self._client
+        if client is not None and self.connected:
+            client.request_resync()
+
     def stop(self) -> None:
         """Ask :meth:`run` to return; the connection is closed at once."""
         self._stopping.set()
@@ -385,9 +391,13 @@ class EslListener:
 class KeepaliveSweeper:
     """Logs off contacts that missed their keepalive, every ``interval`` seconds."""
 
-    def __init__(self, service: BridgeService, interval: float = 1.0) -> None:
+    def __init__(
+        self, service: BridgeService, interval: float = 1.0, on_recovered: Callable[[], None] | None = None
+    ) -> None:
+        """Sweep every ``interval`` s; ``on_recovered()`` runs when the database works again."""
         self.service = service
         self.interval = interval
+        self.on_recovered = on_recovered
         self._stopping = GeventEvent()
         self._failing = False
         self.sweeps = 0  # finished sweeps, for tests and diagnostics
@@ -419,6 +429,8 @@ class KeepaliveSweeper:
         if self._failing:
             log.warning("keepalive sweep works again")
             self._failing = False
+            if self.on_recovered is not None:
+                self.on_recovered()
         self.service.prune_if_due()  # retention: one short, bounded delete an hour; never raises
         return freed
 

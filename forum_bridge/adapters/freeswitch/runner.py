@@ -111,7 +111,7 @@ def run(settings: Settings) -> int:
         return EXIT_FAILURE
 
     listener = EslListener(service, settings, metrics=metrics)
-    sweeper = KeepaliveSweeper(service)
+    sweeper = KeepaliveSweeper(service, on_recovered=listener.request_resync)
     stopping = Event()
 
     def request_stop(signum: int) -> None:
