@@ -78,6 +78,8 @@ class FreeswitchSettings:
     esl_password: str = field(default="ClueCon", repr=False)
     socket_host: str = "127.0.0.1"
     socket_port: int = 8084
+    # Addresses (networks) allowed to use the socket hook; anyone who can use it can take licences.
+    socket_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     enforce: str = "both"
     fail_mode: str = "closed"
     reconnect_max: float = 30.0
@@ -329,8 +331,9 @@ def _build(flat: dict[str, Any], source: str) -> Settings:
                 raise ConfigError(key, "expected tables such as [profiles.default] keepalive = 120")
             for name, body in value.items():
                 profiles[name] = _profile(name, body)
-        elif key == "asterisk.agi_allow":
-            sections["asterisk"]["agi_allow"] = _networks(key, value)
+        elif key in ("asterisk.agi_allow", "freeswitch.socket_allow"):
+            section, _, option = key.partition(".")
+            sections[section][option] = _networks(key, value)
         elif key.partition(".")[0] in _SECTION_TYPES:
             section, _, option = key.partition(".")
             known = {f.name: f.type for f in fields(_SECTION_TYPES[section])}

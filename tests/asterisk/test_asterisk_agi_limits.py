@@ -153,5 +153,11 @@ def test_the_allow_list_defaults_to_loopback_and_refuses_everyone() -> None:
     for bad in (["0.0.0.0/0"], ["::/0"], ["pbx.example"], [], "10.0.0.1/33"):
         with pytest.raises(ConfigError, match=r"asterisk\.agi_allow"):
             load_settings(environ={}, overrides={"asterisk.agi_allow": bad})
+    # The FreeSWITCH socket hook has the same kind of list.
+    assert load_settings(environ={}).freeswitch.socket_allow == ("127.0.0.0/8", "::1/128")
+    env = {"FORUM_BRIDGE_FREESWITCH_SOCKET_ALLOW": "192.0.2.20"}
+    assert load_settings(environ=env).freeswitch.socket_allow == ("192.0.2.20/32",)
+    with pytest.raises(ConfigError, match=r"freeswitch\.socket_allow"):
+        load_settings(environ={}, overrides={"freeswitch.socket_allow": ["0.0.0.0/0"]})
 
 

@@ -37,6 +37,7 @@ time limit on a session, and decodes ``CHANNEL_DATA`` as one block before splitt
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import re
 import socket
@@ -98,6 +99,9 @@ class SocketHookServer:
         self.fail_open = fs.fail_mode == "open"
         self.session_timeout = session_timeout
         self.max_sessions = max_sessions
+        self._allowed = [ipaddress.ip_network(n, strict=False) for n in fs.socket_allow]
+        self._stranger_logged: set[str] = set()
+        self.rejected = 0  # connections from addresses outside freeswitch.socket_allow
         self._server: Any = None
         self._open: set[Any] = set()  # greenlets of the connections being handled
         # Connections still waiting for their channel data, oldest first.
@@ -145,6 +149,22 @@ class SocketHookServer:
 
     # --- one call ---------------------------------------------------------------------------------
 
+    def _allowed_peer(self, address: Any) -> bool:
+        host = str(address[0]) if isinstance(address, tuple) and address else ""
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip is not None and any(ip in network for network in self._allowed):
+            return True
+        self.rejected += 1
+        if host not in self._stranger_logged and len(self._stranger_logged) < 64:
+            self._stranger_logged.add(host)  # once per address, so a scan cannot flood the log
+            log.warning("socket hook connection from %s refused: not in freeswitch.socket_allow", host or "?")
+        return False
+
     def _admit(self) -> bool:
         """Make room for the current connection; False when it must be refused."""
         current = gevent.getcurrent()
@@ -175,7 +195,7 @@ class SocketHookServer:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         session = _HookSession(self, sock)
         try:
-            if not self._admit():
+            if not self._allowed_peer(address) or not self._admit():
                 return
             with gevent.Timeout(self.session_timeout, PbxConnectionError("the session took too long")):
                 session.run()
