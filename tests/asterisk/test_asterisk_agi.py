@@ -414,7 +414,7 @@ def test_too_many_clients_at_once_drop_the_oldest_idle_one(
             idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
             while server.active < 2:
                 await asyncio.sleep(0.01)
-            r, w = await asyncio.open_connection("127.0.0.1", server.port)
+            _r, w = await asyncio.open_connection("127.0.0.1", server.port)
             # The newcomer stays; the oldest connection that said nothing makes room for it.
             assert await asyncio.wait_for(idle[0][0].read(), 2) == b""
             assert server.evicted == 1 and server.refused == 0 and server.active == 2
