@@ -945,6 +945,7 @@ class BridgeService:
             # commands (reset, reserve), which do not watch the pool themselves.
             ops.mark_pool_changed(session)
             ops.heartbeat(session, self.node, now)
+            beats = ops.node_beats(session)
             limit = self._keepalive_limits(session)
             rows = ops.node_registrations(session, self.node)
             self._forget_unknown_contacts(rows)
@@ -962,7 +963,7 @@ class BridgeService:
                     self._contact_seen.pop((row.logon, row.contact), None)
                     if self._logged_off(session, row.logon, row.contact, now, "keepalive"):
                         freed.append(row.logon)
-        freed += self._expire_gone_nodes(now, mono)
+        freed += self._expire_gone_nodes(beats, now, mono)
         return freed
 
     def _keepalive_limits(self, session: Session) -> Callable[[str], float]:
@@ -999,9 +1000,7 @@ class BridgeService:
         for logon in [k for k in self._logon_seen if k not in logons]:
             self._logon_seen.pop(logon, None)
 
-    def _expire_gone_nodes(self, now: datetime, mono: float) -> list[str]:
-        with self.database.transaction() as session:
-            beats = ops.node_beats(session)
+    def _expire_gone_nodes(self, beats: dict[str, int], now: datetime, mono: float) -> list[str]:
         gone: list[tuple[str, int, float]] = []
         for name in [n for n in self._peer_beats if n not in beats]:
             del self._peer_beats[name]

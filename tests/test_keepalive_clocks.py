@@ -132,15 +132,15 @@ def test_a_node_that_goes_away_loses_its_licences_to_the_live_nodes_sweep(
         logged_on(pbx1, clock, name)
     assert pbx1.expire_keepalives() == [] and pbx2.expire_keepalives() == []
 
-    # pbx1 stays alive and its phones keep refreshing: pbx2 leaves them alone for a whole day.
-    for _ in range(24 * 60):
-        clock.advance(60)
-        pbx1_clock.advance(60)
-        pbx2_clock.advance(60)
+    # pbx1 stays alive and its phones keep refreshing: pbx2 leaves them alone, hour after hour.
+    for step in range(3 * 36):
+        clock.advance(100)
+        pbx1_clock.advance(100)
+        pbx2_clock.advance(100)
         pbx1.apply(Keepalive("21-desk", at=clock()))
         pbx1.apply(Keepalive("22-desk", at=clock()))
         assert pbx1.expire_keepalives() == []
-        if _ % 60 == 0:
+        if step % 6 == 0:
             assert pbx2.expire_keepalives() == []
     assert sorted(licensed(pbx2)) == ["21-desk", "22-desk"]
 
