@@ -382,6 +382,7 @@ class BridgeService:
         # Other nodes: name -> (heartbeat count, when this process saw that count first).
         self._peer_beats: dict[str, tuple[int, float]] = {}
         self._peers_gone: set[str] = set()
+        self._peers_cleared: set[str] = set()  # gone nodes with nothing left to expire
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -1005,18 +1006,20 @@ class BridgeService:
         for name in [n for n in self._peer_beats if n not in beats]:
             del self._peer_beats[name]
             self._peers_gone.discard(name)
+            self._peers_cleared.discard(name)
         for name, count in beats.items():
             if name == self.node:
                 continue
             seen = self._peer_beats.get(name)
             if seen is None or seen[0] != count:
                 self._peer_beats[name] = (count, mono)
+                self._peers_cleared.discard(name)
                 if name in self._peers_gone:
                     self._peers_gone.discard(name)
                     service_log.warning("node %s sends heartbeats again node=%s", name, self.node)
                 continue
             stale = mono - seen[1]
-            if stale > self.settings.node_dead_after:
+            if stale > self.settings.node_dead_after and name not in self._peers_cleared:
                 gone.append((name, count, stale))
         freed: list[str] = []
         for name, count, stale in gone:
@@ -1035,8 +1038,11 @@ class BridgeService:
                         self.node,
                     )
                 limit = self._keepalive_limits(session)
+                left = 0
                 for row in ops.node_registrations(session, name):
-                    if stale > limit(row.logon):
+                    if stale <= limit(row.logon):
+                        left += 1
+                    else:
                         service_log.info(
                             "missed keepalive logon=%s contact=%s node=%s (gone) expired_by=%s",
                             row.logon,
@@ -1048,6 +1054,8 @@ class BridgeService:
                             freed.append(row.logon)
                 # A node that is gone has no calls in progress either.
                 ops.replace_calls(session, name, [])
+            if left == 0:
+                self._peers_cleared.add(name)  # nothing more to do until it beats again
         return freed
 
     def resync(
