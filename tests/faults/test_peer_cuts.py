@@ -8,6 +8,7 @@ a licence twice, no task or connection may be left behind, and the reconnects mu
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -238,3 +239,45 @@ def test_esl_dropped_in_the_middle_of_the_resync(
     bridge = start_bridge()
     wait_until(lambda: bridge.subscriber("1000")["state"] == "logged_on", 10, "the resync after the cut")
     assert fake_esl.accepted >= 2
+
+
+class BootingAmi(FakeAmi):
+    """Asterisk right after a restart: AMI answers before res_pjsip is loaded."""
+
+    def __init__(self, unknown_for: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unknown_for = unknown_for
+
+    async def _dispatch(self, session: Session, action: dict[str, str]) -> bool:
+        if action.get("Action", "").lower() == "pjsipshowcontacts" and self.unknown_for > 0:
+            self.unknown_for -= 1
+            self.actions.append(action)
+            head = {"ActionID": action["ActionID"]} if "ActionID" in action else {}
+            message = "Invalid/unknown command: PJSIPShowContacts. Use Action: ListCommands to show available commands."
+            session.send(render({"Response": "Error", **head, "Message": message}))
+            return True
+        return await super()._dispatch(session, action)
+
+
+def test_a_booting_asterisk_without_pjsip_yet_is_retried_without_blaming_the_ami_user(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        fake = BootingAmi(unknown_for=2)
+        await fake.start()
+        try:
+            service = make_service(bridge_settings(fake.port, **{"asterisk.reconnect_max": 0.2}))
+            service.add_subscriber("21-desk", "21")
+            fake.contacts = [contact_item("21-desk", 5081)]
+            async with running(service.settings, service) as listener:
+                await listener.wait_until(lambda: listener.resyncs >= 1, 15)
+                assert listener.logins == 1  # the session was kept
+                states, _holders, _calls = view(service)
+                assert states["21-desk"] == "logged_on"
+        finally:
+            await fake.close()
+
+    with caplog.at_level(logging.WARNING, logger="forum_bridge"):
+        run(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("cannot resync yet" in r.getMessage() for r in caplog.records)

@@ -939,6 +939,12 @@ class AmiListener:
         except StoreError as exc:
             log.error("resync after %s failed: %s", item.reason, exc)
         except ProtocolError as exc:
+            if "unknown command" in str(exc).lower():
+                # res_pjsip is not loaded: Asterisk is still booting or already shutting down
+                # (it answers AMI before and after its modules). Not the AMI user's fault.
+                log.warning("cannot resync yet: %s; Asterisk is starting or stopping, retrying", exc)
+                self._spawn(self._retry_resync())
+                return
             # Asterisk said no (e.g. the AMI user lacks write = system): reconnecting would not
             # help; keep following events and try again later.
             if not self._resync_error_logged:
