@@ -128,3 +128,73 @@ def test_postgresql_stopped_for_30_seconds_under_load(
     assert any("keepalive clock:" in m for m in messages)
     assert any("keepalive clock works again" in m for m in messages)
     assert any("no decision for logon=22-soft" in m for m in messages)
+
+
+@pytest.mark.postgres
+def test_freeswitch_side_during_a_postgresql_outage(
+    make_settings: Callable[..., Settings], stoppable_postgres: StoppablePostgres
+) -> None:
+    import gevent
+
+    from forum_bridge.adapters.freeswitch.listener import EslListener, KeepaliveSweeper
+    from forum_bridge.adapters.freeswitch.socket_hook import SocketHookServer
+    from tests.freeswitch.conftest import wait_until
+    from tests.freeswitch.fake_esl import FakeEslServer, FakeSocketCall, channel_data
+
+    fake = FakeEslServer().start()
+    settings = make_settings(
+        **{
+            "database.url": stoppable_postgres.url,
+            "node.name": "fs1",
+            "freeswitch.esl_port": fake.port,
+            "freeswitch.fail_mode": "closed",
+            "freeswitch.reconnect_max": 0.1,
+        }
+    )
+    database = Database(settings.database_url)
+    service = BridgeService(settings, database)
+    service.start()
+    for logon in ("1000", "1001"):
+        service.add_subscriber(logon, logon)
+    fake.add_registration("1000", 5091)
+    listener = EslListener(service, initial_backoff=0.01, command_timeout=3.0)
+    sweeper = KeepaliveSweeper(service, interval=0.05, on_recovered=listener.request_resync)
+    hook = SocketHookServer(service, host="127.0.0.1", port=0, session_timeout=10)
+    hook.start()
+    greenlets = [gevent.spawn(listener.run), gevent.spawn(sweeper.run)]
+
+    def verdict(uuid: str, number: str) -> str:
+        before = hook.sessions
+        call = FakeSocketCall(hook.port, channel_data(uuid, "1000", number))
+        began = time.monotonic()
+        call.start()
+        wait_until(lambda: call.finished.is_set() and hook.sessions > before, 15, "the hook session")
+        assert time.monotonic() - began < 10.0  # within the session deadline, database or not
+        return "allowed" if "resume" in call.commands else "denied"
+
+    try:
+        wait_until(lambda: listener.connected, 10, "the listener")
+        assert verdict("a-1", "600") == "allowed"
+        stoppable_postgres.stop()
+        fake.register("1001", 5092)  # its event cannot be stored now
+        assert verdict("a-2", "112") == "allowed"  # emergency first
+        assert verdict("a-3", "601") == "denied"  # fail_mode closed
+        wait_until(lambda: sweeper._failing, 10, "the sweeper to notice the outage")
+        stoppable_postgres.start()
+        deadline = time.monotonic() + 30
+
+        def caught_up() -> bool:
+            try:
+                return state(service, "1001") == "logged_on"
+            except Exception:
+                return False
+
+        wait_until(caught_up, deadline - time.monotonic(), "1001's registration after the outage")
+        assert [a["logon"] for a in service.status()["assignments"]] == ["1000"]
+    finally:
+        listener.stop()
+        sweeper.stop()
+        gevent.joinall(greenlets, timeout=5)
+        hook.stop(timeout=1)
+        fake.stop()
+        database.dispose()
