@@ -161,3 +161,30 @@ def test_the_allow_list_defaults_to_loopback_and_refuses_everyone() -> None:
         load_settings(environ={}, overrides={"freeswitch.socket_allow": ["0.0.0.0/0"]})
 
 
+
+
+def test_closing_with_a_request_in_progress_logs_no_error(
+    hook_settings: Callable[..., Settings], make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = make_service(hook_settings())
+
+    async def scenario() -> None:
+        never = asyncio.Event()
+
+        async def stuck(timeout: float) -> None:
+            await never.wait()
+
+        server = FastAgiServer(service.settings, service, before_decision=stuck)
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(environment("outbound", "600"))
+        while server.requests < 1:
+            await asyncio.sleep(0.01)
+        await server.close()  # the bridge stops (SIGTERM) while the dialplan waits
+        assert await closed_on_us(reader)
+        writer.close()
+        await asyncio.sleep(0.05)  # let the loop run the streams' done callbacks
+
+    with caplog.at_level("ERROR"):
+        run(scenario())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == []

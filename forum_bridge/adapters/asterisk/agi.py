@@ -173,6 +173,7 @@ class FastAgiServer:
         self.answered = 0
         self.refused = 0
         self.evicted = 0  # idle connections dropped to make room for a new one
+        self._closing = False
         self.rejected = 0  # connections from addresses outside asterisk.agi_allow
 
     @property
@@ -199,6 +200,7 @@ class FastAgiServer:
 
     async def close(self) -> None:
         """Stop listening and end every connection still open."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for task in list(self._handlers):
@@ -285,7 +287,10 @@ class FastAgiServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             log.debug("FastAGI connection closed by Asterisk")
         except asyncio.CancelledError:
-            raise
+            if not self._closing:
+                raise
+            # Ended by close(): finish normally, or asyncio 3.11's stream callback logs the
+            # cancellation as an error with a traceback at every shutdown during a call.
         except Exception:
             log.exception("FastAGI request failed")
         finally:
