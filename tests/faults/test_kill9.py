@@ -113,6 +113,10 @@ def test_kill_9_during_a_storm_and_calls_then_restart(tmp_path: Path) -> None:
         try:
             fake.contacts = [contact_item(p, 5081 + i) for i, p in enumerate(PHONES[:3])]
             proc = await start_bridge(1)
+            deadline = time.monotonic() + 30
+            while consistent(url)[1].get("21-desk") != "logged_on":  # the login resync is applied
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
             first = await ask_when_up("outbound", "600", channel="PJSIP/21-desk-00000001")
             assert first["FORUM_BRIDGE_REASON"] == "licence_acquired"
             fake.channels.append({**new_channel("21-desk", "600"), "Channel": "PJSIP/21-desk-00000001"})
