@@ -230,7 +230,7 @@ def test_esl_dropped_in_the_middle_of_a_frame(
     assert len(fake_esl.live) == 1
 
 
-@pytest.mark.parametrize("cut", ["show registrations as json", "show channels as json"])
+@pytest.mark.parametrize("cut", ["sofia xmlstatus profile internal reg", "show channels as json"])
 def test_esl_dropped_in_the_middle_of_the_resync(
     start_bridge: Callable[..., Any], fake_esl: FakeEslServer, cut: str
 ) -> None:
