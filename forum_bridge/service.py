@@ -311,6 +311,11 @@ class _SharedDocument:
         return document
 
 
+def _seen_key(logon: str, contact: str) -> tuple[str, str]:
+    """A registration's key as stored (peer values are fitted to their columns on the way in)."""
+    return stored(RegistrationRow.logon, logon), stored(RegistrationRow.contact, contact)
+
+
 def validate_logon(logon: str) -> str:
     """A log-on name: SIP user part characters, nothing invisible, at most 128 characters.
 
@@ -499,7 +504,9 @@ class BridgeService:
             return []
         try:
             with self.database.transaction() as session:
-                return apply_run(self, session, events)
+                together = apply_run(self, session, events)
+            self._stamp_refreshes(events, together)
+            return together
         except StoreError as exc:
             if len(events) == 1:
                 raise
@@ -520,6 +527,15 @@ class BridgeService:
                 outcomes.append(Outcome())
         return outcomes
 
+    def _stamp_refreshes(self, events: Sequence[Event], outcomes: Sequence[Outcome]) -> None:
+        """Note on the monotonic clock the registrations a batch refreshed (see expire_keepalives)."""
+        mono = self.monotonic()
+        for event, outcome in zip(events, outcomes, strict=False):
+            if isinstance(event, LoggedOn):
+                self._contact_seen[_seen_key(event.logon, event.contact)] = mono
+            elif isinstance(event, Keepalive) and not outcome.unknown_registration:
+                self._logon_seen[stored(RegistrationRow.logon, event.logon)] = mono
+
     def _block_cleared(self, subscriber: SubscriberRow | None) -> bool | None:
         """Clear a failed log-on's block; False when that lifted a block the PBX must forget."""
         if subscriber is None or not subscriber.last_logon_failed:
@@ -533,7 +549,7 @@ class BridgeService:
         )
         blocked = self._block_cleared(session.get(SubscriberRow, event.logon))
         others: tuple[str, ...] = ()
-        self._contact_seen[(event.logon, event.contact)] = self.monotonic()
+        self._contact_seen[_seen_key(event.logon, event.contact)] = self.monotonic()
         if new:
             service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, self.node)
             contacts = ops.logon_contacts(session, self.node, event.logon)
@@ -632,7 +648,7 @@ class BridgeService:
     def _keepalive(self, session: Session, event: Keepalive) -> Outcome:
         touched = ops.touch_registrations(session, self.node, event.logon, event.at)
         if touched:
-            self._logon_seen[event.logon] = self.monotonic()
+            self._logon_seen[stored(RegistrationRow.logon, event.logon)] = self.monotonic()
         # Only a successful REGISTER of a registered log-on counts as a successful log-on attempt:
         # a phone must not clear its failed log-on by authenticating a call (e.g. to 112).
         subscriber = session.get(SubscriberRow, event.logon) if touched else None
@@ -1080,11 +1096,11 @@ class BridgeService:
             for logon, contact in sorted(known & set(wanted)):
                 # The PBX still holds the contact, so the phone refreshed it while we were away.
                 ops.touch_registrations(session, self.node, logon, now, contact)
-                self._contact_seen[(logon, contact)] = mono
+                self._contact_seen[_seen_key(logon, contact)] = mono
             for key in sorted(set(wanted) - known):
                 r = wanted[key]
                 ops.add_registration(session, self.node, r.logon, r.contact, r.source, r.user_agent, now)
-                self._contact_seen[key] = mono
+                self._contact_seen[_seen_key(*key)] = mono
                 report.logged_on.append(r.logon)
             report.calls_dropped = ops.replace_calls(session, self.node, [c.channel for c in calls])
             for call in calls:

@@ -72,7 +72,7 @@ def test_connections_busy_deciding_are_never_dropped_for_a_newcomer(
     release = asyncio.Event()
 
     async def scenario() -> None:
-        async def slow(timeout: float) -> None:
+        async def slow(timeout: float, logon: str | None = None) -> None:
             await release.wait()
 
         server = FastAgiServer(service.settings, service, max_clients=2, before_decision=slow)
@@ -171,7 +171,7 @@ def test_closing_with_a_request_in_progress_logs_no_error(
     async def scenario() -> None:
         never = asyncio.Event()
 
-        async def stuck(timeout: float) -> None:
+        async def stuck(timeout: float, logon: str | None = None) -> None:
             await never.wait()
 
         server = FastAgiServer(service.settings, service, before_decision=stuck)
