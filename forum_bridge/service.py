@@ -65,6 +65,7 @@ log = logging.getLogger("forum_bridge.decision")
 service_log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+_MAX_RECEIPT_LAG = 300.0  # seconds an event may wait between receipt and apply, for keepalive timing
 Monotonic = Callable[[], float]
 MAX_NAME = 128
 MAX_NUMBER = 64
@@ -529,12 +530,20 @@ class BridgeService:
 
     def _stamp_refreshes(self, events: Sequence[Event], outcomes: Sequence[Outcome]) -> None:
         """Note on the monotonic clock the registrations a batch refreshed (see expire_keepalives)."""
-        mono = self.monotonic()
         for event, outcome in zip(events, outcomes, strict=False):
             if isinstance(event, LoggedOn):
-                self._contact_seen[_seen_key(event.logon, event.contact)] = mono
+                self._contact_seen[_seen_key(event.logon, event.contact)] = self._mono_at(event.at)
             elif isinstance(event, Keepalive) and not outcome.unknown_registration:
-                self._logon_seen[stored(RegistrationRow.logon, event.logon)] = mono
+                self._logon_seen[stored(RegistrationRow.logon, event.logon)] = self._mono_at(event.at)
+
+    def _mono_at(self, at: datetime) -> float:
+        """The monotonic time of an event stamped ``at`` on receipt (it may be applied later).
+
+        Only the short wait between receipt and now is read from the wall clock, clamped, so a
+        step of the wall clock cannot move a refresh by more than that.
+        """
+        waited = (self.clock() - at).total_seconds()
+        return self.monotonic() - min(max(waited, 0.0), _MAX_RECEIPT_LAG)
 
     def _block_cleared(self, subscriber: SubscriberRow | None) -> bool | None:
         """Clear a failed log-on's block; False when that lifted a block the PBX must forget."""
@@ -549,7 +558,7 @@ class BridgeService:
         )
         blocked = self._block_cleared(session.get(SubscriberRow, event.logon))
         others: tuple[str, ...] = ()
-        self._contact_seen[_seen_key(event.logon, event.contact)] = self.monotonic()
+        self._contact_seen[_seen_key(event.logon, event.contact)] = self._mono_at(event.at)
         if new:
             service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, self.node)
             contacts = ops.logon_contacts(session, self.node, event.logon)
@@ -648,7 +657,7 @@ class BridgeService:
     def _keepalive(self, session: Session, event: Keepalive) -> Outcome:
         touched = ops.touch_registrations(session, self.node, event.logon, event.at)
         if touched:
-            self._logon_seen[stored(RegistrationRow.logon, event.logon)] = self.monotonic()
+            self._logon_seen[stored(RegistrationRow.logon, event.logon)] = self._mono_at(event.at)
         # Only a successful REGISTER of a registered log-on counts as a successful log-on attempt:
         # a phone must not clear its failed log-on by authenticating a call (e.g. to 112).
         subscriber = session.get(SubscriberRow, event.logon) if touched else None
