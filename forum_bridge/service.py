@@ -887,33 +887,7 @@ class BridgeService:
         )
         if not apply:
             return decision
-        if decision.takes_licence:
-            slot = ops.acquire(session, logon, self.node, now)
-            if slot is None:  # lost the last licence to a concurrent call
-                decision = Decision(False, Reason.EMERGENCY_ONLY)
-            else:
-                ops.audit(
-                    session,
-                    now,
-                    "acquire",
-                    logon=logon,
-                    number=number,
-                    reason=direction.value,
-                    node=self.node,
-                    detail=f"slot {slot}",
-                )
-        if not decision.allowed:
-            ops.audit(
-                session,
-                now,
-                "deny",
-                logon=logon,
-                number=number,
-                reason=decision.reason.value,
-                node=self.node,
-                detail=direction.value,
-            )
-        return decision
+        return self._apply_decision(session, logon, number, direction, decision, now)
 
     def _report(
         self, logon: str, number: str, direction: Direction, decision: Decision, channel: str
