@@ -13,7 +13,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from forum_bridge.core.rules import Decision
+from forum_bridge.core.rules import Decision, Reason
+from forum_bridge.errors import DecisionAbandoned
 
 
 class DecisionTicket:
@@ -73,18 +74,41 @@ class DecisionGate:
                     return entry[1]
         return None
 
-    def begin_commit(self, keys: Sequence[str], ticket: DecisionTicket | None) -> bool | Decision:
-        """True: commit. False: the ticket's caller gave up. A Decision: the leg was answered so."""
+    def standing(
+        self, channel: str, ticket: DecisionTicket | None, *, emergency: bool
+    ) -> tuple[list[str], Decision | None]:
+        """Before deciding: the keys the decision commits under, and the answer that stands, if any.
+
+        An answer given before without the database to this leg stands (the caller must return
+        it). Raises DecisionAbandoned when the ticket's caller stopped waiting before the decision
+        began.
+        """
+        keys = [k for k in (channel, ticket.key if ticket is not None else "") if k]
+        settled = self.settled(*keys)
+        if settled is not None and emergency and settled.reason is Reason.BRIDGE_ERROR:
+            # Emergency first: a fail-mode denial never sticks to a call for help (which takes
+            # no licence, so deciding it again cannot take one either).
+            keys = [ticket.key] if ticket is not None else []
+            settled = self.settled(*keys)
+        if settled is not None and (ticket is None or self.settled(ticket.key) is None):
+            return keys, settled
+        if ticket is not None and (settled is not None or ticket.expired()):
+            raise DecisionAbandoned("the caller stopped waiting before the decision began")
+        return keys, None
+
+    def begin_commit(self, keys: Sequence[str], ticket: DecisionTicket | None) -> None:
+        """Let the decision commit, or raise: DecisionAbandoned when the ticket's caller gave up,
+        Superseded when the leg was answered without the database meanwhile (roll back, return that).
+        """
         with self._lock:
             if ticket is not None and ticket.key in self._settled:
-                return False
+                raise DecisionAbandoned("the caller stopped waiting; the decision was rolled back")
             for key in keys:
                 entry = self._settled.get(key)
                 if entry is not None:
-                    return entry[1]
+                    raise Superseded(entry[1])
             for key in keys:
                 self._committing[key] = self._committing.get(key, 0) + 1
-            return True
 
     def end_commit(self, keys: Sequence[str]) -> Decision | None:
         """The commit finished; the answer given meanwhile by a caller that could not wait, if any."""

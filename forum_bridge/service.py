@@ -37,7 +37,7 @@ from forum_bridge.core.events import (
 )
 from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call
 from forum_bridge.decision_gate import DecisionGate, DecisionTicket, Superseded
-from forum_bridge.errors import DecisionAbandoned, StoreError
+from forum_bridge.errors import StoreError
 from forum_bridge.failed_logons import FailedLogons
 from forum_bridge.keepalive import KeepaliveClock
 from forum_bridge.pool_watch import PoolWatch
@@ -372,17 +372,9 @@ class BridgeService:
         caller gave up is rolled back (DecisionAbandoned) and takes no licence.
         """
         emergency = direction is Direction.OUTBOUND and self.is_emergency(number)
-        keys = [k for k in (channel, ticket.key if ticket is not None else "") if k]
-        settled = self._gate.settled(*keys)
-        if settled is not None and emergency and settled.reason is Reason.BRIDGE_ERROR:
-            # Emergency first: a fail-mode denial never sticks to a call for help (which takes
-            # no licence, so deciding it again cannot take one either).
-            keys = [ticket.key] if ticket is not None else []
-            settled = self._gate.settled(*keys)
-        if settled is not None and (ticket is None or self._gate.settled(ticket.key) is None):
-            return settled  # the leg was answered without the database before; that answer stands
-        if ticket is not None and (settled is not None or ticket.expired()):
-            raise DecisionAbandoned("the caller stopped waiting before the decision began")
+        keys, answered = self._gate.standing(channel, ticket, emergency=emergency)
+        if answered is not None:
+            return answered  # the leg was answered without the database before; that answer stands
         now = self.clock()
         committing = False
         late: Decision | None = None
@@ -407,11 +399,7 @@ class BridgeService:
                     ops.record_call_decision(
                         session, self.node, channel, logon, number, direction.value, now, decision
                     )
-                stand = self._gate.begin_commit(keys, ticket)
-                if isinstance(stand, Decision):
-                    raise Superseded(stand)
-                if not stand:
-                    raise DecisionAbandoned("the caller stopped waiting; the decision was rolled back")
+                self._gate.begin_commit(keys, ticket)  # or Superseded, or DecisionAbandoned
                 committing = True
             committing = False
             late = self._gate.end_commit(keys)
