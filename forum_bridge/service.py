@@ -632,9 +632,18 @@ class BridgeService:
         with self.database.read() as session:
             return self._status(session, now, history_hours, failures, search.strip(), max(offset, 0), limit)
 
-    def _status(self, session: Session, now: datetime, *listing: Any) -> dict[str, Any]:
+    def _status(
+        self,
+        session: Session,
+        now: datetime,
+        history_hours: int,
+        failures: int,
+        search: str,
+        offset: int,
+        limit: int | None,
+    ) -> dict[str, Any]:
         # The one call that builds a document inside status()'s read transaction.
-        return self.documents.compose(session, now, *listing)
+        return self.documents.compose(session, now, history_hours, failures, search, offset, limit)
 
     def shared_status(self, *, search: str = "", offset: int = 0, limit: int | None = None) -> dict[str, Any]:
         """:meth:`status` for many readers at once (the status page, ``/status.json``); read-only.
