@@ -22,7 +22,7 @@ from forum_bridge.config import Settings
 from forum_bridge.core.events import Event, Keepalive, LoggedOn
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
-from forum_bridge.store.models import ProfileRow, RegistrationRow, SubscriberRow, stored
+from forum_bridge.store.models import ProfileRow, RegistrationRow, stored
 
 # The service's logger: operators filter the bridge's own lines by it.
 service_log = logging.getLogger("forum_bridge.service")
@@ -54,15 +54,18 @@ def seen_key(logon: str, contact: str) -> tuple[str, str]:
     return stored(RegistrationRow.logon, logon), stored(RegistrationRow.contact, contact)
 
 
-def keepalive_limits(session: Session, settings: Settings) -> Callable[[str], float]:
-    """Seconds of silence after which a log-on's contact counts as gone (profile plus grace)."""
+def keepalive_limits(session: Session, settings: Settings) -> Callable[[str | None], float]:
+    """Seconds of silence after which a contact of a log-on of that profile counts as gone.
+
+    The profile comes with each contact (:func:`~forum_bridge.store.operations.node_registrations`);
+    None (not provisioned) is the default profile. Plus the grace.
+    """
     keepalive = {row.name: row.keepalive_seconds for row in session.scalars(select(ProfileRow))}
     default = keepalive.get(settings.default_profile, 120)
-    profiles: dict[str, str] = dict(session.execute(select(SubscriberRow.logon, SubscriberRow.profile)).all())
     grace = settings.keepalive_grace
 
-    def limit(logon: str) -> float:
-        return float(keepalive.get(profiles.get(logon, ""), default) + grace)
+    def limit(profile: str | None) -> float:
+        return float(keepalive.get(profile or "", default) + grace)
 
     return limit
 
@@ -153,11 +156,11 @@ class KeepaliveClock:
             ops.heartbeat(session, self.node, now)
             beats = ops.node_beats(session)
             limit = keepalive_limits(session, self.settings)
-            rows = ops.node_registrations(session, self.node)
+            rows = ops.node_registrations(session, self.node, known=self._contact_seen)
             self._forget_unknown_contacts(rows)
             for row in rows:
-                silent = mono - self._last_refresh(row, now, mono, limit(row.logon))
-                if silent > limit(row.logon):
+                silent = mono - self._last_refresh(row, now, mono, limit(row.profile))
+                if silent > limit(row.profile):
                     service_log.info(
                         "missed keepalive logon=%s contact=%s last_seen=%s silent=%.0fs node=%s",
                         row.logon,
@@ -180,19 +183,20 @@ class KeepaliveClock:
                 session, self.node, now, self.settings.default_profile, self.settings.keepalive_grace
             )
 
-    def _last_refresh(self, row: RegistrationRow, now: datetime, mono: float, limit: float) -> float:
+    def _last_refresh(self, row: ops.NodeContact, now: datetime, mono: float, limit: float) -> float:
         key = (row.logon, row.contact)
         seen = self._contact_seen.get(key)
         if seen is None:
             # Not refreshed since this process started: the stored wall time is all there is. Read
             # it once, clamped (a clock that stepped back must not keep the contact for ever).
+            assert row.last_seen is not None  # read for every contact missing from _contact_seen
             elapsed = (now - row.last_seen).total_seconds()
             seen = mono - min(max(elapsed, 0.0), limit + 1.0)
             self._contact_seen[key] = seen
         keepalive = self._logon_seen.get(row.logon)
         return seen if keepalive is None else max(seen, keepalive)
 
-    def _forget_unknown_contacts(self, rows: Sequence[RegistrationRow]) -> None:
+    def _forget_unknown_contacts(self, rows: Sequence[ops.NodeContact]) -> None:
         contacts = {(row.logon, row.contact) for row in rows}
         logons = {row.logon for row in rows}
         for key in [k for k in self._contact_seen if k not in contacts]:
@@ -255,7 +259,7 @@ class PeerNodes:
                 limit = keepalive_limits(session, self.settings)
                 left = 0
                 for row in ops.node_registrations(session, name):
-                    if stale <= limit(row.logon):
+                    if stale <= limit(row.profile):
                         left += 1
                     else:
                         service_log.info(
