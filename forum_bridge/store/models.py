@@ -91,8 +91,21 @@ def stored(column: Any, value: str) -> str:
 
     For code that compares what a peer reports with what is stored, in Python rather than in SQL.
     """
-    kind = column.type
-    return fit(value, kind.length) if isinstance(kind, Bounded | BoundedText) else value
+    # Asking a mapped attribute for its type goes through SQLAlchemy's attribute proxies, which
+    # cost more than a registration storm's own bookkeeping when done per event: look it up once.
+    # Keyed by id() (mapped attributes overload ==), the column kept so that the id stays its own.
+    entry = _LENGTHS.get(id(column))
+    if entry is None or entry[0] is not column:
+        kind = column.type
+        entry = _LENGTHS[id(column)] = (
+            column,
+            kind.length if isinstance(kind, Bounded | BoundedText) else None,
+        )
+    length = entry[1]
+    return value if length is None else fit(value, length)
+
+
+_LENGTHS: dict[int, tuple[Any, int | None]] = {}
 
 
 class Bounded(TypeDecorator[str]):
