@@ -6,12 +6,17 @@ the banner ``Asterisk Call Manager/11.0.0``, CRLF line ends, a frame ends with a
 answers ``Success``/``Authentication accepted`` followed by ``FullyBooted``, or ``Error``/
 ``Authentication failed`` and the connection is closed. The list actions answer from the fake's
 state exactly like Asterisk does (``No Contacts found`` is an Error, not an empty list).
+
+The ``Filter`` action is acknowledged and recorded per session as Asterisk does (legacy filters: a
+POSIX regex over the whole event, ``!`` in front for an exclude filter); events are filtered by it
+only with ``filtering=True``, so that tests of malformed frames still get them through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -31,6 +36,14 @@ class Session:
     writer: asyncio.StreamWriter
     logged_in: bool = False
     actions: list[dict[str, str]] = field(default_factory=list)
+    includes: list[re.Pattern[bytes]] = field(default_factory=list)
+    excludes: list[re.Pattern[bytes]] = field(default_factory=list)
+
+    def wants(self, frame: bytes) -> bool:
+        """Asterisk's should_send_event: includes first (if any), then excludes."""
+        if self.includes and not any(p.search(frame) for p in self.includes):
+            return False
+        return not any(p.search(frame) for p in self.excludes)
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():
@@ -40,8 +53,16 @@ class Session:
 class FakeAmi:
     """An AMI server on 127.0.0.1 (port 0 = a free port) with contacts and channels you set."""
 
-    def __init__(self, *, username: str = "forumbridge", secret: str = "fake-ami-secret", port: int = 0):
+    def __init__(
+        self,
+        *,
+        username: str = "forumbridge",
+        secret: str = "fake-ami-secret",
+        port: int = 0,
+        filtering: bool = False,
+    ):
         self.username = username
+        self.filtering = filtering
         self.secret = secret
         self.port = port
         self.contacts: list[dict[str, str]] = []
@@ -103,11 +124,21 @@ class FakeAmi:
             data = render(frame)
         self.push_bytes(data)
 
-    def push_bytes(self, data: bytes) -> None:
-        """Send raw bytes to every logged-in client."""
+    def push_bytes(self, data: bytes) -> int:
+        """Send raw bytes to every logged-in client; the frames sent to the last one (filters applied)."""
+        sent = 0
         for session in self.sessions:
-            if session.logged_in:
+            if not session.logged_in:
+                continue
+            if self.filtering and (session.includes or session.excludes):
+                frames = [f + b"\r\n\r\n" for f in data.split(b"\r\n\r\n") if f]
+                kept = [f for f in frames if session.wants(f)]
+                session.send(b"".join(kept))
+                sent = len(kept)
+            else:
                 session.send(data)
+                sent = data.count(b"\r\n\r\n")
+        return sent
 
     @property
     def hangups(self) -> list[dict[str, str]]:
@@ -242,6 +273,12 @@ class FakeAmi:
                 session.send(render({"Response": "Success", **head, "Message": "Channel Hungup"}))
             else:
                 session.send(render({"Response": "Error", **head, "Message": "No such channel"}))
+        elif name == "filter" and action.get("Operation", "").lower() == "add":
+            pattern = action.get("Filter", "")
+            target = session.excludes if pattern.startswith("!") else session.includes
+            # POSIX classes Asterisk's regcomp knows, in Python's spelling.
+            target.append(re.compile(pattern.removeprefix("!").replace("[[:space:]]", r"\s").encode()))
+            session.send(render({"Response": "Success", **head, "Message": "Success"}))
         elif name in ("dbput", "dbdel", "dbdeltree", "dbgettree", "modulecheck"):
             self._astdb_action(session, head, name, action)
         elif name == "logoff":

@@ -42,6 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 from panoramisk import Manager
 from panoramisk.ami_protocol import AMIProtocol
+from panoramisk.message import Message
 
 from forum_bridge.adapters.asterisk.events import (
     EVENT_NAMES,
@@ -59,7 +60,14 @@ from forum_bridge.core.rules import Decision
 from forum_bridge.errors import PbxAuthError, PbxConnectionError, PbxError, ProtocolError, StoreError
 from forum_bridge.service import BridgeService, Outcome, ResyncReport
 
-__all__ = ["EVENT_CLASSES", "HANGUP_CAUSE_REJECTED", "AmiListener", "AmiObserver", "RecentDecisions"]
+__all__ = [
+    "EVENT_CLASSES",
+    "EVENT_FILTER",
+    "HANGUP_CAUSE_REJECTED",
+    "AmiListener",
+    "AmiObserver",
+    "RecentDecisions",
+]
 
 log = logging.getLogger(__name__)
 # panoramisk logs routine protocol chatter (versions, queued actions) at INFO; keep it out of the
@@ -71,6 +79,15 @@ EVENT_CLASSES = "system,call,security"
 """The Login ``Events:`` mask: registrations (system), channels (call), authentication (security).
 
 ``system`` is also what makes Asterisk send FullyBooted after the login."""
+
+EVENT_FILTER = "^Event: (" + "|".join(sorted(EVENT_NAMES)) + ")[[:space:]]"
+"""The session filter (AMI ``Filter`` action, a POSIX regex over the whole event) asked for after login.
+
+The classes above also carry frames no rule reads: half of a registration storm (``ChallengeSent``,
+``PeerStatus``) and most of a call (``Newstate``, ``DialBegin``...). Asterisk then keeps them from
+the session, so the bridge does not spend its time parsing them. ``[[:space:]]`` ends the name
+(``Hangup`` but not ``HangupRequest``). Answers to actions (list items included) are never filtered.
+"""
 
 HANGUP_CAUSE_REJECTED = 21
 """Q.850 CALL_REJECTED: chan_pjsip answers a call not yet answered with 403 Forbidden."""
@@ -239,6 +256,23 @@ def _compact(message: Any) -> dict[str, str]:
     return headers
 
 
+def _event_headers(frame: str) -> dict[str, str]:
+    """The headers the mapper reads of one plain event frame, as :func:`_compact` gives them.
+
+    panoramisk's own reading (a ``Message`` and a case-insensitive mapping per frame) is the larger
+    part of the listener's work in a registration storm; a plain event needs none of it. Same
+    splitting as panoramisk (``": "``, the first of repeated headers kept, values as sent).
+    """
+    headers: dict[str, str] = {}
+    for line in frame.split("\r\n"):
+        key, sep, value = line.partition(": ")
+        if sep:
+            key = key.lower()
+            if key in MAPPED_HEADERS and key not in headers:
+                headers[key] = value
+    return headers
+
+
 def _logon_of(name: str, headers: Mapping[str, str]) -> str:
     if name in _SECURITY_EVENTS:
         return headers.get("accountid", "").strip()
@@ -310,9 +344,11 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk ships no type 
     def _parse(self, data: bytes) -> None:
         """Decode whole characters only, then frame; drop the connection on an endless frame."""
         text = self._decoder.decode(data)
-        if text:
-            # panoramisk decodes again, now always whole characters.
+        if text and self.version is None:
+            # The banner: panoramisk reads the protocol version from the first read.
             super().data_received(text.encode("utf-8"))
+        elif text:
+            self._frame(text)
         pending = sum(len(part) for part in self.queue)
         if pending > _MAX_FRAME:
             log.error(
@@ -321,6 +357,31 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]  # panoramisk ships no type 
             self.queue.clear()
             self._unparsed.clear()
             self.transport.abort()
+
+    def _frame(self, text: str) -> None:
+        """panoramisk's framing, with plain events handed over without building a ``Message``.
+
+        An event that answers an action (it carries an ActionID: list items), a ``Shutdown`` and
+        anything that is not an event go through panoramisk as before.
+        """
+        if self.queue:
+            text = self.queue.popleft() + text
+        frames = text.split("\r\n\r\n")
+        self.queue.append(frames.pop())
+        fast = getattr(self.factory, "on_event_headers", None)
+        for raw in frames:
+            frame = raw.strip()
+            if (
+                fast is not None
+                and frame.startswith("Event: ")
+                and "ActionID: " not in frame
+                and not frame.startswith("Event: Shutdown")
+            ):
+                fast(_event_headers(frame))
+                continue
+            message = Message.from_line(frame)
+            if message is not None:
+                self.handle_message(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Parse what had arrived before the connection ended, then report the loss."""
@@ -339,11 +400,17 @@ class _Manager(Manager):  # type: ignore[misc]  # panoramisk ships no type infor
         *,
         on_login_result: Callable[[bool, str], None],
         on_lost: Callable[[object], None],
+        on_event_headers: Callable[[Any, dict[str, str]], None],
         **config: Any,
     ) -> None:
         super().__init__(**config)
         self._on_login_result = on_login_result
         self._on_lost = on_lost
+        self._on_event_headers = on_event_headers
+
+    def on_event_headers(self, headers: dict[str, str]) -> None:
+        """A plain event read by the protocol's fast path (see :meth:`_Protocol._frame`)."""
+        self._on_event_headers(self, headers)
 
     def connection_made(self, f: asyncio.Future[Any]) -> None:
         """TCP is up: log in (panoramisk); a failed connect is left to the supervisor."""
@@ -468,6 +535,9 @@ class AmiListener:
         self._expiries: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._logon_checks: dict[str, Keepalive] = {}
         self.connected = False
+        self.filtered = False  # Asterisk accepted EVENT_FILTER for the current session
+        self._filter_refusal_logged = False
+        self.unused = 0  # event frames received that the bridge had no use for
         self.logins = 0
         self.resyncs = 0
         self.received = 0  # event frames received
@@ -553,6 +623,7 @@ class AmiListener:
             protocol_factory=_Protocol,
             on_login_result=on_login_result,
             on_lost=on_lost,
+            on_event_headers=self._on_headers,
         )
         manager.register_event("*", self._on_event)
         self._manager = manager
@@ -586,6 +657,8 @@ class AmiListener:
                     f"Asterisk did not accept the AMI login now ({message or 'no reason given'})"
                 )
             self._mark_up()
+            # Before the resync, so that every event frame after it is one the bridge reads.
+            await self._ask_for_filter()
             self._enqueue(_Resync("login"))
             pinger = asyncio.create_task(self._pinger(manager), name="forum-bridge-ami-ping")
             running: set[asyncio.Future[Any]] = {lost, stopping}
@@ -602,6 +675,34 @@ class AmiListener:
                 self._set_connected(False)
             with contextlib.suppress(Exception):
                 manager.close()
+
+    async def _ask_for_filter(self) -> None:
+        """Ask Asterisk to send this session only the events the bridge reads (see EVENT_FILTER).
+
+        An optimisation only: refused (an older Asterisk, a user without write = system) the
+        listener goes on, and drops those frames on receipt as before.
+        """
+        self.filtered = False
+        try:
+            responses = await self.send_action(
+                {"Action": "Filter", "Operation": "Add", "Filter": EVENT_FILTER}
+            )
+        except PbxError as exc:
+            log.debug("event filter not set: %s", exc)  # the session is failing; the next login asks again
+            return
+        first = responses[0] if responses else None
+        if first is not None and first.success:
+            self.filtered = True
+            return
+        if not self._filter_refusal_logged:
+            self._filter_refusal_logged = True
+            message = str(first.get("Message", "")) if first is not None else ""
+            log.warning(
+                "Asterisk did not accept the AMI event filter (%s); reading every event of the"
+                " classes %s instead, which costs more during a registration storm",
+                message or "no reason given",
+                EVENT_CLASSES,
+            )
 
     async def _pinger(self, manager: _Manager) -> None:
         while True:
@@ -742,13 +843,24 @@ class AmiListener:
     # --- events ----------------------------------------------------------------------------
 
     def _on_event(self, manager: Any, message: Any) -> None:
-        # Called inline from panoramisk's data_received: it must never raise (an exception there
+        # An event panoramisk read (see _Protocol._frame for the others).
+        try:
+            headers = _compact(message)
+        except Exception:
+            if manager is self._manager:
+                self.received += 1
+                self.frames += 1
+                log.exception("could not read an AMI event")
+            return
+        self._on_headers(manager, headers)
+
+    def _on_headers(self, manager: Any, headers: dict[str, str]) -> None:
+        # Called inline from the protocol's data_received: it must never raise (an exception there
         # tears the connection down) and never block.
         try:
             if manager is not self._manager:
                 return
             self.received += 1
-            headers = _compact(message)
             name = headers.get("event", "").strip()
             logon = _logon_of(name, headers)
             service = headers.get("service", "PJSIP").strip().upper()
@@ -756,6 +868,7 @@ class AmiListener:
                 # Of no use to the bridge (ChallengeSent, PeerStatus, Newexten, a failure without a
                 # name...): done at once, never queued.
                 self.frames += 1
+                self.unused += 1
                 return
             if len(self._queue) >= _MAX_BACKLOG:
                 self._overflow()
