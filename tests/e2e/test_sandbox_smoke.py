@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from forum_bridge.adapters.asterisk.ami import EVENT_CLASSES, EVENT_FILTER
+from forum_bridge.adapters.asterisk.events import EVENT_NAMES
 from tests.sandbox import (
     AMI_READ_CLASSES,
     AMI_WRITE_CLASSES,
@@ -93,7 +95,7 @@ class AgiStub:
 class AmiClient:
     """A blocking AMI session that collects every frame in a background thread."""
 
-    def __init__(self, port: int, username: str, secret: str) -> None:
+    def __init__(self, port: int, username: str, secret: str, events: str | None = None) -> None:
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self._sock.settimeout(None)
         self.frames: list[dict[str, str]] = []
@@ -102,7 +104,8 @@ class AmiClient:
         self.banner = self._read_banner()
         self._thread = threading.Thread(target=self._reader, daemon=True)
         self._thread.start()
-        self.login = self.action("Login", Username=username, Secret=secret)
+        extra = {"Events": events} if events is not None else {}
+        self.login = self.action("Login", Username=username, Secret=secret, **extra)
 
     def _read_banner(self) -> str:
         while b"\r\n" not in self._buffer:
@@ -283,6 +286,37 @@ def test_inbound_call_rings_registered_phone(pbx: AsteriskSandbox, desk: SippPho
         assert answered == 200, repr(answered)
         assert answered.remote_hangup
         assert other.unregister() == 200
+
+
+def test_the_bridges_event_filter_lets_through_only_what_it_reads(
+    pbx: AsteriskSandbox, desk: SippPhone, agi: AgiStub, ami: AmiClient
+) -> None:
+    # A session like the bridge's: its event classes, then its Filter, as the least-privilege user.
+    filtered = AmiClient(pbx.ami_port, pbx.ami_username, pbx.ami_secret, events=EVENT_CLASSES)
+    try:
+        answer = filtered.action("Filter", Operation="Add", Filter=EVENT_FILTER)
+        assert answer["Response"] == "Success", answer
+        start, control = len(filtered.frames), len(ami.frames)
+        agi.decision = "allow"
+        assert desk.register(expires=60) == 200
+        assert desk.call("600", hold_seconds=0.5) == 200
+        for name in ("SuccessfulAuth", "ContactStatus", "Newchannel", "Hangup"):
+            filtered.wait_for(lambda f, name=name: f.get("Event") == name and DESK in str(f))
+        # The unfiltered session saw the frames the filter holds back...
+        ami.wait_for(lambda f: f.get("Event") == "Hangup" and DESK in f.get("Channel", ""))
+        seen = {f.get("Event") for f in ami.frames[control:]}
+        assert {"ChallengeSent", "Newstate"} <= seen, seen
+        # ... the filtered one got only the events the bridge maps.
+        events = [f["Event"] for f in filtered.frames[start:] if "Event" in f and "ActionID" not in f]
+        assert set(events) <= EVENT_NAMES, sorted(set(events) - EVENT_NAMES)
+        # Answers to actions, list items included, are never filtered.
+        listed = filtered.action("PJSIPShowContacts")
+        assert listed["Response"] == "Success", listed
+        filtered.wait_for(lambda f: f.get("Event") == "ContactListComplete")
+        assert any(f.get("Event") == "ContactList" and f.get("Endpoint") == DESK for f in filtered.frames)
+    finally:
+        filtered.close()
+        desk.unregister()
 
 
 def test_unregister_removes_contact(desk: SippPhone, ami: AmiClient) -> None:
