@@ -352,9 +352,12 @@ class FastAgiServer:
         )
         # The deadline counts from the request, catch-up included: Asterisk's own bound on the hook
         # runs from then too, and an answer it no longer waits for must not take a licence.
-        ticket = DecisionTicket(time.monotonic() + self.decision_timeout, channel)
+        asked = time.monotonic()
+        ticket = DecisionTicket(asked + self.decision_timeout, channel)
+        caught_up = asked
         try:
             async with self._turn(logon):
+                caught_up = time.monotonic()
                 known = self._decisions.call(channel) if self._decisions is not None else None
                 if known is not None:
                     decision = known  # decided (and logged) when its Newchannel came over AMI
@@ -381,6 +384,16 @@ class FastAgiServer:
                 "allow" if fallback.allowed else "deny",
             )
             decision = fallback
+        if log.isEnabledFor(logging.DEBUG):
+            # Where a call's set-up time goes: waiting for the AMI events before it, then deciding.
+            done = time.monotonic()
+            log.debug(
+                "hook outbound channel=%s caught up %.2f ms, decided %.2f ms (%s)",
+                channel,
+                (caught_up - asked) * 1000,
+                (done - caught_up) * 1000,
+                decision.reason.value,
+            )
         return [
             ("FORUM_BRIDGE_RESULT", "allow" if decision.allowed else "deny"),
             ("FORUM_BRIDGE_REASON", decision.reason.value),
