@@ -1092,10 +1092,11 @@ class AmiListener:
             if applied is None:
                 continue
             event, outcome = applied
-            stamped = event_time(frame.headers)
-            if stamped is not None and self._observer is not None:
-                with contextlib.suppress(Exception):
-                    self._observer.observe_event_lag((now - stamped).total_seconds())
+            if self._observer is not None:
+                stamped = event_time(frame.headers)
+                if stamped is not None:
+                    with contextlib.suppress(Exception):
+                        self._observer.observe_event_lag((now - stamped).total_seconds())
             if outcome.blocked is not None:
                 self._blocked_changed(event, outcome.blocked)
             self._follow_block(event, outcome)
