@@ -27,6 +27,10 @@ __all__ = ["KEEPALIVE_SWEEP_SECONDS", "Bridge", "run", "serve"]
 log = logging.getLogger(__name__)
 
 KEEPALIVE_SWEEP_SECONDS = 1.0
+# While a backlog of AMI frames waits (a registration storm), the sweep, which reads every contact
+# of this node, runs at most this often: it shares the one database thread with the backlog, and
+# what it judges is only as of the oldest frame still queued anyway.
+BACKLOG_SWEEP_SECONDS = 3.0
 
 
 class Bridge:
@@ -107,11 +111,17 @@ class Bridge:
     async def _sweep(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         failing = False
+        swept = float("-inf")
         while not stop.is_set():
             try:
                 # Judged as of the oldest AMI frame not applied yet: a refresh that arrived in time
                 # but waits behind a flood must not count as missed.
                 now = self.ami.watermark()
+                if now is not None and loop.time() - swept < BACKLOG_SWEEP_SECONDS:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), KEEPALIVE_SWEEP_SECONDS)
+                    continue
+                swept = loop.time()
                 await loop.run_in_executor(self.executor, self._expire, now)
                 # Retention: at most one short, bounded delete an hour (never raises).
                 await loop.run_in_executor(self.executor, self.service.prune_if_due)
