@@ -697,3 +697,46 @@ def test_a_block_from_before_the_bridge_started_is_lifted_by_the_first_register(
                 await listener.wait_until(lambda: not service.blocked_logons(), 5)
 
     run(scenario())
+
+
+def test_the_session_filter_is_asked_for_at_each_login_and_a_refusal_is_one_warning(
+    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=AMI_LOGGER)
+
+    async def scenario() -> None:
+        async with fake_ami(filtering=True) as fake:
+            service = make_service(bridge_settings(fake.port))
+            service.add_subscriber("21-desk", "21")
+            async with running(service.settings, service) as listener:
+                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
+                # Asked before the login resync, with the six event names the mapper reads.
+                assert [a.get("Action") for a in fake.actions][1:3] == ["Filter", "PJSIPShowContacts"]
+                assert fake.actions_named("Filter")[0]["Filter"] == ami.EVENT_FILTER
+                assert listener.filtered
+                base, unused = listener.received, listener.unused
+                fake.push({"Event": "ChallengeSent", "Service": "PJSIP", "AccountID": "21-desk"})
+                fake.push({"Event": "PeerStatus", "Peer": "PJSIP/21-desk", "PeerStatus": "Reachable"})
+                fake.push({"Event": "HangupRequest", "Channel": "PJSIP/21-desk-00000001"})
+                fake.push(contact_status("21-desk"))
+                await processed(listener, 1)
+                # Held back by Asterisk (the fake applies the filter as it does), not dropped here.
+                assert (listener.received - base, listener.unused - unused) == (1, 0)
+                assert subscriber(service.status(), "21-desk")["state"] == "logged_on"
+                # An Asterisk that refuses the filter: one warning, and the events still flow.
+                fake.refused_actions.add("filter")
+                await fake.drop()
+                await listener.wait_until(lambda: listener.resyncs >= 2, 10)
+                assert not listener.filtered
+                await fake.drop()
+                await listener.wait_until(lambda: listener.resyncs >= 3, 10)
+                base, unused = listener.received, listener.unused
+                fake.push({"Event": "ChallengeSent", "Service": "PJSIP", "AccountID": "21-desk"})
+                fake.push(contact_status("21-desk", "Removed"))
+                await processed(listener, 2)
+                assert (listener.received - base, listener.unused - unused) == (2, 1)
+                assert subscriber(service.status(), "21-desk")["state"] != "logged_on"
+
+    run(scenario(), timeout=30)
+    warnings = [r.getMessage() for r in caplog.records if "event filter" in r.getMessage()]
+    assert len(warnings) == 1 and "Permission denied" in warnings[0], warnings
