@@ -6,7 +6,9 @@ What a PBX restart looks like to the bridge: every phone registers again within 
 Asterisk in its own process (so it does not share the bridge's interpreter) streams, for each phone,
 the frames Asterisk 22 sends to the bridge's event mask for a first REGISTER, in the real order:
 ``ChallengeSent``, then (one round trip later, with other phones' challenges in between)
-``SuccessfulAuth``, ``PeerStatus`` and ``ContactStatus``. The bridge is the real Asterisk side
+``SuccessfulAuth``, ``PeerStatus`` and ``ContactStatus``. The fake applies the session filter the
+bridge asks for at login (AMI ``Filter``), as Asterisk does, so the bridge is sent the
+``SuccessfulAuth`` and ``ContactStatus`` frames only. The bridge is the real Asterisk side
 (``forum-bridge run asterisk`` minus the process wrapper: AMI listener, FastAGI hook, keepalive clock)
 on a database provisioned by the CLI in another process.
 
@@ -14,7 +16,8 @@ Figures (one JSON object per line on stdout; human text on stderr):
 
 * ``storm_seconds_<db>``: from the first frame sent until the status document (what ``status --json``
   prints) shows every phone logged on, that last status read included. Floor: the time panoramisk
-  alone takes to read the same frames from the same fake with a handler that does nothing.
+  alone takes to read the same frames from the same fake (same filter) with a handler that does
+  nothing.
 * ``storm_resyncs_<db>``: resyncs the storm triggered (target 0: the normal SuccessfulAuth-before-
   ContactStatus order is no disagreement with the PBX).
 * ``storm_peak_rss_mb_<db>``: peak resident memory of the bridge process after the storm.
