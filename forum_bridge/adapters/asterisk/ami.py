@@ -675,6 +675,10 @@ class AmiListener:
                 self._set_connected(False)
             with contextlib.suppress(Exception):
                 manager.close()
+            # Closed by us, panoramisk reports no loss: an action still waiting for its answer
+            # (a module check at a stop) would wait out its whole deadline instead of failing now.
+            if not lost.done():
+                lost.set_result(None)
 
     async def _ask_for_filter(self) -> None:
         """Ask Asterisk to send this session only the events the bridge reads (see EVENT_FILTER).
