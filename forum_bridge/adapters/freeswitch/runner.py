@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # bad configuration: one line naming the key, as every other command (and run asterisk)
 
 
 def _patch() -> None:
@@ -71,7 +72,7 @@ def run(settings: Settings) -> int:
     from gevent.event import Event
     from gevent.threadpool import ThreadPool
 
-    from forum_bridge.errors import ForumBridgeError
+    from forum_bridge.errors import ConfigError, ForumBridgeError
     from forum_bridge.service import BridgeService
     from forum_bridge.store.database import Database
 
@@ -108,7 +109,8 @@ def run(settings: Settings) -> int:
             _stop_web(web)
         db_thread.kill()
         database.dispose()
-        return EXIT_FAILURE
+        # systemd restarts a failed unit; a configuration that cannot work must say so distinctly.
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
 
     listener = EslListener(service, settings, metrics=metrics)
     sweeper = KeepaliveSweeper(service, on_recovered=listener.request_resync)
