@@ -40,13 +40,44 @@ class Context:
         return self._settings
 
     def service(self, *, started: bool = True) -> BridgeService:
-        """The service; ``started`` checks the schema and syncs slots and profiles first."""
+        """The service for a command that changes the database.
+
+        ``started`` checks the schema first and applies the configuration (licence slots,
+        profiles) when it comes from a configuration file; see :meth:`reader`.
+        """
         if self._service is None:
             # One-shot commands leave the pool-pressure log to the running bridges (see pool_watch).
             self._service = BridgeService(self.settings, watch_pool=False)
             if started:
-                self._service.start()
+                if self.settings.source:
+                    self._service.start()
+                else:
+                    self._prepare_without_applying(self._service)
         return self._service
+
+    def reader(self) -> BridgeService:
+        """The service for a command that only reads: it never writes the configuration.
+
+        Without a configuration file the settings are the defaults (4 licences), and even with one
+        a look at the status must not resize the pool the running bridges share. Only an empty
+        database (a new installation) gets the schema and the configuration.
+        """
+        if self._service is None:
+            self._service = BridgeService(self.settings, watch_pool=False)
+            self._prepare_without_applying(self._service)
+        return self._service
+
+    def close(self) -> None:
+        """Give the database connections back (the command is done)."""
+        if self._service is not None:
+            self._service.database.dispose()
+
+    @staticmethod
+    def _prepare_without_applying(service: BridgeService) -> None:
+        if service.database.current_revision() is None:
+            service.start()  # nothing to rewrite yet: the new database gets schema and slots
+        else:
+            service.database.require_current_schema()
 
 
 class ConfigUsageError(click.ClickException):
@@ -125,6 +156,7 @@ pass_context = click.make_pass_decorator(Context)
 def main(ctx: click.Context, config: str | None, database: str | None) -> None:
     """Forum 523/524 floating SIP licences for Asterisk and FreeSWITCH."""
     ctx.obj = Context(config, database)
+    ctx.call_on_close(ctx.obj.close)
 
 
 # --- db ---------------------------------------------------------------------------------------
@@ -267,7 +299,7 @@ def subscriber_remove(obj: Context, logon: str) -> None:
 @handle_errors
 def subscriber_list(obj: Context, as_json: bool) -> None:
     """List every subscriber with its state."""
-    subscribers = obj.service().status()["subscribers"]
+    subscribers = obj.reader().status()["subscribers"]
     if as_json:
         print_json(subscribers)
         return
@@ -325,7 +357,7 @@ def profile_set(obj: Context, name: str, keepalive: int) -> None:
 @handle_errors
 def profile_list(obj: Context, as_json: bool) -> None:
     """List profiles with their keepalive interval."""
-    profiles = obj.service().profiles()
+    profiles = obj.reader().profiles()
     if as_json:
         print_json(profiles)
         return
@@ -344,7 +376,7 @@ def profile_list(obj: Context, as_json: bool) -> None:
 @handle_errors
 def status(obj: Context, as_json: bool) -> None:
     """Show the licences, their assignment and every subscriber."""
-    doc = obj.service().status()
+    doc = obj.reader().status()
     if as_json:
         print_json(doc)
         return
@@ -416,7 +448,7 @@ def licences_reset(obj: Context, yes: bool, actor: str) -> None:
 @handle_errors
 def check(obj: Context, logon: str, number: str, inbound: bool, as_json: bool) -> None:
     """What would happen now if LOGON called NUMBER (no licence is taken)."""
-    service = obj.service()
+    service = obj.reader()
     direction = Direction.INBOUND if inbound else Direction.OUTBOUND
     decision = service.check(logon, number, direction)
     doc = {
@@ -441,7 +473,7 @@ def check(obj: Context, logon: str, number: str, inbound: bool, as_json: bool) -
 @handle_errors
 def audit(obj: Context, limit: int, as_json: bool) -> None:
     """Show the newest audit log lines (acquisitions, releases, denials, failed log-ons, resets)."""
-    lines = obj.service().audit_log(limit)
+    lines = obj.reader().audit_log(limit)
     if as_json:
         print_json(lines)
         return
