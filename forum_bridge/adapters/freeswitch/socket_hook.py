@@ -23,6 +23,16 @@ When no decision can be made (database down, a broken session) ``freeswitch.fail
 call go on. If the bridge cannot be reached at all, the dialplan itself applies the fail mode (see
 :mod:`.dialplan`).
 
+Deadline. The dialplan's ``sched_transfer +N`` (N = ``freeswitch.hook_timeout``) ends the wait on
+the bridge: FreeSWITCH's scheduler counts whole seconds, so it may fire as early as N - 1 seconds
+after it was set. Each session therefore carries a :class:`forum_bridge.service.DecisionTicket`
+whose deadline is :data:`TRANSFER_EARLY` + :data:`ANSWER_MARGIN` seconds short of N, counted from
+the moment the connection arrived. A decision not made by then is answered by the fail mode and
+given up: the decision still waiting for the database is rolled back and never takes a licence
+afterwards, and the leg keeps that answer when its ``CHANNEL_CREATE`` comes over the event socket
+(the ticket carries the channel's UUID). A decision made in time is stored under the UUID, so the
+event path reuses it instead of deciding the leg again.
+
 Every connection is bounded: ``session_timeout`` seconds, ``MAX_SESSION_BYTES`` received (a real
 ``CHANNEL_DATA`` is a few kilobytes) and ``max_sessions`` at once. When a new connection would
 exceed that, the oldest one still waiting for its channel data is dropped to make room (FreeSWITCH
@@ -37,10 +47,13 @@ time limit on a session, and decodes ``CHANNEL_DATA`` as one block before splitt
 from __future__ import annotations
 
 import contextlib
+import inspect
 import ipaddress
 import logging
 import re
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -49,18 +62,22 @@ from gevent.server import StreamServer
 
 from forum_bridge.config import Settings
 from forum_bridge.core.events import Direction
+from forum_bridge.core.rules import Decision, Reason
 from forum_bridge.errors import (
+    DecisionAbandoned,
     ForumBridgeError,
     InvalidInputError,
     PbxConnectionError,
     PbxError,
     ProtocolError,
+    StoreError,
 )
-from forum_bridge.service import BridgeService, validate_number
+from forum_bridge.service import BridgeService, DecisionTicket, validate_number
 
 from .dialplan import SOCKET_PATH_INBOUND
 from .esl import ConnectionClosed, EslEvent, Frame, FrameReader, describe_os_error, event_from_frame
 from .events import caller_logon, channel_uuid, dialled_number, is_channel_uuid
+from .offhub import Pending, call_now
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +93,15 @@ MAX_SESSIONS = 128  # hook connections at once
 MAX_SESSION_BYTES = 256 * 1024  # bytes one connection may send in all
 _MAX_HEADER = 128 * 1024  # bytes of one header block (CHANNEL_DATA with every channel variable)
 _MAX_BODY = 64 * 1024
+TRANSFER_EARLY = 1.0  # ``sched_transfer +N`` fires N - 1 s after it was set at the earliest
+ANSWER_MARGIN = 0.25  # from the transfer being set to the session, and for sending the verdict
+# A decision found committing at its deadline is waited for this much longer (its answer is the
+# truth and the commit is its last step); after that it is given up anyway, its licence given back.
+_COMMIT_GRACE = 0.15
+
+
+class DecisionLate(ForumBridgeError):
+    """No decision by the session's deadline: the fail mode answers, and that answer is final."""
 
 
 class SocketHookServer:
@@ -90,7 +116,9 @@ class SocketHookServer:
         port: int | None = None,
         session_timeout: float = 10.0,
         max_sessions: int = MAX_SESSIONS,
+        decision_timeout: float | None = None,
     ) -> None:
+        """``decision_timeout``: seconds from a connection's arrival to its answer (see the module)."""
         self.service = service
         self.settings = settings if settings is not None else service.settings
         fs = self.settings.freeswitch
@@ -99,6 +127,10 @@ class SocketHookServer:
         self.fail_open = fs.fail_mode == "open"
         self.session_timeout = session_timeout
         self.max_sessions = max_sessions
+        if decision_timeout is None:
+            decision_timeout = fs.hook_timeout - TRANSFER_EARLY - ANSWER_MARGIN
+        self.decision_timeout = max(0.1, decision_timeout)
+        self.late = 0  # decisions answered by the fail mode because their deadline passed
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in fs.socket_allow]
         self._stranger_logged: set[str] = set()
         self.rejected = 0  # connections from addresses outside freeswitch.socket_allow
@@ -193,7 +225,8 @@ class SocketHookServer:
 
     def _handle(self, sock: Any, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        session = _HookSession(self, sock)
+        # FreeSWITCH set its transfer just before it connected: the deadline counts from now.
+        session = _HookSession(self, sock, time.monotonic() + self.decision_timeout)
         try:
             if not self._allowed_peer(address) or not self._admit():
                 return
@@ -236,10 +269,11 @@ class SocketHookServer:
             # was deciding, or FreeSWITCH gave up on the hook; the dialplan applies the fail mode.
             log.warning("socket hook: channel %s ended its session before a decision: %s", session.uuid, exc)
 
-    def decide(self, logon: str, number: str, uuid: str) -> bool | None:
+    def decide(self, logon: str, number: str, uuid: str, deadline: float | None = None) -> bool | None:
         """True when the call may go on, False when it is denied.
 
-        When no decision can be made the fail mode applies: ``open`` answers True, ``closed`` None
+        When no decision can be made by ``deadline`` (a ``time.monotonic()`` value; default: the
+        decision timeout from now) the fail mode applies: ``open`` answers True, ``closed`` None
         (the call is rejected as undecided, 503, like the dialplan's own fail mode, not as denied).
         """
         if not logon or not number:
@@ -247,19 +281,32 @@ class SocketHookServer:
             # no log-on's call, so nothing the licence rules manage.
             log.info("socket hook: channel %s has no authenticated caller or number; letting it pass", uuid)
             return True
+        emergency = self.service.is_emergency(number)
+        fallback = Decision(
+            emergency or self.fail_open, Reason.EMERGENCY if emergency else Reason.BRIDGE_ERROR
+        )
+        ticket = DecisionTicket(self._deadline(deadline), uuid)
         try:
-            return self.service.authorize(logon, number, Direction.OUTBOUND, channel=uuid).allowed
+            decision: Decision = self._decided(
+                ticket, fallback, "authorize", logon, number, Direction.OUTBOUND, channel=uuid
+            )
+            return decision.allowed
         except ForumBridgeError as exc:
-            action = "letting it pass (fail_mode open)" if self.fail_open else "hanging up (fail_mode closed)"
+            action = (
+                "letting it pass (fail_mode open)" if fallback.allowed else "hanging up (fail_mode closed)"
+            )
             log.error(
                 "socket hook cannot decide channel %s of %s to %s: %s; %s", uuid, logon, number, exc, action
             )
-            return True if self.fail_open else None
+            return True if fallback.allowed else None
 
-    def ring(self, number: str, domain: str) -> tuple[str, str]:
+    def ring(self, number: str, domain: str, deadline: float | None = None) -> tuple[str, str]:
         """``(result, dial string)`` for a call to call number ``number`` (see the module docstring)."""
+        ticket = DecisionTicket(self._deadline(deadline))
         try:
-            ringable = self.service.ringable(validate_number(number))
+            ringable: list[tuple[str, Decision]] = self._decided(
+                ticket, Decision(False, Reason.BRIDGE_ERROR), "ringable", validate_number(number)
+            )
         except InvalidInputError as exc:
             log.warning("socket hook: inbound lookup for an unusable call number: %s; nobody rung", exc)
             return "deny", ""
@@ -270,6 +317,77 @@ class SocketHookServer:
         allowed = [f"user/{logon}{suffix}" for logon, decision in ringable if decision.allowed]
         return ("allow" if allowed else "deny"), ",".join(allowed)
 
+    def _deadline(self, deadline: float | None) -> float:
+        return time.monotonic() + self.decision_timeout if deadline is None else deadline
+
+    def _decided(
+        self, ticket: DecisionTicket, fallback: Decision, method: str, /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Run the service's ``method`` with ``ticket`` until the ticket's deadline.
+
+        Raises :class:`DecisionLate` when the caller must answer ``fallback``, which the service
+        was told: from then on the decision still running can take no licence, and the leg's
+        event gets the same answer. A service without tickets (a stand-in) is asked the plain way.
+        """
+        if not callable(getattr(self.service, "give_up", None)):
+            return getattr(self.service, method)(*args, **kwargs)
+        pending: Pending | None = None
+        timer = gevent.Timeout(max(0.0, ticket.deadline - time.monotonic()))
+        timer.start()
+        try:
+            # Starting counts too: the database thread may be busy, and its queue is waited for.
+            if self._takes_ticket(method):
+                kwargs["ticket"] = ticket
+            pending = self._submit(method, *args, **kwargs)
+            return pending.wait()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            if self.service.give_up(ticket, fallback):
+                raise self._late() from exc
+        except (StoreError, DecisionAbandoned):
+            # Nothing was committed; the leg keeps the fail-mode answer also for its event.
+            self.service.give_up(ticket, fallback)
+            raise
+        finally:
+            timer.close()
+        # Committing at this very moment (this decision, or the leg's event): its answer is the
+        # truth, and the commit is its last step.
+        grace = time.monotonic() + _COMMIT_GRACE
+        while time.monotonic() < grace:
+            if pending is not None:
+                with contextlib.suppress(gevent.Timeout):
+                    return pending.wait(timeout=max(0.0, min(0.02, grace - time.monotonic())))
+            else:
+                gevent.sleep(0.01)
+            if self.service.give_up(ticket, fallback):
+                raise self._late()
+        # Even that took too long: answer anyway; a licence the commit takes is given back.
+        self.service.give_up_anyway(ticket, fallback)
+        raise self._late()
+
+    def _late(self) -> DecisionLate:
+        self.late += 1
+        return DecisionLate(
+            f"no decision within {self.decision_timeout:g} s (freeswitch.hook_timeout "
+            f"{self.settings.freeswitch.hook_timeout}); answered by the fail mode"
+        )
+
+    def _takes_ticket(self, method: str) -> bool:
+        # A stand-in for a service method (a test's, a wrapper's) may not know about tickets.
+        service = getattr(self.service, "wrapped", self.service)
+        try:
+            parameters = inspect.signature(getattr(service, method)).parameters
+        except (TypeError, ValueError):
+            return False
+        return "ticket" in parameters
+
+    def _submit(self, method: str, /, *args: Any, **kwargs: Any) -> Pending:
+        submit: Callable[..., Pending] | None = getattr(self.service, "submit", None)
+        if callable(submit):
+            return submit(method, *args, **kwargs)
+        return call_now(getattr(self.service, method), *args, **kwargs)
+
 
 class _Evicted(BaseException):
     """Raised in a waiting session's greenlet to drop it for a newer connection."""
@@ -278,9 +396,10 @@ class _Evicted(BaseException):
 class _HookSession:
     """One outbound-socket conversation."""
 
-    def __init__(self, server: SocketHookServer, sock: Any) -> None:
+    def __init__(self, server: SocketHookServer, sock: Any, deadline: float) -> None:
         self.server = server
         self.sock = sock
+        self.deadline = deadline  # of the decision (time.monotonic())
         self.reader = FrameReader(
             sock, max_body=_MAX_BODY, max_header=_MAX_HEADER, max_total=MAX_SESSION_BYTES
         )
@@ -299,7 +418,7 @@ class _HookSession:
             self._inbound(uuid, channel)
             return
         logon, number = caller_logon(channel), dialled_number(channel)
-        verdict = self.server.decide(logon, number, uuid)
+        verdict = self.server.decide(logon, number, uuid, self.deadline)
         self.decided = bool(verdict)
         if verdict:
             self._request(f"api uuid_setvar {uuid} {VERDICT_VARIABLE} allowed")
@@ -320,7 +439,7 @@ class _HookSession:
         if domain and not _DOMAIN.match(domain):
             log.warning("socket hook: ignoring unusable domain %r of channel %s", domain[:60], uuid)
             domain = ""
-        result, dial = self.server.ring(number, domain)
+        result, dial = self.server.ring(number, domain, self.deadline)
         self.decided = result == "allow"
         # Set (or cleared) every time: the dialplan must never find a dial string of an earlier call.
         self._request(f"api uuid_setvar {uuid} {DIAL_VARIABLE} {dial}".rstrip())
