@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from forum_bridge.core.rules import Reason
+from forum_bridge.dropped_events import REASON_QUEUE_FULL
 from forum_bridge.errors import ForumBridgeError
 from forum_bridge.service import BridgeService, CallRecord
 
@@ -163,6 +164,14 @@ class Metrics:
             "Calls that could not be decided because the database failed (the fail mode applied)",
             registry=self.registry,
         )
+        self.events_dropped = Counter(
+            "forum_bridge_events_dropped",
+            "PBX events read but dropped before they were applied, by reason (queue_full: more "
+            "waiting than the bridge holds; a resync from the PBX's tables follows each time)",
+            ["pbx", "reason"],
+            registry=self.registry,
+        )
+        self.events_dropped.labels(pbx=pbx, reason=REASON_QUEUE_FULL)
         service.add_listener(self.record_decision)
         service.add_failure_listener(self.decision_errors.inc)
 
@@ -170,6 +179,10 @@ class Metrics:
         """Count one call decision (the service calls this after every decision)."""
         result = "allowed" if record.decision.allowed else "denied"
         self.decisions.labels(result=result, reason=record.decision.reason.value).inc()
+
+    def count_dropped_events(self, reason: str, count: int) -> None:
+        """Count ``count`` PBX events dropped for ``reason`` (the adapters call this)."""
+        self.events_dropped.labels(pbx=self.pbx, reason=reason).inc(count)
 
     def set_connected(self, up: bool) -> None:
         """Note whether the PBX event connection is up."""

@@ -35,6 +35,7 @@ ALERTS = {
     "ForumBridgeDecisionsFailing",
     "ForumBridgeKeepaliveBacklog",
     "ForumBridgeEventsLagging",
+    "ForumBridgeEventsDropped",
 }
 
 
@@ -62,7 +63,7 @@ def run_promtool(*args: str) -> str:
 
 
 def test_promtool_accepts_the_rules() -> None:
-    assert "SUCCESS: 9 rules found" in run_promtool("check", "rules", str(RULES))
+    assert "SUCCESS: 10 rules found" in run_promtool("check", "rules", str(RULES))
 
 
 def test_every_alert_fires_and_stays_quiet_where_it_should() -> None:

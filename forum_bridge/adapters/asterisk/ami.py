@@ -57,6 +57,7 @@ from forum_bridge.adapters.asterisk.events import (
 from forum_bridge.config import Settings
 from forum_bridge.core.events import CallStarted, Direction, Event, Keepalive, LoggedOn, LogonFailed
 from forum_bridge.core.rules import Decision
+from forum_bridge.dropped_events import DroppedEvents
 from forum_bridge.errors import PbxAuthError, PbxConnectionError, PbxError, ProtocolError, StoreError
 from forum_bridge.service import BridgeService, Outcome, ResyncReport
 
@@ -497,6 +498,7 @@ class AmiListener:
         self._ami = settings.asterisk
         self._service = service
         self._observer = observer
+        self.drops = DroppedEvents("AMI", observer)
         self._own_executor = executor is None
         self._executor: Executor = executor or ThreadPoolExecutor(1, thread_name_prefix="forum-bridge-ami")
         self.ping_interval = ping_interval
@@ -899,7 +901,7 @@ class AmiListener:
         self._queue.clear()
         self._pending.clear()
         self.frames += dropped
-        log.error("%d AMI events queued faster than they could be applied; dropped them, resyncing", dropped)
+        self.drops.dropped(dropped)  # logged once per burst, counted in /metrics
         self._enqueue(_Resync("backlog"))
 
     def request_resync(self, reason: str) -> None:
@@ -1032,6 +1034,7 @@ class AmiListener:
             finally:
                 if not isinstance(item, _Resync):
                     self._done(item)
+                self.drops.tick()
                 self._inflight = None
                 if self._db_back:
                     self._db_back = False

@@ -290,6 +290,7 @@ class EventsDropped:
     """
 
     count: int
+    overflows: int = 1  # times the queue was full since the owner last took a marker
 
 
 class EslClient:
@@ -441,19 +442,20 @@ class EslClient:
     def _queue_event(self, event: EslEvent, size: int) -> None:
         if self._events.qsize() >= self.max_queued or self._queued_bytes + size > self.max_queued_bytes:
             # Like the AMI side: memory stays bounded, and a resync restores what was dropped.
-            dropped = 0
+            dropped = earlier = overflows = 0
             with contextlib.suppress(Empty):
                 while True:
-                    if isinstance(self._events.get_nowait(), tuple):
+                    item = self._events.get_nowait()
+                    if isinstance(item, tuple):
                         dropped += 1
+                    elif isinstance(item, EventsDropped):
+                        earlier += item.count  # a marker not taken yet: its count carries over
+                        overflows += item.overflows
             self._queued_bytes = 0
             self.dropped += dropped
-            log.error(
-                "%d events from %s queued faster than they could be applied; dropped them, resyncing",
-                dropped,
-                self.peer,
-            )
-            self._events.put(EventsDropped(dropped))
+            # The owner logs it (once per burst) and counts it when it takes this marker.
+            log.debug("%d events from %s dropped from a full queue", dropped, self.peer)
+            self._events.put(EventsDropped(dropped + earlier, overflows + 1))
         self._queued_bytes += size
         self._events.put((event, size))
         self.peak_queued = max(self.peak_queued, self._events.qsize())

@@ -19,6 +19,7 @@ from gevent.event import Event as GeventEvent
 
 from forum_bridge.config import Settings
 from forum_bridge.core.events import CallStarted, Direction, LoggedOff, LoggedOn
+from forum_bridge.dropped_events import DroppedEvents
 from forum_bridge.errors import (
     ConfigError,
     ForumBridgeError,
@@ -93,6 +94,7 @@ class EslListener:
         self._wall_clock = wall_clock
         self.max_queued = max_queued
         self.overflow_resyncs = 0  # resyncs after dropped events, for tests and diagnostics
+        self.drops = DroppedEvents("FreeSWITCH", metrics)
         self._stopping = GeventEvent()
         self._failures = FailureDeduplicator()
         self._client: EslClient | None = None
@@ -206,8 +208,14 @@ class EslListener:
         self.sessions += 1
         self._came_up()
         while not self._stopping.is_set():
-            wait = min(self.idle_probe, self.emergency.seconds_until_due())
+            wait = min(
+                self.idle_probe, self.emergency.seconds_until_due(), self.drops.seconds_until_quiet()
+            )
             event = client.next_event(timeout=wait)
+            if self.drops.seconds_until_quiet() <= 0:
+                self.drops.tick()  # a burst of dropped events is over: sum it up
+                if event is None:
+                    continue  # woken for that, not because the link was idle
             if event is None:
                 if self.emergency.seconds_until_due() <= 0:
                     self.emergency.sync(client)  # also proves the link is alive
@@ -216,6 +224,8 @@ class EslListener:
                     client.api("status", timeout=self.command_timeout)
                 continue
             if isinstance(event, EventsDropped):
+                if event.count:  # 0: a resync asked for, nothing was dropped
+                    self.drops.dropped(event.count, overflows=event.overflows)
                 self._resync(client)
                 self.overflow_resyncs += 1
                 continue
