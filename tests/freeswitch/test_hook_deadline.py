@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gevent
 from gevent.threadpool import ThreadPool
 
 from forum_bridge.adapters.freeswitch.offhub import OffHub
@@ -64,6 +65,17 @@ def test_a_late_decision_is_answered_by_the_fail_mode_and_never_takes_a_licence(
     server.start()
     try:
         with write_lock_held(database_url):
+            # Each leg's CHANNEL_CREATE usually comes over the event socket before its hook
+            # session; the listener applies it through the same database thread, without a deadline.
+            hub_service = OffHub(service, pool)
+            created = [
+                gevent.spawn(
+                    hub_service.apply,
+                    CallStarted(logon, uuid, "600", Direction.OUTBOUND, service.clock()),
+                    enforce=True,
+                )
+                for uuid, logon in zip(UUIDS, LOGONS, strict=True)
+            ]
             calls = [
                 FakeSocketCall(server.port, channel_data(uuid, logon, "600"), timeout=30)
                 for uuid, logon in zip(UUIDS, LOGONS, strict=True)
@@ -79,22 +91,32 @@ def test_a_late_decision_is_answered_by_the_fail_mode_and_never_takes_a_licence(
             )
         for call, uuid in zip(calls, UUIDS, strict=True):
             assert call.commands == undecided(uuid), call.commands
-        assert "api uuid_setvar 6a4c3e10-0000-4000-8000-0000000000ff forum_bridge_result error" in ring.commands
+        assert (
+            "api uuid_setvar 6a4c3e10-0000-4000-8000-0000000000ff forum_bridge_result error" in ring.commands
+        )
         assert server.late == len(calls) + 1
-        # The lock is gone: the decisions that were waiting for it run now and must roll back.
-        # The pool has one thread, so this read runs after every one of them.
-        status = OffHub(service, pool).status()
+        # The lock is gone: the decisions that were waiting for it run now and must roll back;
+        # the events' own decisions give way to the answers the hook gave.
+        wait_until(lambda: all(g.ready() for g in created), 60, "the events to be applied")
+        for greenlet in created:
+            outcome = greenlet.get()
+            assert outcome.hangup
+            assert outcome.decision is not None and outcome.decision.reason.value == "bridge_error"
+        # The pool has one thread, so this read runs after every decision queued before it.
+        status = hub_service.status()
         assert status["licences"]["used"] == 0, status["assignments"]
         assert not [a for a in service.audit_log(500) if a["kind"] == "acquire"]
         assert not [r for r in records if r.decision.allowed]
-        # Each leg's CHANNEL_CREATE over the event socket gets the hook's answer, not a new decision.
+        # A leg's CHANNEL_CREATE seen again (after a reconnect) gets the same answer, not a new decision.
         for logon, uuid in zip(LOGONS, UUIDS, strict=True):
             outcome = service.apply(CallStarted(logon, uuid, "600", Direction.OUTBOUND, service.clock()))
             assert outcome.hangup
             assert outcome.decision is not None and outcome.decision.reason.value == "bridge_error"
         assert service.status()["licences"]["used"] == 0
         # With the database answering again, a new call is decided normally (and takes its licence).
-        fresh = FakeSocketCall(server.port, channel_data("6a4c3e10-0000-4000-8000-000000000100", "1000", "600"))
+        fresh = FakeSocketCall(
+            server.port, channel_data("6a4c3e10-0000-4000-8000-000000000100", "1000", "600")
+        )
         fresh.start()
         wait_until(fresh.finished.is_set, 10, "the hook to answer a new call")
         assert fresh.commands == allowed("6a4c3e10-0000-4000-8000-000000000100")
