@@ -281,7 +281,8 @@ class SocketHookServer:
             # no log-on's call, so nothing the licence rules manage.
             log.info("socket hook: channel %s has no authenticated caller or number; letting it pass", uuid)
             return True
-        emergency = self.service.is_emergency(number)
+        # The dialplan keeps emergency numbers away from the hook; should one come, it passes.
+        emergency = self.settings.emergency.is_emergency(number)
         fallback = Decision(
             emergency or self.fail_open, Reason.EMERGENCY if emergency else Reason.BRIDGE_ERROR
         )
