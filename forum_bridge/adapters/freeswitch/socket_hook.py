@@ -63,6 +63,7 @@ from gevent.server import StreamServer
 from forum_bridge.config import Settings
 from forum_bridge.core.events import Direction
 from forum_bridge.core.rules import Decision, Reason
+from forum_bridge.decision_gate import DecisionTicket
 from forum_bridge.errors import (
     DecisionAbandoned,
     ForumBridgeError,
@@ -72,7 +73,7 @@ from forum_bridge.errors import (
     ProtocolError,
     StoreError,
 )
-from forum_bridge.service import BridgeService, DecisionTicket, validate_number
+from forum_bridge.service import BridgeService, validate_number
 
 from .dialplan import SOCKET_PATH_INBOUND
 from .esl import ConnectionClosed, EslEvent, Frame, FrameReader, describe_os_error, event_from_frame
