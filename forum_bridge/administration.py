@@ -147,9 +147,9 @@ class Administration:
             row = session.get(SubscriberRow, logon)
             if row is None:
                 raise NotFoundError(f"no subscriber {logon!r}")
-            ops.release(session, logon, self.clock(), "removal", self.node)
             if row.reserved:
-                ops.mark_pool_changed(session)
+                ops.lock_pool(session)  # one reservation fewer: the pool's row is recounted at commit
+            ops.release(session, logon, self.clock(), "removal", self.node)
             session.delete(row)
 
     def import_subscribers(self, text: str) -> int:

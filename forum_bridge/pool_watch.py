@@ -45,6 +45,8 @@ class PoolWatch:
         if not session.info.pop(ops.POOL_CHANGED, False):
             return
         try:
+            if not ops.pool_warning_due(session, self.warn_at):
+                return  # no crossing: nothing to lock or write
             with session.begin_nested():
                 flip = ops.pool_warning(session, self.warn_at, self.clock())
         except SQLAlchemyError:

@@ -30,7 +30,7 @@ from forum_bridge.errors import ConfigError, SchemaError, StoreError
 
 log = logging.getLogger(__name__)
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 _VERSION_TABLE = "alembic_version"
 
 SQLITE_BUSY_SECONDS = 30.0
@@ -170,6 +170,9 @@ class Database:
         self._writer = threading.Lock() if self.engine.dialect.name == "sqlite" else None
         self._generation = 0
         self._generation_lock = threading.Lock()
+        # First of the commit hooks: a change of the pool's shape recounts the pool's row before
+        # anything (the pool-pressure watch) reads it.
+        event.listen(self._sessions, "before_commit", _recount_pool_if_marked)
 
     @property
     def generation(self) -> int:
@@ -312,6 +315,13 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+def _recount_pool_if_marked(session: Session) -> None:
+    from forum_bridge.store import operations as ops
+
+    if session.info.pop(ops.POOL_RECOUNT, False):
+        ops.recount_pool(session)
 
 
 def _describe(exc: SQLAlchemyError) -> str:

@@ -216,6 +216,27 @@ class PoolStateRow(Base):
     changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
+class LicencePoolRow(Base):
+    """One row: the pool's counts, kept exact by every change of who holds a licence.
+
+    Taking a licence updates this row with one conditional statement (room in the floating pool,
+    checked and counted at once), so the floating limit serialises on one row for a moment instead
+    of counting the pool under a pool-wide lock. Changes of the pool's shape (slots, reservations,
+    a reset) recount it in their own transaction (see ``store.operations.lock_pool``).
+    ``warned`` copies ``pool_state.warned`` as last flipped, so a change that moves the pool without
+    crossing ``licences.warn_at`` needs no look at the warning state.
+    """
+
+    __tablename__ = "licence_pool"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    total: Mapped[int] = mapped_column(Integer)  # licence rows (licences.count as applied)
+    used: Mapped[int] = mapped_column(Integer)  # rows held by anyone
+    reserved: Mapped[int] = mapped_column(Integer)  # log-ons with a reservation
+    reserved_used: Mapped[int] = mapped_column(Integer)  # rows held by those log-ons
+    warned: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 class CallRow(Base):
     """A call leg in progress on a PBX node."""
 

@@ -2,15 +2,21 @@
 
 Every function takes an open :class:`~sqlalchemy.orm.Session` (inside ``Database.transaction()``) so
 the service can combine several steps into one atomic change. Licence acquisition is the only
-contended step: on PostgreSQL it locks one free row with ``FOR UPDATE SKIP LOCKED``; on SQLite the
-whole transaction already holds the write lock (``BEGIN IMMEDIATE``). The unique constraint on
-``licences.logon`` is the last line of defence: no log-on can ever hold two licences.
+contended step. The unique constraint on ``licences.logon`` is the last line of defence: no log-on
+can ever hold two licences.
 
 Reserved log-ons share the same licence rows: a log-on without a reservation may take a free row
 only while fewer than ``count - reserved`` rows are held by such log-ons (the floating pool). That
-count is a fact about the whole pool, so every acquisition takes one pool-wide lock first (PostgreSQL:
-a transaction advisory lock; SQLite: the write lock it already holds), and two processes can never
-both take the last floating licence.
+is a fact about the whole pool, kept in one row (``licence_pool``): taking a licence first counts
+itself into that row with one conditional UPDATE (room left, or no row), then claims a free licence
+row; freeing one counts itself out. Every such change holds the row from its UPDATE to its commit,
+so two processes can never both take the last floating licence, and nothing else waits.
+
+Changes of the pool's shape (slots, reservations, a reset, a removed reserved log-on) call
+:func:`lock_pool`: on PostgreSQL it waits until no licence is being taken or freed (those hold a
+shared lock, see :func:`share_pool`) and keeps them out until commit, and the row is recounted from
+the licence rows just before the commit. SQLite needs no lock: ``BEGIN IMMEDIATE`` serialises
+writers.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ import logging
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, select, text, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -30,7 +36,9 @@ from forum_bridge.core.rules import Decision, LogonState, Reason
 from forum_bridge.errors import ConfigError, InvalidInputError, NotFoundError
 from forum_bridge.store.models import (
     AuditRow,
+    Bounded,
     CallRow,
+    LicencePoolRow,
     LicenceRow,
     NodeRow,
     PoolStateRow,
@@ -46,6 +54,13 @@ log = logging.getLogger(__name__)
 # session.info key: set when a transaction changed who holds licences or how many are reserved, so
 # the pool-pressure watch (forum_bridge.pool_watch) looks at the pool once before it commits.
 POOL_CHANGED = "forum_bridge.pool_changed"
+# session.info key: lock_pool was called, so the pool's row is recounted just before commit.
+POOL_RECOUNT = "forum_bridge.pool_recount"
+# session.info key: (PoolCounts, warned) as this transaction last wrote the pool's row (it holds the
+# row until commit, so that is the pool as it commits).
+POOL_ROW = "forum_bridge.pool_row"
+# session.info key: this transaction holds the pool lock, shared or exclusive (PostgreSQL).
+_POOL_HELD = "forum_bridge.pool_held"
 # Any fixed number: the key of the pool-wide advisory lock on PostgreSQL.
 _POOL_LOCK_KEY = 0x464F52554D
 # Percentage points the pool must fall below licences.warn_at before the warning is cleared.
@@ -92,17 +107,20 @@ def audit(
 
 def licence_counts(session: Session) -> tuple[int, int]:
     """(total, used) licences."""
-    total = session.scalar(select(func.count()).select_from(LicenceRow)) or 0
-    used = (
-        session.scalar(select(func.count()).select_from(LicenceRow).where(LicenceRow.logon.is_not(None))) or 0
-    )
-    return total, used
+    counts = pool_counts(session)
+    return counts.total, counts.used
+
+
+_USAGE = text("INSERT INTO licence_usage (at, used, total) VALUES (:at, :used, :total)").bindparams(
+    bindparam("at", type_=UTCDateTime())
+)
 
 
 def record_usage(session: Session, at: datetime) -> None:
     """Note how many licences are in use now (drives the 24-hour chart)."""
-    total, used = licence_counts(session)
-    session.add(UsageRow(at=at, used=used, total=total))
+    snapshot = session.info.get(POOL_ROW)
+    counts = snapshot[0] if snapshot is not None else pool_counts(session)
+    session.connection().execute(_USAGE, {"at": at, "used": counts.used, "total": counts.total})
     mark_pool_changed(session)
 
 
@@ -111,14 +129,38 @@ def mark_pool_changed(session: Session) -> None:
     session.info[POOL_CHANGED] = True
 
 
-def lock_pool(session: Session) -> None:
-    """Serialise every change of the pool's shape (acquisitions, reservations) until commit.
+def _postgresql(session: Session) -> bool:
+    return session.bind is not None and session.bind.dialect.name == "postgresql"
 
-    The floating limit is a count over many rows, which row locks cannot protect. SQLite needs
-    nothing: ``BEGIN IMMEDIATE`` already serialises writers.
+
+def lock_pool(session: Session) -> None:
+    """Serialise a change of the pool's shape (slots, reservations, a reset) with every licence change.
+
+    The pool's row is recounted from the licence rows just before this transaction commits
+    (:func:`recount_pool`, run by the database's commit hook), so whatever the change did to slots
+    or reservations, the row is exact afterwards. On PostgreSQL an exclusive advisory lock waits
+    for the transactions taking or freeing licences (they hold it shared) and keeps new ones out
+    until commit, so the recount sees no change in flight. SQLite needs nothing: ``BEGIN IMMEDIATE``
+    already serialises writers.
     """
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if _postgresql(session) and session.info.get(_POOL_HELD) != "exclusive":
         session.execute(select(func.pg_advisory_xact_lock(_POOL_LOCK_KEY)))
+    session.info[_POOL_HELD] = "exclusive"
+    session.info[POOL_RECOUNT] = True
+    mark_pool_changed(session)
+
+
+def share_pool(session: Session) -> None:
+    """Hold the pool lock shared (PostgreSQL) before taking or freeing a licence; once per transaction.
+
+    Many transactions hold it at once; only :func:`lock_pool` waits for them. It keeps a log-on's
+    reservation from changing between a licence change reading it and committing.
+    """
+    if session.info.get(_POOL_HELD):
+        return
+    if _postgresql(session):
+        session.execute(select(func.pg_advisory_xact_lock_shared(_POOL_LOCK_KEY)))
+    session.info[_POOL_HELD] = "shared"
 
 
 @dataclass(frozen=True)
@@ -146,25 +188,86 @@ class PoolCounts:
         return max(0, min(self.floating - self.floating_used, self.total - self.used))
 
 
+# Both databases run these unchanged; a log-on's reservation is read in the statement itself.
+_TAKE = text(
+    "UPDATE licence_pool SET used = used + 1, reserved_used = reserved_used"
+    " + (SELECT count(*) FROM subscribers WHERE logon = :logon AND reserved)"
+    " WHERE id = 1 AND used < total"
+    " AND ((SELECT count(*) FROM subscribers WHERE logon = :logon AND reserved) = 1"
+    " OR used - reserved_used < total - reserved)"
+    " RETURNING total, used, reserved, reserved_used, warned"
+).bindparams(bindparam("logon", type_=Bounded(128)))
+_GIVE = text(
+    "UPDATE licence_pool SET used = used - 1, reserved_used = reserved_used"
+    " - (SELECT count(*) FROM subscribers WHERE logon = :logon AND reserved)"
+    " WHERE id = 1 RETURNING total, used, reserved, reserved_used, warned"
+).bindparams(bindparam("logon", type_=Bounded(128)))
+_COUNT = (
+    "SELECT (SELECT count(*) FROM licences), (SELECT count(*) FROM licences WHERE logon IS NOT NULL),"
+    " (SELECT count(*) FROM subscribers WHERE reserved),"
+    " (SELECT count(*) FROM licences l JOIN subscribers s ON s.logon = l.logon WHERE s.reserved)"
+)
+_RECOUNT = text(
+    "UPDATE licence_pool SET total = (SELECT count(*) FROM licences),"
+    " used = (SELECT count(*) FROM licences WHERE logon IS NOT NULL),"
+    " reserved = (SELECT count(*) FROM subscribers WHERE reserved),"
+    " reserved_used = (SELECT count(*) FROM licences l JOIN subscribers s ON s.logon = l.logon"
+    " WHERE s.reserved)"
+    " WHERE id = 1 RETURNING total, used, reserved, reserved_used, warned"
+)
+_READ_POOL = "SELECT total, used, reserved, reserved_used, warned FROM licence_pool WHERE id = 1"
+_CLAIM_SET = "UPDATE licences SET logon = :logon, since = :at, node = :node WHERE logon IS NULL AND slot = "
+_CLAIMS = {
+    dialect: text(_CLAIM_SET + free + " RETURNING slot").bindparams(
+        bindparam("logon", type_=Bounded(128)),
+        bindparam("at", type_=UTCDateTime()),
+        bindparam("node", type_=Bounded(128)),
+    )
+    for dialect, free in (
+        ("sqlite", "(SELECT min(slot) FROM licences WHERE logon IS NULL)"),
+        # Never waits for a row another transaction is claiming or freeing.
+        (
+            "postgresql",
+            "(SELECT slot FROM licences WHERE logon IS NULL ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)",
+        ),
+    )
+}
+_FREE = text(
+    "UPDATE licences SET logon = NULL, since = NULL, node = NULL WHERE logon = :logon RETURNING slot"
+).bindparams(bindparam("logon", type_=Bounded(128)))
+
+
+def _pool_row(session: Session, row: Any) -> PoolCounts:
+    """Remember the row this transaction wrote (for the usage chart and the pool watch)."""
+    total, used, reserved, reserved_used, warned = row
+    counts = PoolCounts(total=total, used=used, reserved=reserved, reserved_used=reserved_used)
+    session.info[POOL_ROW] = (counts, bool(warned))
+    return counts
+
+
 def pool_counts(session: Session) -> PoolCounts:
-    """Count the pool in four small queries (no row is loaded)."""
-    total, used = licence_counts(session)
-    reserved = (
-        session.scalar(
-            select(func.count()).select_from(SubscriberRow).where(SubscriberRow.reserved.is_(True))
+    """The pool as its row states it (one small query, no row of licences is loaded)."""
+    snapshot = session.info.get(POOL_ROW)
+    if snapshot is not None:
+        return snapshot[0]  # type: ignore[no-any-return]
+    connection = session.connection()
+    # A missing row (never after the migration made it) is counted without writing: this may be a read.
+    row = connection.execute(text(_READ_POOL)).first() or connection.execute(text(_COUNT)).one()
+    return PoolCounts(total=row[0], used=row[1], reserved=row[2], reserved_used=row[3])
+
+
+def recount_pool(session: Session) -> PoolCounts:
+    """Count the pool from the licence rows and reservations into its row (created if missing)."""
+    session.flush()
+    connection = session.connection()
+    row = connection.execute(_RECOUNT).first()
+    if row is None:
+        connection.execute(
+            insert(LicencePoolRow),
+            {"id": 1, "total": 0, "used": 0, "reserved": 0, "reserved_used": 0, "warned": False},
         )
-        or 0
-    )
-    reserved_used = (
-        session.scalar(
-            select(func.count())
-            .select_from(LicenceRow)
-            .join(SubscriberRow, SubscriberRow.logon == LicenceRow.logon)
-            .where(SubscriberRow.reserved.is_(True))
-        )
-        or 0
-    )
-    return PoolCounts(total=total, used=used, reserved=reserved, reserved_used=reserved_used)
+        row = connection.execute(_RECOUNT).one()
+    return _pool_row(session, row)
 
 
 def is_reserved(session: Session, logon: str) -> bool:
@@ -179,8 +282,9 @@ def lock_logon(session: Session, logon: str) -> None:
     without a licence; the loser of the row lock would then find no free slot and deny a log-on that
     does hold a licence. SQLite needs nothing: ``BEGIN IMMEDIATE`` already serialises writers.
     """
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(logon))))
+    if _postgresql(session):
+        session.connection().execute(_LOCK, {"logon": logon})
+        session.info.setdefault(_POOL_HELD, "shared")
 
 
 def held_slot(session: Session, logon: str) -> int | None:
@@ -217,40 +321,30 @@ def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None
     slot = held_slot(session, logon)
     if slot is not None:
         return slot
-    lock_pool(session)
-    reserved = is_reserved(session, logon)
-    if not reserved and pool_counts(session).free <= 0:
-        return None
+    share_pool(session)
     slot = _claim_free(session, logon, node, at)
-    if slot is None and reserved:
+    if slot is None and is_reserved(session, logon):
         slot = _take_over(session, logon, node, at)
     return slot
 
 
 def _claim_free(session: Session, logon: str, node: str, at: datetime) -> int | None:
-    query = select(LicenceRow.slot).where(LicenceRow.logon.is_(None)).order_by(LicenceRow.slot).limit(1)
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
+    """Count ``logon`` into the pool's row if there is room for it, then claim a free licence row."""
+    connection = session.connection()
+    row = connection.execute(_TAKE, {"logon": logon}).first()
+    if row is None:
+        return None  # no room: the pool's row says so, and nothing was changed
+    _pool_row(session, row)
+    claim = _CLAIMS["postgresql" if connection.dialect.name == "postgresql" else "sqlite"]
+    # The row was counted in under its lock, after every change counted before it committed, so a
+    # free row exists; a second look only covers a row freed between the two statements' snapshots.
     for _attempt in range(3):
-        slot = session.scalar(query)
-        if slot is None:
-            return None
-        try:
-            with session.begin_nested():
-                claimed = _rowcount(
-                    session.execute(
-                        update(LicenceRow)
-                        .where(LicenceRow.slot == slot, LicenceRow.logon.is_(None))
-                        .values(logon=logon, since=at, node=node)
-                        .execution_options(synchronize_session=False)
-                    )
-                )
-        except IntegrityError:
-            # Another transaction gave this log-on a licence meanwhile: that one counts.
-            return held_slot(session, logon)
-        if claimed == 1:
+        slot = connection.execute(claim, {"logon": logon, "at": at, "node": node}).scalar()
+        if slot is not None:
             record_usage(session, at)
-            return slot
+            return int(slot)
+    log.error("the licence pool's row counts a free licence the licence rows lack; recounting it")
+    recount_pool(session)
     return None
 
 
@@ -282,15 +376,12 @@ def release(
     detail: str = "",
 ) -> int | None:
     """Free the licence of ``logon``; return the slot that was freed, or None if it held none."""
-    slot = held_slot(session, logon)
+    share_pool(session)
+    connection = session.connection()
+    slot = connection.execute(_FREE, {"logon": logon}).scalar()
     if slot is None:
         return None
-    session.execute(
-        update(LicenceRow)
-        .where(LicenceRow.slot == slot)
-        .values(logon=None, since=None, node=None)
-        .execution_options(synchronize_session=False)
-    )
+    _pool_row(session, connection.execute(_GIVE, {"logon": logon}).one())
     audit(
         session,
         at,
@@ -302,11 +393,12 @@ def release(
         detail=detail or f"slot {slot}",
     )
     record_usage(session, at)
-    return slot
+    return int(slot)
 
 
 def reset_licences(session: Session, at: datetime, actor: str, node: str) -> list[str]:
     """Free every licence at once; return the log-ons that held one."""
+    lock_pool(session)
     holders = list(session.scalars(select(LicenceRow.logon).where(LicenceRow.logon.is_not(None))))
     session.execute(
         update(LicenceRow)
@@ -324,6 +416,7 @@ def reset_licences(session: Session, at: datetime, actor: str, node: str) -> lis
         actor=actor,
         detail=f"{len(holders)} licence(s) freed",
     )
+    recount_pool(session)
     record_usage(session, at)
     return [h for h in holders if h]
 
@@ -355,21 +448,58 @@ def sync_slots(session: Session, count: int, at: datetime, node: str) -> None:
     for slot in range(1, count + 1):
         if slot not in numbers:
             session.add(LicenceRow(slot=slot))
-    session.flush()
+    recount_pool(session)
     record_usage(session, at)
+
+
+def _warning_wanted(counts: PoolCounts, warned: bool, warn_at: int) -> bool:
+    """Whether the warning should be raised with the pool at ``counts``, given it is ``warned`` now.
+
+    Raised at ``warn_at`` percent of the floating pool in use and cleared below ``warn_at -
+    POOL_WARNING_HYSTERESIS``, so a pool hovering at the threshold does not log a pair of lines per
+    licence. ``warn_at`` 0 clears it for good.
+    """
+    percent = 100 * counts.floating_used / counts.floating if counts.floating else 0.0
+    if warn_at <= 0:
+        return False
+    if warned:
+        return percent >= warn_at - POOL_WARNING_HYSTERESIS
+    return percent >= warn_at
+
+
+def pool_warning_due(session: Session, warn_at: int) -> bool:
+    """Whether the pool as this transaction leaves it may cross ``warn_at`` (a hint, without a lock).
+
+    A transaction that took or freed a licence knows the pool's row already (it holds it), so this
+    costs nothing; :func:`pool_warning` decides under the locks.
+    """
+    snapshot = session.info.get(POOL_ROW)
+    if snapshot is None:
+        row = session.connection().execute(text(_READ_POOL)).first()
+        if row is None:
+            return True
+        counts = PoolCounts(total=row[0], used=row[1], reserved=row[2], reserved_used=row[3])
+        snapshot = (counts, bool(row[4]))
+    counts, warned = snapshot
+    return _warning_wanted(counts, warned, warn_at) != warned
 
 
 def pool_warning(session: Session, warn_at: int, at: datetime) -> tuple[bool, PoolCounts] | None:
     """Raise or clear the shared pool-pressure flag; return (raised, counts) when it flipped.
 
-    The flag row is locked before the pool is counted, so bridges sharing the pool take turns and
-    each sees every licence change committed before it: each crossing flips the flag exactly once,
-    whichever process makes it. It is raised at ``warn_at`` percent of the floating pool in use and
-    cleared below ``warn_at - POOL_WARNING_HYSTERESIS``, so a pool hovering at the threshold does not
-    log a pair of lines per licence. ``warn_at`` 0 clears it for good.
+    The pool's row and then the flag row are locked before the pool is read, so bridges sharing the
+    pool take turns and each sees every licence change committed before it: each crossing flips the
+    flag exactly once, whichever process makes it (see :func:`_warning_wanted` for the threshold).
     """
+    connection = session.connection()
+    postgresql = connection.dialect.name == "postgresql"
+    if POOL_ROW in session.info:
+        counts = session.info[POOL_ROW][0]  # this transaction holds the pool's row already
+    else:
+        row = connection.execute(text(_READ_POOL + (" FOR UPDATE" if postgresql else ""))).first()
+        counts = _pool_row(session, row) if row is not None else recount_pool(session)
     query = select(PoolStateRow).where(PoolStateRow.id == 1).execution_options(populate_existing=True)
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if postgresql:
         query = query.with_for_update()
     state = session.scalar(query)
     if state is None:
@@ -380,14 +510,10 @@ def pool_warning(session: Session, warn_at: int, at: datetime) -> tuple[bool, Po
             pass  # another bridge created it meanwhile
         state = session.scalar(query)
         assert state is not None
-    counts = pool_counts(session)
-    percent = 100 * counts.floating_used / counts.floating if counts.floating else 0.0
-    if warn_at <= 0:
-        raise_it = False
-    elif state.warned:
-        raise_it = percent >= warn_at - POOL_WARNING_HYSTERESIS
-    else:
-        raise_it = percent >= warn_at
+    raise_it = _warning_wanted(counts, state.warned, warn_at)
+    # Keep the pool row's copy of the flag equal to the flag, so pool_warning_due stays a good hint.
+    connection.execute(update(LicencePoolRow).where(LicencePoolRow.id == 1).values(warned=raise_it))
+    session.info[POOL_ROW] = (counts, raise_it)
     if raise_it == state.warned:
         return None
     state.warned, state.changed_at = raise_it, at
@@ -431,7 +557,7 @@ def set_reserved(session: Session, logon: str, reserved: bool) -> bool:
 
 def check_reservations(session: Session, extra: int) -> None:
     """Refuse ``extra`` more reservations when they would not fit into the purchased licences."""
-    counts = pool_counts(session)
+    counts = recount_pool(session)
     if counts.reserved + extra > counts.total:
         raise InvalidInputError(
             f"cannot reserve {extra} more licence(s): {counts.reserved} of {counts.total} licences "
@@ -724,7 +850,11 @@ _CALL = text(
     *(bindparam(c.name, type_=c.type) for c in _CALLS if c.name != "started_at"),
     bindparam("at", type_=UTCDateTime()),
 )
-_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:logon))")
+# The log-on's own lock, and the pool lock shared (see share_pool) in the same round trip: a
+# decision may take a licence.
+_LOCK = text(
+    f"SELECT pg_advisory_xact_lock(hashtext(:logon)), pg_advisory_xact_lock_shared({_POOL_LOCK_KEY})"
+)
 
 
 @dataclass(frozen=True)
@@ -744,6 +874,7 @@ def decision_facts(session: Session, node: str, logon: str, channel: str) -> Dec
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         connection.execute(_LOCK, {"logon": logon})
+        session.info.setdefault(_POOL_HELD, "shared")
     row = connection.execute(_FACTS, {"logon": logon, "node": node, "channel": channel}).one()
     managed, failed, registered, held, allowed, reason = row
     state = LogonState(

@@ -14,6 +14,7 @@ from forum_bridge.store.models import Base
 TABLES = [
     "audit",
     "calls",
+    "licence_pool",
     "licence_usage",
     "licences",
     "nodes",
