@@ -94,12 +94,28 @@ def audit(
     actor: str = "",
     detail: str = "",
 ) -> None:
-    """Append one line to the audit log."""
-    session.add(
-        AuditRow(
-            at=at, kind=kind, logon=logon, number=number, reason=reason, node=node, actor=actor, detail=detail
-        )
+    """Append one line to the audit log (written at once, without the ORM's unit of work)."""
+    session.connection().execute(
+        _AUDIT,
+        {
+            "at": at,
+            "kind": kind,
+            "logon": logon,
+            "number": number,
+            "reason": reason,
+            "node": node,
+            "actor": actor,
+            "detail": detail,
+        },
     )
+
+
+_AUDIT_COLUMNS = [c for c in AuditRow.__table__.c if c.name != "id"]
+# Every value bound with its column's type, so it is fitted exactly as the ORM would store it.
+_AUDIT = text(
+    "INSERT INTO audit (at, kind, logon, number, reason, node, actor, detail)"
+    " VALUES (:at, :kind, :logon, :number, :reason, :node, :actor, :detail)"
+).bindparams(*(bindparam(c.name, type_=c.type) for c in _AUDIT_COLUMNS))
 
 
 # --- licences ---------------------------------------------------------------------------------
@@ -192,7 +208,7 @@ class PoolCounts:
 _TAKE = text(
     "UPDATE licence_pool SET used = used + 1, reserved_used = reserved_used"
     " + (SELECT count(*) FROM subscribers WHERE logon = :logon AND reserved)"
-    " WHERE id = 1 AND used < total"
+    " WHERE id = 1 AND used < total AND NOT EXISTS (SELECT 1 FROM licences WHERE logon = :logon)"
     " AND ((SELECT count(*) FROM subscribers WHERE logon = :logon AND reserved) = 1"
     " OR used - reserved_used < total - reserved)"
     " RETURNING total, used, reserved, reserved_used, warned"
@@ -246,13 +262,15 @@ def _pool_row(session: Session, row: Any) -> PoolCounts:
 
 
 def pool_counts(session: Session) -> PoolCounts:
-    """The pool as its row states it (one small query, no row of licences is loaded)."""
+    """The pool: as this transaction left its row after taking or freeing a licence, else counted.
+
+    The count (one statement, no row loaded) reads the licence rows themselves, so the status
+    document, ``check`` and ``/metrics`` never depend on the pool's row.
+    """
     snapshot = session.info.get(POOL_ROW)
     if snapshot is not None:
         return snapshot[0]  # type: ignore[no-any-return]
-    connection = session.connection()
-    # A missing row (never after the migration made it) is counted without writing: this may be a read.
-    row = connection.execute(text(_READ_POOL)).first() or connection.execute(text(_COUNT)).one()
+    row = session.connection().execute(text(_COUNT)).one()
     return PoolCounts(total=row[0], used=row[1], reserved=row[2], reserved_used=row[3])
 
 
@@ -318,13 +336,13 @@ def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None
     lowered), it takes over the licence of a floating holder, which then loses it as at a reset:
     its call in progress goes on.
     """
-    slot = held_slot(session, logon)
-    if slot is not None:
-        return slot
     share_pool(session)
     slot = _claim_free(session, logon, node, at)
-    if slot is None and is_reserved(session, logon):
-        slot = _take_over(session, logon, node, at)
+    if slot is None:
+        # Checked only now: the claim itself is refused to a log-on holding a licence.
+        slot = held_slot(session, logon)
+        if slot is None and is_reserved(session, logon):
+            slot = _take_over(session, logon, node, at)
     return slot
 
 
