@@ -170,8 +170,8 @@ class Database:
         self._writer = threading.Lock() if self.engine.dialect.name == "sqlite" else None
         self._generation = 0
         self._generation_lock = threading.Lock()
-        # First of the commit hooks: a change of the pool's shape recounts the pool's row before
-        # anything (the pool-pressure watch) reads it.
+        # First of the commit hooks: licences freed are counted out of the pool's row, and a change
+        # of the pool's shape recounts it, before anything (the pool-pressure watch) reads it.
         event.listen(self._sessions, "before_commit", _recount_pool_if_marked)
 
     @property
@@ -320,6 +320,7 @@ class Database:
 def _recount_pool_if_marked(session: Session) -> None:
     from forum_bridge.store import operations as ops
 
+    ops.flush_pool(session)
     if session.info.pop(ops.POOL_RECOUNT, False):
         ops.recount_pool(session)
 

@@ -204,7 +204,7 @@ class PoolCounts:
         return max(0, min(self.floating - self.floating_used, self.total - self.used))
 
 
-# Both databases run these unchanged; a log-on's reservation is read in the statement itself.
+# A log-on's reservation is read in the statement that counts it.
 _TAKE = text(
     "UPDATE licence_pool SET used = used + 1, reserved_used = reserved_used"
     " + (SELECT count(*) FROM subscribers WHERE logon = :logon AND reserved)"
@@ -213,11 +213,36 @@ _TAKE = text(
     " OR used - reserved_used < total - reserved)"
     " RETURNING total, used, reserved, reserved_used, warned"
 ).bindparams(bindparam("logon", type_=Bounded(128)))
+# PostgreSQL: the same count, the claim of a free row and the usage line in one round trip, since
+# the pool's row is held from this statement to the commit.
+_TAKE_AND_CLAIM = text(
+    "WITH r AS (SELECT count(*) AS n FROM subscribers WHERE logon = :logon AND reserved),"
+    " p AS (UPDATE licence_pool SET used = used + 1, reserved_used = reserved_used + r.n"
+    " FROM r WHERE id = 1 AND used < total AND NOT EXISTS (SELECT 1 FROM licences WHERE logon = :logon)"
+    " AND (r.n = 1 OR used - reserved_used < total - reserved)"
+    " RETURNING total, used, reserved, reserved_used, warned, r.n),"
+    " c AS (UPDATE licences SET logon = :logon, since = :at, node = :node WHERE logon IS NULL AND slot ="
+    " (SELECT slot FROM licences WHERE logon IS NULL AND EXISTS (SELECT 1 FROM p)"
+    " ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING slot),"
+    " u AS (INSERT INTO licence_usage (at, used, total) SELECT :at, p.used, p.total FROM p, c)"
+    " SELECT p.total, p.used, p.reserved, p.reserved_used, p.warned, p.n, c.slot FROM p LEFT JOIN c ON true"
+).bindparams(
+    bindparam("logon", type_=Bounded(128)),
+    bindparam("at", type_=UTCDateTime()),
+    bindparam("node", type_=Bounded(128)),
+)
+# Freed licences are counted out of the pool's row just before commit, all at once, so the row is
+# held only for that last statement.
 _GIVE = text(
-    "UPDATE licence_pool SET used = used - 1, reserved_used = reserved_used"
-    " - (SELECT count(*) FROM subscribers WHERE logon = :logon AND reserved)"
+    "UPDATE licence_pool SET used = used - :freed, reserved_used = reserved_used - :reserved"
     " WHERE id = 1 RETURNING total, used, reserved, reserved_used, warned"
-).bindparams(bindparam("logon", type_=Bounded(128)))
+)
+_GIVE_WITH_USAGE = text(
+    "WITH p AS (UPDATE licence_pool SET used = used - :freed, reserved_used = reserved_used - :reserved"
+    " WHERE id = 1 RETURNING total, used, reserved, reserved_used, warned),"
+    " u AS (INSERT INTO licence_usage (at, used, total) SELECT :at, used, total FROM p)"
+    " SELECT total, used, reserved, reserved_used, warned FROM p"
+).bindparams(bindparam("at", type_=UTCDateTime()))
 _COUNT = (
     "SELECT (SELECT count(*) FROM licences), (SELECT count(*) FROM licences WHERE logon IS NOT NULL),"
     " (SELECT count(*) FROM subscribers WHERE reserved),"
@@ -251,6 +276,12 @@ _CLAIMS = {
 _FREE = text(
     "UPDATE licences SET logon = NULL, since = NULL, node = NULL WHERE logon = :logon RETURNING slot"
 ).bindparams(bindparam("logon", type_=Bounded(128)))
+_FREE_PG = text(
+    "UPDATE licences SET logon = NULL, since = NULL, node = NULL WHERE logon = :logon"
+    " RETURNING slot, (SELECT count(*) FROM subscribers WHERE logon = :logon AND reserved)"
+).bindparams(bindparam("logon", type_=Bounded(128)))
+# session.info key: [licences freed, of them by reserved log-ons, when] not yet counted out of the row.
+_PENDING = "forum_bridge.pool_pending"
 
 
 def _pool_row(session: Session, row: Any) -> PoolCounts:
@@ -267,6 +298,7 @@ def pool_counts(session: Session) -> PoolCounts:
     The count (one statement, no row loaded) reads the licence rows themselves, so the status
     document, ``check`` and ``/metrics`` never depend on the pool's row.
     """
+    flush_pool(session)
     snapshot = session.info.get(POOL_ROW)
     if snapshot is not None:
         return snapshot[0]  # type: ignore[no-any-return]
@@ -276,6 +308,7 @@ def pool_counts(session: Session) -> PoolCounts:
 
 def recount_pool(session: Session) -> PoolCounts:
     """Count the pool from the licence rows and reservations into its row (created if missing)."""
+    session.info.pop(_PENDING, None)  # the count sees those licences freed already
     session.flush()
     connection = session.connection()
     row = connection.execute(_RECOUNT).first()
@@ -286,6 +319,21 @@ def recount_pool(session: Session) -> PoolCounts:
         )
         row = connection.execute(_RECOUNT).one()
     return _pool_row(session, row)
+
+
+def flush_pool(session: Session) -> None:
+    """Count the licences this transaction freed out of the pool's row (the commit hook calls it)."""
+    pending = session.info.pop(_PENDING, None)
+    if pending is None:
+        return
+    freed, reserved, at = pending
+    connection = session.connection()
+    values = {"freed": freed, "reserved": reserved}
+    if connection.dialect.name == "postgresql":
+        _pool_row(session, connection.execute(_GIVE_WITH_USAGE, {**values, "at": at}).one())
+        return
+    counts = _pool_row(session, connection.execute(_GIVE, values).one())
+    connection.execute(_USAGE, {"at": at, "used": counts.used, "total": counts.total})
 
 
 def is_reserved(session: Session, logon: str) -> bool:
@@ -347,23 +395,38 @@ def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None
 
 
 def _claim_free(session: Session, logon: str, node: str, at: datetime) -> int | None:
-    """Count ``logon`` into the pool's row if there is room for it, then claim a free licence row."""
+    """Count ``logon`` into the pool's row if there is room for it, then claim a free licence row.
+
+    The row is counted in under its lock, after every change counted before it has committed, so
+    a free licence row exists; a second look only covers a row freed while the first statement's
+    snapshot was taken.
+    """
+    flush_pool(session)
     connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        for _attempt in range(3):
+            row = connection.execute(_TAKE_AND_CLAIM, {"logon": logon, "at": at, "node": node}).first()
+            if row is None:
+                return None  # no room: the pool's row says so, and nothing was changed
+            *pool, reserved, slot = row
+            if slot is not None:
+                _pool_row(session, pool)
+                mark_pool_changed(session)
+                return int(slot)
+            _pool_row(session, connection.execute(_GIVE, {"freed": 1, "reserved": reserved}).one())
+        return None
     row = connection.execute(_TAKE, {"logon": logon}).first()
     if row is None:
-        return None  # no room: the pool's row says so, and nothing was changed
-    _pool_row(session, row)
-    claim = _CLAIMS["postgresql" if connection.dialect.name == "postgresql" else "sqlite"]
-    # The row was counted in under its lock, after every change counted before it committed, so a
-    # free row exists; a second look only covers a row freed between the two statements' snapshots.
-    for _attempt in range(3):
-        slot = connection.execute(claim, {"logon": logon, "at": at, "node": node}).scalar()
-        if slot is not None:
-            record_usage(session, at)
-            return int(slot)
-    log.error("the licence pool's row counts a free licence the licence rows lack; recounting it")
-    recount_pool(session)
-    return None
+        return None
+    counts = _pool_row(session, row)
+    slot = connection.execute(_CLAIMS["sqlite"], {"logon": logon, "at": at, "node": node}).scalar()
+    if slot is None:  # the row was wrong (changed by hand?): give the count back
+        log.error("the licence pool's row counts a free licence the licence rows lack; recounting it")
+        recount_pool(session)
+        return None
+    connection.execute(_USAGE, {"at": at, "used": counts.used, "total": counts.total})
+    mark_pool_changed(session)
+    return int(slot)
 
 
 def _take_over(session: Session, logon: str, node: str, at: datetime) -> int | None:
@@ -393,13 +456,27 @@ def release(
     actor: str = "",
     detail: str = "",
 ) -> int | None:
-    """Free the licence of ``logon``; return the slot that was freed, or None if it held none."""
+    """Free the licence of ``logon``; return the slot that was freed, or None if it held none.
+
+    The pool's row is updated once for all licences the transaction freed, just before it commits.
+    """
     share_pool(session)
     connection = session.connection()
-    slot = connection.execute(_FREE, {"logon": logon}).scalar()
-    if slot is None:
-        return None
-    _pool_row(session, connection.execute(_GIVE, {"logon": logon}).one())
+    if connection.dialect.name == "postgresql":
+        row = connection.execute(_FREE_PG, {"logon": logon}).first()
+        if row is None:
+            return None
+        slot, reserved = row
+    else:
+        slot = connection.execute(_FREE, {"logon": logon}).scalar()
+        if slot is None:
+            return None
+        reserved = 1 if is_reserved(session, logon) else 0
+    pending = session.info.setdefault(_PENDING, [0, 0, at])
+    pending[0] += 1
+    pending[1] += reserved
+    pending[2] = at
+    session.info.pop(POOL_ROW, None)  # no longer the pool as this transaction leaves it
     audit(
         session,
         at,
@@ -410,7 +487,7 @@ def release(
         actor=actor,
         detail=detail or f"slot {slot}",
     )
-    record_usage(session, at)
+    mark_pool_changed(session)
     return int(slot)
 
 
@@ -491,6 +568,7 @@ def pool_warning_due(session: Session, warn_at: int) -> bool:
     A transaction that took or freed a licence knows the pool's row already (it holds it), so this
     costs nothing; :func:`pool_warning` decides under the locks.
     """
+    flush_pool(session)
     snapshot = session.info.get(POOL_ROW)
     if snapshot is None:
         row = session.connection().execute(text(_READ_POOL)).first()
@@ -509,6 +587,7 @@ def pool_warning(session: Session, warn_at: int, at: datetime) -> tuple[bool, Po
     pool take turns and each sees every licence change committed before it: each crossing flips the
     flag exactly once, whichever process makes it (see :func:`_warning_wanted` for the threshold).
     """
+    flush_pool(session)
     connection = session.connection()
     postgresql = connection.dialect.name == "postgresql"
     if POOL_ROW in session.info:
