@@ -442,20 +442,10 @@ class BridgeService:
         now: datetime,
     ) -> Decision:
         if decision.takes_licence:
-            slot = ops.acquire(session, logon, self.node, now)
+            # Writes the audit line of the acquisition too.
+            slot = ops.acquire_for_call(session, logon, self.node, now, number, direction.value)
             if slot is None:  # lost the last licence to a concurrent call
                 decision = Decision(False, Reason.EMERGENCY_ONLY)
-            else:
-                ops.audit(
-                    session,
-                    now,
-                    "acquire",
-                    logon=logon,
-                    number=number,
-                    reason=direction.value,
-                    node=self.node,
-                    detail=f"slot {slot}",
-                )
         if not decision.allowed:
             ops.audit(
                 session,

@@ -213,9 +213,9 @@ _TAKE = text(
     " OR used - reserved_used < total - reserved)"
     " RETURNING total, used, reserved, reserved_used, warned"
 ).bindparams(bindparam("logon", type_=Bounded(128)))
-# PostgreSQL: the same count, the claim of a free row and the usage line in one round trip, since
-# the pool's row is held from this statement to the commit.
-_TAKE_AND_CLAIM = text(
+# PostgreSQL: the same count, the claim of a free row, the usage line and (for a call) the audit
+# line in one round trip, since the pool's row is held from this statement to the commit.
+_TAKE_AND_CLAIM_SQL = (
     "WITH r AS (SELECT count(*) AS n FROM subscribers WHERE logon = :logon AND reserved),"
     " p AS (UPDATE licence_pool SET used = used + 1, reserved_used = reserved_used + r.n"
     " FROM r WHERE id = 1 AND used < total AND NOT EXISTS (SELECT 1 FROM licences WHERE logon = :logon)"
@@ -225,12 +225,21 @@ _TAKE_AND_CLAIM = text(
     " (SELECT slot FROM licences WHERE logon IS NULL AND EXISTS (SELECT 1 FROM p)"
     " ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING slot),"
     " u AS (INSERT INTO licence_usage (at, used, total) SELECT :at, p.used, p.total FROM p, c)"
+    "{audit}"
     " SELECT p.total, p.used, p.reserved, p.reserved_used, p.warned, p.n, c.slot FROM p LEFT JOIN c ON true"
-).bindparams(
+)
+_TAKE_PARAMS = (
     bindparam("logon", type_=Bounded(128)),
     bindparam("at", type_=UTCDateTime()),
     bindparam("node", type_=Bounded(128)),
 )
+_TAKE_AND_CLAIM = text(_TAKE_AND_CLAIM_SQL.format(audit="")).bindparams(*_TAKE_PARAMS)
+_TAKE_AND_CLAIM_AUDITED = text(
+    _TAKE_AND_CLAIM_SQL.format(
+        audit=", a AS (INSERT INTO audit (at, kind, logon, number, reason, node, actor, detail)"
+        " SELECT :at, 'acquire', :logon, :number, :reason, :node, '', 'slot ' || c.slot FROM c)"
+    )
+).bindparams(*_TAKE_PARAMS, bindparam("number", type_=Bounded(64)), bindparam("reason", type_=Bounded(64)))
 # Freed licences are counted out of the pool's row just before commit, all at once, so the row is
 # held only for that last statement.
 _GIVE = text(
@@ -384,17 +393,53 @@ def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None
     lowered), it takes over the licence of a floating holder, which then loses it as at a reset:
     its call in progress goes on.
     """
+    return _acquire(session, logon, node, at, None)
+
+
+def acquire_for_call(
+    session: Session, logon: str, node: str, at: datetime, number: str, direction: str
+) -> int | None:
+    """:func:`acquire` for a call to or from ``number``, with its audit line (kind ``acquire``).
+
+    Written in the same statement as the claim where the database allows it: a call decision
+    holds the pool's row from the claim to its commit, so the fewer statements after it the better.
+    """
+    return _acquire(session, logon, node, at, {"number": number, "reason": direction})
+
+
+def _acquire(
+    session: Session, logon: str, node: str, at: datetime, call: dict[str, str] | None
+) -> int | None:
     share_pool(session)
-    slot = _claim_free(session, logon, node, at)
+    slot = _claim_free(session, logon, node, at, call)
     if slot is None:
         # Checked only now: the claim itself is refused to a log-on holding a licence.
         slot = held_slot(session, logon)
         if slot is None and is_reserved(session, logon):
-            slot = _take_over(session, logon, node, at)
+            slot = _take_over(session, logon, node, at, call)
+        elif slot is not None and call is not None:
+            _audit_acquire(session, logon, node, at, call, slot)
     return slot
 
 
-def _claim_free(session: Session, logon: str, node: str, at: datetime) -> int | None:
+def _audit_acquire(
+    session: Session, logon: str, node: str, at: datetime, call: dict[str, str], slot: int
+) -> None:
+    audit(
+        session,
+        at,
+        "acquire",
+        logon=logon,
+        number=call["number"],
+        reason=call["reason"],
+        node=node,
+        detail=f"slot {slot}",
+    )
+
+
+def _claim_free(
+    session: Session, logon: str, node: str, at: datetime, call: dict[str, str] | None
+) -> int | None:
     """Count ``logon`` into the pool's row if there is room for it, then claim a free licence row.
 
     The row is counted in under its lock, after every change counted before it has committed, so
@@ -405,7 +450,11 @@ def _claim_free(session: Session, logon: str, node: str, at: datetime) -> int | 
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         for _attempt in range(3):
-            row = connection.execute(_TAKE_AND_CLAIM, {"logon": logon, "at": at, "node": node}).first()
+            values = {"logon": logon, "at": at, "node": node}
+            if call is None:
+                row = connection.execute(_TAKE_AND_CLAIM, values).first()
+            else:
+                row = connection.execute(_TAKE_AND_CLAIM_AUDITED, {**values, **call}).first()
             if row is None:
                 return None  # no room: the pool's row says so, and nothing was changed
             *pool, reserved, slot = row
@@ -425,11 +474,15 @@ def _claim_free(session: Session, logon: str, node: str, at: datetime) -> int | 
         recount_pool(session)
         return None
     connection.execute(_USAGE, {"at": at, "used": counts.used, "total": counts.total})
+    if call is not None:
+        _audit_acquire(session, logon, node, at, call, int(slot))
     mark_pool_changed(session)
     return int(slot)
 
 
-def _take_over(session: Session, logon: str, node: str, at: datetime) -> int | None:
+def _take_over(
+    session: Session, logon: str, node: str, at: datetime, call: dict[str, str] | None
+) -> int | None:
     """Move the licence of a floating holder to reserved ``logon``; prefer a holder not in a call."""
     in_call = select(CallRow.logon).where(CallRow.logon == LicenceRow.logon).exists()
     victim = session.execute(
@@ -444,7 +497,7 @@ def _take_over(session: Session, logon: str, node: str, at: datetime) -> int | N
     slot, holder = victim
     release(session, holder or "", at, "reserved", node, detail=f"slot {slot} given to reserved {logon}")
     log.warning("licence taken over slot=%s from=%s to=%s reason=reserved node=%s", slot, holder, logon, node)
-    return _claim_free(session, logon, node, at)
+    return _claim_free(session, logon, node, at, call)
 
 
 def release(
