@@ -95,3 +95,41 @@ def test_reserved_licences_migration_keeps_every_log_on_and_licence(database_url
         assert db.current_revision() == HEAD_REVISION
     finally:
         db.dispose()
+
+
+def test_licence_pool_migration_counts_the_pool_as_it_is(database_url: str) -> None:
+    """0004 fills the pool's row from the licences held and reserved; downgrading drops only that row."""
+    db = Database(database_url)
+    try:
+        db.upgrade("0003")
+        with db.engine.begin() as connection:
+            connection.execute(text("INSERT INTO profiles VALUES ('default', 120)"))
+            for logon, reserved in (("lift", True), ("21-desk", False), ("22-desk", False)):
+                connection.execute(
+                    text(
+                        "INSERT INTO subscribers (logon, number, profile, last_logon_failed, created_at,"
+                        " reserved) VALUES (:logon, '21', 'default', false, '2026-11-24 08:00:00', :reserved)"
+                    ),
+                    {"logon": logon, "reserved": reserved},
+                )
+            connection.execute(
+                text("INSERT INTO licences (slot, logon) VALUES (1, 'lift'), (2, '21-desk'), (3, NULL)")
+            )
+            connection.execute(text("UPDATE pool_state SET warned = true"))
+        db.upgrade("0004")
+        with db.engine.begin() as connection:
+            assert connection.execute(
+                text("SELECT id, total, used, reserved, reserved_used, warned FROM licence_pool")
+            ).all() == [(1, 3, 2, 1, 1, True)]
+        db.downgrade("0003")
+        assert "licence_pool" not in db.table_names()
+        with db.engine.begin() as connection:
+            assert connection.execute(text("SELECT slot, logon FROM licences ORDER BY slot")).all() == [
+                (1, "lift"),
+                (2, "21-desk"),
+                (3, None),
+            ]
+        db.upgrade()
+        assert db.current_revision() == HEAD_REVISION
+    finally:
+        db.dispose()
