@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from forum_bridge.adapters.asterisk import ami
+from forum_bridge.adapters.asterisk import ami as ami_module
 from forum_bridge.adapters.asterisk.ami import EVENT_CLASSES, AmiListener
 from forum_bridge.config import Settings
 from forum_bridge.core.events import Direction
@@ -17,15 +17,7 @@ from forum_bridge.errors import PbxConnectionError, StoreError
 from forum_bridge.service import BridgeService
 from tests.asterisk.aio import run
 from tests.asterisk.ami_transcript import raw_frames
-from tests.asterisk.conftest import (
-    RecordingObserver,
-    challenge_failed,
-    contact_item,
-    contact_status,
-    fake_ami,
-    new_channel,
-    running,
-)
+from tests.asterisk.conftest import AmiRig, challenge_failed, contact_item, contact_status, new_channel
 from tests.asterisk.fake_ami import FakeAmi
 
 ServiceFactory = Callable[[Settings], BridgeService]
@@ -33,272 +25,184 @@ SettingsFactory = Callable[..., Settings]
 AMI_LOGGER = "forum_bridge.adapters.asterisk.ami"
 
 
-def subscriber(status: dict[str, Any], logon: str) -> dict[str, Any]:
-    return next(s for s in status["subscribers"] if s["logon"] == logon)
+def test_login_uses_the_event_mask_and_resyncs_contacts_and_channels(ami: AmiRig) -> None:
+    ami.setup("21-desk", registered=True)
+    fake = ami.fake
+    fake.channels = [dict(new_channel("21-desk", "600"), Application="Echo", Duration="00:00:01")]
+    fake.channels[0].pop("Event")
+
+    async def scenario(listener: AmiListener) -> None:
+        login = fake.actions_named("Login")[0]
+        assert login["Events"] == EVENT_CLASSES == "system,call,security"
+        assert login["Username"] == "forumbridge"
+        status = ami.service.status()
+        desk = ami.subscriber("21-desk")
+        assert desk["state"] == "logged_on"
+        assert desk["contact"] == "sip:21-desk@127.0.0.1:5081"
+        assert desk["source"] == "127.0.0.1:5081"
+        assert desk["user_agent"] == "SIPp-test"
+        assert [(c["channel"], c["number"]) for c in status["calls"]] == [
+            (fake.channels[0]["Channel"], "600")
+        ]
+        assert ami.recorded.connected == [True]
+
+    ami.listen(scenario)
+    assert ami.recorded.connected == [True, False]
 
 
-def holders(service: BridgeService) -> list[str]:
-    return sorted(a["logon"] for a in service.status()["assignments"])
+def test_a_contact_that_vanished_while_away_is_freed_after_the_reconnect(ami: AmiRig) -> None:
+    service = ami.setup("21-desk", "22-soft", registered=True, **{"licences.count": 2})
+
+    async def scenario(listener: AmiListener) -> None:
+        assert service.authorize("21-desk", "600").allowed
+        assert service.authorize("22-soft", "600").allowed
+        assert ami.holders() == ["21-desk", "22-soft"]
+        # While the bridge is away, 21-desk unregisters: nobody tells the bridge.
+        await ami.fake.drop()
+        ami.fake.contacts = [contact_item("22-soft", 5082)]
+        await ami.wait(lambda: listener.resyncs >= 2)
+        assert listener.logins == 2
+        assert ami.subscriber("21-desk")["state"] == "logged_off"
+        assert ami.subscriber("22-soft")["state"] == "logged_on"
+        assert ami.holders() == ["22-soft"]
+        assert listener.last_resync is not None
+        assert listener.last_resync.released == ["21-desk"]
+
+    ami.listen(scenario)
 
 
-def registered(*logons: str) -> list[dict[str, str]]:
-    """What PJSIPShowContacts lists for these phones (the login resync makes the service match it)."""
-    return [contact_item(logon, 5081 + i) for i, logon in enumerate(logons)]
-
-
-async def processed(listener: AmiListener, count: int, timeout: float = 5.0) -> None:
-    """Wait until ``count`` more frames than now have been applied."""
-    target = listener.frames + count
-    await listener.wait_until(lambda: listener.frames >= target, timeout)
-
-
-def test_login_uses_the_event_mask_and_resyncs_contacts_and_channels(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            fake.contacts = [contact_item("21-desk")]
-            fake.channels = [dict(new_channel("21-desk", "600"), Application="Echo", Duration="00:00:01")]
-            fake.channels[0].pop("Event")
-            observer = RecordingObserver()
-            async with running(service.settings, service, observer=observer) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                login = fake.actions_named("Login")[0]
-                assert login["Events"] == EVENT_CLASSES == "system,call,security"
-                assert login["Username"] == "forumbridge"
-                status = service.status()
-                desk = subscriber(status, "21-desk")
-                assert desk["state"] == "logged_on"
-                assert desk["contact"] == "sip:21-desk@127.0.0.1:5081"
-                assert desk["source"] == "127.0.0.1:5081"
-                assert desk["user_agent"] == "SIPp-test"
-                assert [(c["channel"], c["number"]) for c in status["calls"]] == [
-                    (fake.channels[0]["Channel"], "600")
-                ]
-                assert observer.connected == [True]
-            assert observer.connected == [True, False]
-
-    run(scenario())
-
-
-def test_a_contact_that_vanished_while_away_is_freed_after_the_reconnect(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port, **{"licences.count": 2}))
-            service.add_subscriber("21-desk", "21")
-            service.add_subscriber("22-soft", "22")
-            fake.contacts = [contact_item("21-desk", 5081), contact_item("22-soft", 5082)]
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                assert service.authorize("21-desk", "600").allowed
-                assert service.authorize("22-soft", "600").allowed
-                assert holders(service) == ["21-desk", "22-soft"]
-                # While the bridge is away, 21-desk unregisters: nobody tells the bridge.
-                await fake.drop()
-                fake.contacts = [contact_item("22-soft", 5082)]
-                await listener.wait_until(lambda: listener.resyncs >= 2, 5)
-                assert listener.logins == 2
-                status = service.status()
-                assert subscriber(status, "21-desk")["state"] == "logged_off"
-                assert subscriber(status, "22-soft")["state"] == "logged_on"
-                assert holders(service) == ["22-soft"]
-                assert listener.last_resync is not None
-                assert listener.last_resync.released == ["21-desk"]
-
-    run(scenario())
-
-
-def test_the_recorded_transcript_applied_through_the_wire(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
+def test_the_recorded_transcript_applied_through_the_wire(ami: AmiRig) -> None:
     """Every event frame of the real capture, pushed as recorded bytes, lands in the right state."""
     event_frames = [f for f in raw_frames("asterisk22-ami-capture.txt") if f.startswith("Event:")]
+    service = ami.setup("21-desk", "22-soft")
 
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            service.add_subscriber("22-soft", "22")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                start = listener.frames
-                for frame in event_frames:
-                    fake.push(frame)
-                await listener.wait_until(lambda: listener.frames >= start + len(event_frames), 10)
-                await asyncio.sleep(0)
-                assert fake.hangups == []  # the licence was free for the call to 600
-            status = service.status()
-            assert status["licences"]["used"] == 0  # 21-desk unregistered: freed at once
-            assert {s["logon"]: s["state"] for s in status["subscribers"]} == {
-                "21-desk": "logged_off",
-                "22-soft": "logged_off",
-            }
-            failed = {(f["logon"], f["reason"], f["source"]) for f in status["failed_logons"]}
-            assert failed == {
-                ("22-soft", "wrong_password", "127.0.0.1:5082"),
-                ("nobody", "unknown_user", "127.0.0.1:5083"),
-            }
-            acquired = [a for a in service.audit_log() if a["kind"] == "acquire"]
-            assert [(a["logon"], a["number"]) for a in acquired] == [("21-desk", "600")]
-            assert status["calls"] == []
+    async def scenario(listener: AmiListener) -> None:
+        await ami.send(*event_frames, timeout=10)
+        await asyncio.sleep(0)
+        assert ami.fake.hangups == []  # the licence was free for the call to 600
 
-    run(scenario())
+    ami.listen(scenario)
+    status = service.status()
+    assert status["licences"]["used"] == 0  # 21-desk unregistered: freed at once
+    assert {s["logon"]: s["state"] for s in status["subscribers"]} == {
+        "21-desk": "logged_off",
+        "22-soft": "logged_off",
+    }
+    failed = {(f["logon"], f["reason"], f["source"]) for f in status["failed_logons"]}
+    assert failed == {
+        ("22-soft", "wrong_password", "127.0.0.1:5082"),
+        ("nobody", "unknown_user", "127.0.0.1:5083"),
+    }
+    acquired = [a for a in service.audit_log() if a["kind"] == "acquire"]
+    assert [(a["logon"], a["number"]) for a in acquired] == [("21-desk", "600")]
+    assert status["calls"] == []
 
 
-def test_pool_full_hangs_up_a_normal_call_but_not_an_emergency_call(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            service.add_subscriber("22-soft", "22")
-            fake.contacts = registered("21-desk", "22-soft")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                first = new_channel("21-desk", "600")
-                fake.push(first)
-                await processed(listener, 1)
-                assert holders(service) == ["21-desk"]
-                emergency = new_channel("22-soft", "112")
-                denied = new_channel("22-soft", "600")
-                fake.channels = [{"Channel": denied["Channel"]}]
-                fake.push(emergency)
-                fake.push(denied)
-                await fake.wait_until(lambda: len(fake.hangups) >= 1)
-                hangup = fake.hangups[0]
-                assert (hangup["Channel"], hangup["Cause"]) == (denied["Channel"], "21")
-                await listener.wait_until(lambda: listener.hangups_sent == [denied["Channel"]], 5)
-            # Frames are applied in order, so a hang-up of the 112 call would have come first.
-            assert [h["Channel"] for h in fake.hangups] == [denied["Channel"]]
-            assert holders(service) == ["21-desk"]
+def test_pool_full_hangs_up_a_normal_call_but_not_an_emergency_call(ami: AmiRig) -> None:
+    ami.setup("21-desk", "22-soft", registered=True)
+    fake = ami.fake
+    emergency, denied = new_channel("22-soft", "112"), new_channel("22-soft", "600")
 
-    run(scenario())
+    async def scenario(listener: AmiListener) -> None:
+        await ami.send(new_channel("21-desk", "600"))
+        assert ami.holders() == ["21-desk"]
+        fake.channels = [{"Channel": denied["Channel"]}]
+        ami.push(emergency, denied)
+        await fake.wait_until(lambda: len(fake.hangups) >= 1)
+        hangup = fake.hangups[0]
+        assert (hangup["Channel"], hangup["Cause"]) == (denied["Channel"], "21")
+        await ami.wait(lambda: listener.hangups_sent == [denied["Channel"]])
+
+    ami.listen(scenario)
+    # Frames are applied in order, so a hang-up of the 112 call would have come first.
+    assert [h["Channel"] for h in fake.hangups] == [denied["Channel"]]
+    assert ami.holders() == ["21-desk"]
 
 
-def test_a_failed_log_on_is_hung_up_even_for_an_emergency_call(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port, **{"licences.count": 2}))
-            service.add_subscriber("21-desk", "21")
-            fake.contacts = registered("21-desk")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                fake.push(challenge_failed("21-desk"))
-                call = new_channel("21-desk", "112")
-                fake.push(call)
-                await fake.wait_until(lambda: len(fake.hangups) >= 1)
-                assert (fake.hangups[0]["Channel"], fake.hangups[0]["Cause"]) == (call["Channel"], "21")
-                assert subscriber(service.status(), "21-desk")["state"] == "logon_failed"
+def test_a_failed_log_on_is_hung_up_even_for_an_emergency_call(ami: AmiRig) -> None:
+    ami.setup("21-desk", registered=True, **{"licences.count": 2})
+    fake, call = ami.fake, new_channel("21-desk", "112")
 
-    run(scenario())
+    async def scenario(listener: AmiListener) -> None:
+        ami.push(challenge_failed("21-desk"), call)
+        await fake.wait_until(lambda: len(fake.hangups) >= 1)
+        assert (fake.hangups[0]["Channel"], fake.hangups[0]["Cause"]) == (call["Channel"], "21")
+        assert ami.subscriber("21-desk")["state"] == "logon_failed"
+
+    ami.listen(scenario)
 
 
-def test_an_inbound_leg_of_a_log_on_without_a_licence_is_hung_up(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            service.add_subscriber("21-soft", "21")
-            fake.contacts = registered("21-desk", "21-soft")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                assert service.authorize("21-desk", "600").allowed  # the only licence
-                ringing = new_channel("21-soft", "21", inbound=True)
-                fake.push(ringing)
-                await fake.wait_until(lambda: len(fake.hangups) >= 1)
-                assert (fake.hangups[0]["Channel"], fake.hangups[0]["Cause"]) == (ringing["Channel"], "21")
-                deny = [a for a in service.audit_log() if a["kind"] == "deny"]
-                assert (deny[0]["logon"], deny[0]["number"], deny[0]["detail"]) == (
-                    "21-soft",
-                    "21",
-                    Direction.INBOUND.value,
-                )
+def test_an_inbound_leg_of_a_log_on_without_a_licence_is_hung_up(ami: AmiRig) -> None:
+    service = ami.setup("21-desk", "21-soft", registered=True)
+    fake, ringing = ami.fake, new_channel("21-soft", "21", inbound=True)
 
-    run(scenario())
+    async def scenario(listener: AmiListener) -> None:
+        assert service.authorize("21-desk", "600").allowed  # the only licence
+        ami.push(ringing)
+        await fake.wait_until(lambda: len(fake.hangups) >= 1)
+        assert (fake.hangups[0]["Channel"], fake.hangups[0]["Cause"]) == (ringing["Channel"], "21")
+        deny = [a for a in service.audit_log() if a["kind"] == "deny"]
+        assert (deny[0]["logon"], deny[0]["number"], deny[0]["detail"]) == (
+            "21-soft",
+            "21",
+            Direction.INBOUND.value,
+        )
+
+    ami.listen(scenario)
 
 
-def test_hook_only_mode_records_calls_without_deciding(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port, **{"asterisk.enforce": "hook"}))
-            service.add_subscriber("21-desk", "21")
-            service.add_subscriber("22-soft", "22")
-            fake.contacts = registered("21-desk", "22-soft")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                assert service.authorize("21-desk", "600").allowed
-                call = new_channel("22-soft", "600")
-                fake.push(call)
-                await processed(listener, 1)
-                assert [c["channel"] for c in service.status()["calls"]] == [call["Channel"]]
-                fake.push({"Event": "Hangup", "Channel": call["Channel"], "Cause": "16"})
-                await processed(listener, 1)
-                assert service.status()["calls"] == []
-            assert fake.hangups == []
-            assert holders(service) == ["21-desk"]
+def test_hook_only_mode_records_calls_without_deciding(ami: AmiRig) -> None:
+    service = ami.setup("21-desk", "22-soft", registered=True, **{"asterisk.enforce": "hook"})
+    call = new_channel("22-soft", "600")
 
-    run(scenario())
+    async def scenario(listener: AmiListener) -> None:
+        assert service.authorize("21-desk", "600").allowed
+        await ami.send(call)
+        assert [c["channel"] for c in service.status()["calls"]] == [call["Channel"]]
+        await ami.send({"Event": "Hangup", "Channel": call["Channel"], "Cause": "16"})
+        assert service.status()["calls"] == []
+
+    ami.listen(scenario)
+    assert ami.fake.hangups == []
+    assert ami.holders() == ["21-desk"]
 
 
 def test_database_errors_follow_the_fail_mode_but_emergency_calls_run(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+    ami: AmiRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            fake.contacts = registered("21-desk")
+    service = ami.setup("21-desk", registered=True)
+    fake, emergency, normal = ami.fake, new_channel("21-desk", "112"), new_channel("21-desk", "600")
 
-            def broken(*_args: Any, **_kwargs: Any) -> Any:
-                raise StoreError("database error: disk I/O error")
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise StoreError("database error: disk I/O error")
 
-            monkeypatch.setattr(service, "authorize", broken)
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                emergency = new_channel("21-desk", "112")
-                normal = new_channel("21-desk", "600")
-                fake.push(emergency)
-                fake.push(normal)
-                await fake.wait_until(lambda: len(fake.hangups) >= 1)
-                await processed(listener, 0)
-            assert [h["Channel"] for h in fake.hangups] == [normal["Channel"]]
-            # Not decided (the database failed): 503 like the dialplan's fail mode, not 403.
-            assert [h["Cause"] for h in fake.hangups] == ["34"]
+    monkeypatch.setattr(service, "authorize", broken)
 
-    run(scenario())
+    async def scenario(listener: AmiListener) -> None:
+        await ami.send(emergency, normal)
+        await fake.wait_until(lambda: len(fake.hangups) >= 1)
+
+    ami.listen(scenario)
+    assert [h["Channel"] for h in fake.hangups] == [normal["Channel"]]
+    # Not decided (the database failed): 503 like the dialplan's fail mode, not 403.
+    assert [h["Cause"] for h in fake.hangups] == ["34"]
 
 
 def test_reconnect_is_logged_once_when_asterisk_goes_and_once_when_it_is_back(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+    ami: AmiRig, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=AMI_LOGGER)
 
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            observer = RecordingObserver()
-            async with running(service.settings, service, observer=observer) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                await fake.stop_listening()
-                # Several refused attempts while Asterisk is away.
-                await listener.wait_until(lambda: listener._failures >= 4, 5)
-                await fake.start()
-                await listener.wait_until(lambda: listener.resyncs >= 2, 5)
-                assert listener.logins == 2
-            assert observer.connected == [True, False, True, False]
+    async def scenario(listener: AmiListener) -> None:
+        await ami.fake.stop_listening()
+        # Several refused attempts while Asterisk is away.
+        await ami.wait(lambda: listener._failures >= 4)
+        await ami.fake.start()
+        await ami.wait(lambda: listener.resyncs >= 2)
+        assert listener.logins == 2
 
-    run(scenario())
+    ami.listen(scenario)
+    assert ami.recorded.connected == [True, False, True, False]
     records = [r for r in caplog.records if r.name == AMI_LOGGER and r.levelno >= logging.INFO]
     lost = [r for r in records if "lost Asterisk AMI" in r.getMessage()]
     back = [r for r in records if "is back" in r.getMessage()]
@@ -308,20 +212,20 @@ def test_reconnect_is_logged_once_when_asterisk_goes_and_once_when_it_is_back(
 
 
 def test_a_wrong_secret_gives_one_clear_error_line_without_the_secret(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+    ami: AmiRig, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     wrong = "wrong-secret-Zq7"
+    ami.fake.secret = "the-right-one"
+    ami.setup(secret=wrong)
+    fake = ami.fake
 
-    async def scenario() -> None:
-        async with fake_ami(secret="the-right-one") as fake:
-            service = make_service(bridge_settings(fake.port, secret=wrong))
-            async with running(service.settings, service) as listener:
-                await fake.wait_until(lambda: fake.login_attempts >= 3, 5)
-                assert listener.connected is False
-                assert listener.logins == 0
+    async def scenario(listener: AmiListener) -> None:
+        await fake.wait_until(lambda: fake.login_attempts >= 3, 5)
+        assert listener.connected is False
+        assert listener.logins == 0
 
-    run(scenario())
+    ami.listen(scenario, resynced=False)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     message = errors[0].getMessage()
@@ -333,185 +237,144 @@ def test_a_wrong_secret_gives_one_clear_error_line_without_the_secret(
 
 
 def test_a_login_refused_while_asterisk_shuts_down_is_not_blamed_on_the_secret(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+    ami: AmiRig, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=AMI_LOGGER)
+    fake = ami.fake
+    fake.login_error = "Asterisk is shutting down"
 
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            fake.login_error = "Asterisk is shutting down"
-            service = make_service(bridge_settings(fake.port))
-            async with running(service.settings, service) as listener:
-                await fake.wait_until(lambda: fake.login_attempts >= 2)
-                fake.login_error = None
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
+    async def scenario(listener: AmiListener) -> None:
+        await fake.wait_until(lambda: fake.login_attempts >= 2)
+        fake.login_error = None
+        await ami.wait(lambda: listener.resyncs >= 1)
 
-    run(scenario())
+    ami.listen(scenario, resynced=False)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "Asterisk is shutting down" in warnings[0]
 
 
-def test_a_silent_peer_is_detected_by_the_ping_and_the_session_replaced(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port, **{"asterisk.action_timeout": 0.3}))
-            async with running(service.settings, service, ping_interval=0.05) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                fake.answer_pings = False
-                await listener.wait_until(lambda: listener.logins >= 2, 5)
-                fake.answer_pings = True
-                await listener.wait_until(lambda: listener.resyncs >= 2, 5)
-                assert listener.connected
-            assert len(fake.actions_named("Ping")) == 1  # unanswered, so the session was replaced
+def test_a_silent_peer_is_detected_by_the_ping_and_the_session_replaced(ami: AmiRig) -> None:
+    ami.setup(**{"asterisk.action_timeout": 0.3})
 
-    run(scenario())
+    async def scenario(listener: AmiListener) -> None:
+        ami.fake.answer_pings = False
+        await ami.wait(lambda: listener.logins >= 2)
+        ami.fake.answer_pings = True
+        await ami.wait(lambda: listener.resyncs >= 2)
+        assert listener.connected
+
+    ami.listen(scenario, ping_interval=0.05)
+    assert len(ami.fake.actions_named("Ping")) == 1  # unanswered, so the session was replaced
 
 
-def test_malformed_frames_are_dropped_and_the_session_goes_on(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                fake.push_bytes(b"this is not a header\r\nneither is this\r\n\r\n")
-                fake.push_bytes(b"Event: Newchannel\r\nEvent: Hangup\r\nChannel: PJSIP/x-00000001\r\n\r\n")
-                fake.push_bytes(b"Event: ContactStatus\r\nContactStatus: NonQualified\r\n\r\n")
-                fake.push_bytes(
-                    b"Event: Newchannel\r\nChannel: PJSIP/21-desk-00000009\r\nExten: \xff\xfe\r\n\r\n"
-                )
-                fake.push_bytes(bytes(range(1, 9)) + b"\r\n\r\n")
-                good = contact_status("21-desk")
-                good["UserAgent"] = "Zoë Müller"
-                fake.push(good)
-                await listener.wait_until(
-                    lambda: subscriber(service.status(), "21-desk")["state"] == "logged_on", 5
-                )
-                assert listener.logins == 1
-                assert subscriber(service.status(), "21-desk")["user_agent"] == "Zoë Müller"
+def test_malformed_frames_are_dropped_and_the_session_goes_on(ami: AmiRig) -> None:
+    ami.setup("21-desk")
+    fake = ami.fake
 
-    run(scenario())
+    async def scenario(listener: AmiListener) -> None:
+        fake.push_bytes(b"this is not a header\r\nneither is this\r\n\r\n")
+        fake.push_bytes(b"Event: Newchannel\r\nEvent: Hangup\r\nChannel: PJSIP/x-00000001\r\n\r\n")
+        fake.push_bytes(b"Event: ContactStatus\r\nContactStatus: NonQualified\r\n\r\n")
+        fake.push_bytes(b"Event: Newchannel\r\nChannel: PJSIP/21-desk-00000009\r\nExten: \xff\xfe\r\n\r\n")
+        fake.push_bytes(bytes(range(1, 9)) + b"\r\n\r\n")
+        good = contact_status("21-desk")
+        good["UserAgent"] = "Zoë Müller"
+        fake.push(good)
+        await ami.wait(lambda: ami.subscriber("21-desk")["state"] == "logged_on")
+        assert listener.logins == 1
+        assert ami.subscriber("21-desk")["user_agent"] == "Zoë Müller"
+
+    ami.listen(scenario)
 
 
-def test_an_endless_frame_drops_the_connection_instead_of_growing_memory(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                chunk = b"Event: X\r\n" + b"Y: " + b"z" * 65536 + b"\r\n"
-                for _ in range(20):
-                    fake.push_bytes(chunk)
-                await listener.wait_until(lambda: listener.logins >= 2, 5)
+def test_an_endless_frame_drops_the_connection_instead_of_growing_memory(ami: AmiRig) -> None:
+    async def scenario(listener: AmiListener) -> None:
+        chunk = b"Event: X\r\n" + b"Y: " + b"z" * 65536 + b"\r\n"
+        for _ in range(20):
+            ami.fake.push_bytes(chunk)
+        await ami.wait(lambda: listener.logins >= 2)
 
-    run(scenario())
+    ami.listen(scenario)
 
 
 def test_a_keepalive_of_an_unknown_registration_triggers_a_resync(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+    ami: AmiRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ami, "_UNKNOWN_RESYNC_DELAY", 0.05)
-    monkeypatch.setattr(ami, "_UNKNOWN_RESYNC_MIN_INTERVAL", 0.0)
+    monkeypatch.setattr(ami_module, "_UNKNOWN_RESYNC_DELAY", 0.05)
+    monkeypatch.setattr(ami_module, "_UNKNOWN_RESYNC_MIN_INTERVAL", 0.0)
+    ami.setup("21-desk")
 
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                assert subscriber(service.status(), "21-desk")["state"] == "logged_off"
-                # The phone is registered in Asterisk, but the bridge does not know the contact
-                # (e.g. it logged it off for a missed keepalive): its next REGISTER refresh shows.
-                fake.contacts = [contact_item("21-desk")]
-                fake.push(
-                    {
-                        "Event": "SuccessfulAuth",
-                        "Privilege": "security,all",
-                        "EventTV": "2026-11-24T04:39:17.371+0000",
-                        "Service": "PJSIP",
-                        "AccountID": "21-desk",
-                        "RemoteAddress": "IPV4/UDP/127.0.0.1/5081",
-                        "UsingPassword": "1",
-                    }
-                )
-                await listener.wait_until(lambda: listener.resyncs >= 2, 5)
-                assert subscriber(service.status(), "21-desk")["state"] == "logged_on"
+    async def scenario(listener: AmiListener) -> None:
+        assert ami.subscriber("21-desk")["state"] == "logged_off"
+        # The phone is registered in Asterisk, but the bridge does not know the contact
+        # (e.g. it logged it off for a missed keepalive): its next REGISTER refresh shows.
+        ami.fake.contacts = [contact_item("21-desk")]
+        ami.push(
+            {
+                "Event": "SuccessfulAuth",
+                "Privilege": "security,all",
+                "EventTV": "2026-11-24T04:39:17.371+0000",
+                "Service": "PJSIP",
+                "AccountID": "21-desk",
+                "RemoteAddress": "IPV4/UDP/127.0.0.1/5081",
+                "UsingPassword": "1",
+            }
+        )
+        await ami.wait(lambda: listener.resyncs >= 2)
+        assert ami.subscriber("21-desk")["state"] == "logged_on"
 
-    run(scenario())
+    ami.listen(scenario)
 
 
-def test_event_lag_is_reported_from_event_tv(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            observer = RecordingObserver()
-            async with running(service.settings, service, observer=observer) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                fake.push(challenge_failed("nobody"))
-                await processed(listener, 1)
-            assert len(observer.lags) == 1
-            assert observer.lags[0] > 0  # the recorded EventTV is in the past
+def test_event_lag_is_reported_from_event_tv(ami: AmiRig) -> None:
+    async def scenario(listener: AmiListener) -> None:
+        await ami.send(challenge_failed("nobody"))
 
-    run(scenario())
+    ami.listen(scenario)
+    assert len(ami.recorded.lags) == 1
+    assert ami.recorded.lags[0] > 0  # the recorded EventTV is in the past
 
 
 def test_a_refused_resync_is_one_error_and_the_session_keeps_following_events(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+    ami: AmiRig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An AMI user without write = system: reconnecting would not help, so the session stays."""
     caplog.set_level(logging.INFO, logger=AMI_LOGGER)
+    fake = ami.fake
+    fake.refused_actions = {"pjsipshowcontacts"}
+    ami.setup("21-desk")
 
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            fake.refused_actions = {"pjsipshowcontacts"}
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            async with running(service.settings, service) as listener:
-                await fake.wait_until(lambda: len(fake.actions_named("PJSIPShowContacts")) >= 1)
-                fake.push(contact_status("21-desk"))
-                await listener.wait_until(
-                    lambda: subscriber(service.status(), "21-desk")["state"] == "logged_on", 5
-                )
-                assert listener.logins == 1 and listener.resyncs == 0
-                fake.refused_actions = set()
-                # The retry comes after reconnect_max (0.2 s here, at least 1 s in real life).
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                assert listener.logins == 1
+    async def scenario(listener: AmiListener) -> None:
+        await fake.wait_until(lambda: len(fake.actions_named("PJSIPShowContacts")) >= 1)
+        ami.push(contact_status("21-desk"))
+        await ami.wait(lambda: ami.subscriber("21-desk")["state"] == "logged_on")
+        assert listener.logins == 1 and listener.resyncs == 0
+        fake.refused_actions = set()
+        # The retry comes after reconnect_max (0.2 s here, at least 1 s in real life).
+        await ami.wait(lambda: listener.resyncs >= 1)
+        assert listener.logins == 1
 
-    run(scenario())
+    ami.listen(scenario, resynced=False)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "write = system" in errors[0].getMessage()
     assert "Permission denied" in errors[0].getMessage()
 
 
-def test_caught_up_waits_for_frames_already_received(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                base = listener.received
-                fake.push(contact_status("21-desk"))
-                await listener.wait_until(lambda: listener.received > base, 5)
-                # Received but perhaps not applied yet: caught_up is the barrier the hook uses.
-                assert await listener.caught_up(5)
-                assert listener.frames >= base + 1
-                assert subscriber(service.status(), "21-desk")["state"] == "logged_on"
+def test_caught_up_waits_for_frames_already_received(ami: AmiRig) -> None:
+    ami.setup("21-desk")
 
-    run(scenario())
+    async def scenario(listener: AmiListener) -> None:
+        base = listener.received
+        ami.push(contact_status("21-desk"))
+        await ami.wait(lambda: listener.received > base)
+        # Received but perhaps not applied yet: caught_up is the barrier the hook uses.
+        assert await listener.caught_up(5)
+        assert listener.frames >= base + 1
+        assert ami.subscriber("21-desk")["state"] == "logged_on"
+
+    ami.listen(scenario)
 
 
 def test_actions_are_refused_at_once_while_disconnected(
@@ -541,7 +404,7 @@ def test_a_utf8_character_split_across_two_reads_survives() -> None:
         def abort(self) -> None:
             raise AssertionError("not expected")
 
-    protocol = ami._Protocol()
+    protocol = ami_module._Protocol()
     protocol.connection_made(Transport())
     protocol.factory, protocol.responses, protocol.encoding = Factory(), {}, "utf8"
     data = "Event: ContactStatus\r\nUserAgent: Zoë Müller\r\n\r\n".encode()
@@ -574,169 +437,143 @@ def successful_auth(logon: str, call_id: str) -> dict[str, str]:
 
 
 def test_only_a_register_lifts_a_registered_log_ons_block_not_its_authenticated_112(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+    ami: AmiRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ami, "_LOGON_CHECK_DELAYS", (0.01, 0.02, 0.04, 0.08))
+    monkeypatch.setattr(ami_module, "_LOGON_CHECK_DELAYS", (0.01, 0.02, 0.04, 0.08))
     changes: list[tuple[str, bool]] = []
+    ami.setup("21-desk", registered=True)
+    fake = ami.fake
 
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            fake.contacts = registered("21-desk")
-            async with running(
-                service.settings, service, on_blocked=lambda *c: changes.append(c)
-            ) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                assert subscriber(service.status(), "21-desk")["state"] == "logged_on"
-                fake.push(challenge_failed("21-desk"))
-                # The contact's expiry now is the reference a REGISTER must move.
-                await listener.wait_until(lambda: "21-desk" in listener._expiries, 5)
-                assert [a["Endpoint"] for a in queries(fake)] == ["21-desk"]
-                assert changes == [("21-desk", True)]
-                # Two INVITEs (to 112) authenticate: the contact's expiry does not move, so the
-                # block stays however long the bridge looks.
-                for attempt in range(2):
-                    asked = len(queries(fake))
-                    fake.push(successful_auth("21-desk", f"invite-{attempt}@127.0.0.1"))
-                    await fake.wait_until(lambda: len(queries(fake)) >= asked + 4)  # noqa: B023
-                    await listener.wait_until(lambda: not listener._logon_checks, 5)
-                    assert service.blocked_logons() == ["21-desk"]
-                    assert changes == [("21-desk", True)]
-                # A REGISTER refresh from the same contact, with a new Call-ID: Asterisk keeps the
-                # contact's first Call-ID but moves its expiry, and only a bit after the auth.
-                fake.push(successful_auth("21-desk", "register-2@127.0.0.1"))
-                await fake.wait_until(lambda: len(queries(fake)) >= 5)
-                fake.contacts = [dict(fake.contacts[0], ExpirationTime="1795497162")]
-                await listener.wait_until(lambda: bool(changes[1:]), 5)
-                assert changes == [("21-desk", True), ("21-desk", False)]
-                assert service.blocked_logons() == []
-                assert subscriber(service.status(), "21-desk")["state"] == "logged_on"
+    async def scenario(listener: AmiListener) -> None:
+        assert ami.subscriber("21-desk")["state"] == "logged_on"
+        ami.push(challenge_failed("21-desk"))
+        # The contact's expiry now is the reference a REGISTER must move.
+        await ami.wait(lambda: "21-desk" in listener._expiries)
+        assert [a["Endpoint"] for a in queries(fake)] == ["21-desk"]
+        assert changes == [("21-desk", True)]
+        # Two INVITEs (to 112) authenticate: the contact's expiry does not move, so the
+        # block stays however long the bridge looks.
+        for attempt in range(2):
+            asked = len(queries(fake))
+            ami.push(successful_auth("21-desk", f"invite-{attempt}@127.0.0.1"))
+            await fake.wait_until(lambda: len(queries(fake)) >= asked + 4)  # noqa: B023
+            await ami.wait(lambda: not listener._logon_checks)
+            assert ami.service.blocked_logons() == ["21-desk"]
+            assert changes == [("21-desk", True)]
+        # A REGISTER refresh from the same contact, with a new Call-ID: Asterisk keeps the
+        # contact's first Call-ID but moves its expiry, and only a bit after the auth.
+        ami.push(successful_auth("21-desk", "register-2@127.0.0.1"))
+        await fake.wait_until(lambda: len(queries(fake)) >= 5)
+        fake.contacts = [dict(fake.contacts[0], ExpirationTime="1795497162")]
+        await ami.wait(lambda: bool(changes[1:]))
+        assert changes == [("21-desk", True), ("21-desk", False)]
+        assert ami.service.blocked_logons() == []
+        assert ami.subscriber("21-desk")["state"] == "logged_on"
 
-    run(scenario())
+    ami.listen(scenario, on_blocked=lambda *c: changes.append(c))
 
 
 def test_a_failure_after_the_reference_needs_a_register_after_that_failure(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+    ami: AmiRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ami, "_LOGON_CHECK_DELAYS", (0.01, 0.02))
+    monkeypatch.setattr(ami_module, "_LOGON_CHECK_DELAYS", (0.01, 0.02))
+    ami.setup("21-desk", registered=True)
+    fake = ami.fake
 
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            fake.contacts = registered("21-desk")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                fake.push(challenge_failed("21-desk"))
-                await listener.wait_until(lambda: "21-desk" in listener._expiries, 5)
-                # The phone refreshed (expiry moved) but the bridge missed that SuccessfulAuth;
-                # then a log-on fails again: the reference is taken anew, so the next INVITE's
-                # authentication finds nothing moved since the latest failure.
-                uri, moved = fake.contacts[0]["Uri"], "1795497162"
-                fake.contacts = [dict(fake.contacts[0], ExpirationTime=moved)]
-                fake.push(dict(challenge_failed("21-desk"), SessionID="another-register@127.0.0.1"))
-                await listener.wait_until(lambda: listener._expiries["21-desk"].get(uri) == moved, 5)
-                fake.push(successful_auth("21-desk", "invite@127.0.0.1"))
-                await fake.wait_until(lambda: len(queries(fake)) >= 4)
-                await listener.wait_until(lambda: not listener._logon_checks, 5)
-                assert service.blocked_logons() == ["21-desk"]
+    async def scenario(listener: AmiListener) -> None:
+        ami.push(challenge_failed("21-desk"))
+        await ami.wait(lambda: "21-desk" in listener._expiries)
+        # The phone refreshed (expiry moved) but the bridge missed that SuccessfulAuth;
+        # then a log-on fails again: the reference is taken anew, so the next INVITE's
+        # authentication finds nothing moved since the latest failure.
+        uri, moved = fake.contacts[0]["Uri"], "1795497162"
+        fake.contacts = [dict(fake.contacts[0], ExpirationTime=moved)]
+        ami.push(dict(challenge_failed("21-desk"), SessionID="another-register@127.0.0.1"))
+        await ami.wait(lambda: listener._expiries["21-desk"].get(uri) == moved)
+        ami.push(successful_auth("21-desk", "invite@127.0.0.1"))
+        await fake.wait_until(lambda: len(queries(fake)) >= 4)
+        await ami.wait(lambda: not listener._logon_checks)
+        assert ami.service.blocked_logons() == ["21-desk"]
 
-    run(scenario())
+    ami.listen(scenario)
 
 
 def test_a_block_check_the_ami_user_may_not_run_leaves_the_block_and_the_session(
-    bridge_settings: SettingsFactory,
-    make_service: ServiceFactory,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    ami: AmiRig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(ami, "_LOGON_CHECK_DELAYS", (0.01,))
+    monkeypatch.setattr(ami_module, "_LOGON_CHECK_DELAYS", (0.01,))
+    ami.fake.refused_actions.add("pjsipshowendpoint")
+    ami.setup("21-desk", registered=True)
 
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            fake.refused_actions.add("pjsipshowendpoint")
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            fake.contacts = registered("21-desk")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                target = listener.frames + 2
-                fake.push(challenge_failed("21-desk"))
-                fake.push(successful_auth("21-desk", "register@127.0.0.1"))
-                await listener.wait_until(lambda: listener.frames >= target, 5)
-                await listener.wait_until(lambda: not listener._logon_checks, 5)
-                assert service.blocked_logons() == ["21-desk"]
-                assert listener.connected and fake.logins == 1
+    async def scenario(listener: AmiListener) -> None:
+        await ami.send(challenge_failed("21-desk"), successful_auth("21-desk", "register@127.0.0.1"))
+        await ami.wait(lambda: not listener._logon_checks)
+        assert ami.service.blocked_logons() == ["21-desk"]
+        assert listener.connected and ami.fake.logins == 1
 
     with caplog.at_level(logging.WARNING, logger=AMI_LOGGER):
-        run(scenario())
+        ami.listen(scenario)
     assert "could not read the contacts of blocked logon=21-desk" in caplog.text
 
 
 def test_a_block_from_before_the_bridge_started_is_lifted_by_the_first_register(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+    ami: AmiRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ami, "_LOGON_CHECK_DELAYS", (0.01, 0.02))
+    monkeypatch.setattr(ami_module, "_LOGON_CHECK_DELAYS", (0.01, 0.02))
+    service = ami.setup("21-desk", registered=True)
+    fake = ami.fake
 
     async def scenario() -> None:
-        async with fake_ami() as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            fake.contacts = registered("21-desk")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                fake.push(challenge_failed("21-desk"))
-                await listener.wait_until(lambda: "21-desk" in listener._expiries, 5)
-            # A new bridge process: it knows the block only from the database.
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: "21-desk" in listener._expiries, 5)
-                assert service.blocked_logons() == ["21-desk"]
-                fake.contacts = [dict(fake.contacts[0], ExpirationTime="1795497162")]
-                fake.push(successful_auth("21-desk", "register-after-restart@127.0.0.1"))
-                await listener.wait_until(lambda: not service.blocked_logons(), 5)
+        async with ami.listening() as listener:
+            ami.push(challenge_failed("21-desk"))
+            await ami.wait(lambda: "21-desk" in listener._expiries)
+        # A new bridge process: it knows the block only from the database.
+        async with ami.listening(resynced=False) as listener:
+            await ami.wait(lambda: "21-desk" in listener._expiries)
+            assert service.blocked_logons() == ["21-desk"]
+            fake.contacts = [dict(fake.contacts[0], ExpirationTime="1795497162")]
+            ami.push(successful_auth("21-desk", "register-after-restart@127.0.0.1"))
+            await ami.wait(lambda: not service.blocked_logons())
 
-    run(scenario())
+    ami.run(scenario())
 
 
 def test_the_session_filter_is_asked_for_at_each_login_and_a_refusal_is_one_warning(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+    ami: AmiRig, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=AMI_LOGGER)
+    fake = ami.fake
+    fake.filtering = True  # the fake holds back what the session's filter excludes, as Asterisk does
+    ami.setup("21-desk")
 
-    async def scenario() -> None:
-        async with fake_ami(filtering=True) as fake:
-            service = make_service(bridge_settings(fake.port))
-            service.add_subscriber("21-desk", "21")
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                # Asked before the login resync, with the six event names the mapper reads.
-                assert [a.get("Action") for a in fake.actions][1:3] == ["Filter", "PJSIPShowContacts"]
-                assert fake.actions_named("Filter")[0]["Filter"] == ami.EVENT_FILTER
-                assert listener.filtered
-                base, unused = listener.received, listener.unused
-                fake.push({"Event": "ChallengeSent", "Service": "PJSIP", "AccountID": "21-desk"})
-                fake.push({"Event": "PeerStatus", "Peer": "PJSIP/21-desk", "PeerStatus": "Reachable"})
-                fake.push({"Event": "HangupRequest", "Channel": "PJSIP/21-desk-00000001"})
-                fake.push(contact_status("21-desk"))
-                await processed(listener, 1)
-                # Held back by Asterisk (the fake applies the filter as it does), not dropped here.
-                assert (listener.received - base, listener.unused - unused) == (1, 0)
-                assert subscriber(service.status(), "21-desk")["state"] == "logged_on"
-                # An Asterisk that refuses the filter: one warning, and the events still flow.
-                fake.refused_actions.add("filter")
-                await fake.drop()
-                await listener.wait_until(lambda: listener.resyncs >= 2, 10)
-                assert not listener.filtered
-                await fake.drop()
-                await listener.wait_until(lambda: listener.resyncs >= 3, 10)
-                base, unused = listener.received, listener.unused
-                fake.push({"Event": "ChallengeSent", "Service": "PJSIP", "AccountID": "21-desk"})
-                fake.push(contact_status("21-desk", "Removed"))
-                await processed(listener, 2)
-                assert (listener.received - base, listener.unused - unused) == (2, 1)
-                assert subscriber(service.status(), "21-desk")["state"] != "logged_on"
+    async def scenario(listener: AmiListener) -> None:
+        # Asked before the login resync, with the six event names the mapper reads.
+        assert [a.get("Action") for a in fake.actions][1:3] == ["Filter", "PJSIPShowContacts"]
+        assert fake.actions_named("Filter")[0]["Filter"] == ami_module.EVENT_FILTER
+        assert listener.filtered
+        base, unused, applied = listener.received, listener.unused, listener.frames
+        fake.push({"Event": "ChallengeSent", "Service": "PJSIP", "AccountID": "21-desk"})
+        fake.push({"Event": "PeerStatus", "Peer": "PJSIP/21-desk", "PeerStatus": "Reachable"})
+        fake.push({"Event": "HangupRequest", "Channel": "PJSIP/21-desk-00000001"})
+        fake.push(contact_status("21-desk"))
+        await ami.wait(lambda: listener.frames >= applied + 1)
+        # Held back by Asterisk (the fake applies the filter as it does), not dropped here.
+        assert (listener.received - base, listener.unused - unused) == (1, 0)
+        assert ami.subscriber("21-desk")["state"] == "logged_on"
+        # An Asterisk that refuses the filter: one warning, and the events still flow.
+        fake.refused_actions.add("filter")
+        await fake.drop()
+        await ami.wait(lambda: listener.resyncs >= 2, 10)
+        assert not listener.filtered
+        await fake.drop()
+        await ami.wait(lambda: listener.resyncs >= 3, 10)
+        base, unused, applied = listener.received, listener.unused, listener.frames
+        fake.push({"Event": "ChallengeSent", "Service": "PJSIP", "AccountID": "21-desk"})
+        fake.push(contact_status("21-desk", "Removed"))
+        await ami.wait(lambda: listener.frames >= applied + 2)
+        assert (listener.received - base, listener.unused - unused) == (2, 1)
+        assert ami.subscriber("21-desk")["state"] != "logged_on"
 
-    run(scenario(), timeout=30)
+    ami.listen(scenario, timeout=30)
     warnings = [r.getMessage() for r in caplog.records if "event filter" in r.getMessage()]
     assert len(warnings) == 1 and "Permission denied" in warnings[0], warnings
