@@ -127,6 +127,11 @@ class AmiRig:
         """The service (with the default settings if :meth:`setup` was not called)."""
         return self._service if self._service is not None else self.setup()
 
+    def adopt(self, service: BridgeService) -> None:
+        """Use a service built by the test (e.g. on the real clock) instead of :meth:`setup`'s."""
+        assert self._service is None, "the service is set up once, before it is used"
+        self._service = service
+
     @property
     def recorded(self) -> RecordingObserver:
         """The default observer, with what the listener reported to the metrics."""

@@ -24,54 +24,37 @@ from forum_bridge.errors import ForumBridgeError
 from forum_bridge.service import BridgeService
 from forum_bridge.store.database import Database
 from tests.asterisk.aio import run
-from tests.asterisk.conftest import RecordingObserver, contact_item, contact_status, fake_ami, new_channel
+from tests.asterisk.conftest import AmiRig, contact_status, new_channel
 from tests.asterisk.test_asterisk_agi import ask
 from tests.conftest import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_hook_events_and_the_keepalive_clock_work_together(
-    bridge_settings: Callable[..., Settings],
-    make_service: Callable[[Settings], BridgeService],
-    clock: FakeClock,
-) -> None:
-    async def scenario() -> None:
-        async with fake_ami() as fake:
-            settings = bridge_settings(fake.port, **{"asterisk.enforce": "both", "keepalive.grace": 1})
-            service = make_service(settings)
-            service.add_subscriber("21-desk", "21")
-            service.set_profile("default", 5)
-            observer = RecordingObserver()
-            bridge = Bridge(settings, service, observer)
-            bridge.ami.reconnect_min = 0.02
-            stop = asyncio.Event()
-            task = asyncio.create_task(bridge.serve(stop))
-            try:
-                await asyncio.wait_for(bridge.started.wait(), 5)
-                await bridge.ami.wait_until(lambda: bridge.ami.resyncs >= 1, 5)
-                fake.push(contact_status("21-desk"))
-                await bridge.ami.wait_until(
-                    lambda: service.status()["subscribers"][0]["state"] == "logged_on", 5
-                )
-                answer = await ask(bridge.agi.port, "outbound", "600")
-                assert answer == {"FORUM_BRIDGE_RESULT": "allow", "FORUM_BRIDGE_REASON": "licence_acquired"}
-                assert service.status()["licences"]["used"] == 1
-                # No refresh for longer than the profile's keepalive plus grace: freed by the clock.
-                clock.advance(7)
-                deadline = time.monotonic() + 5
-                while service.status()["licences"]["used"] and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                status = service.status()
-                assert status["licences"]["used"] == 0
-                assert status["subscribers"][0]["state"] == "logged_off"
-            finally:
-                stop.set()
-                await asyncio.wait_for(task, 5)
-            assert observer.connected == [True, False]
-            assert bridge.agi.active == 0
+def test_hook_events_and_the_keepalive_clock_work_together(ami: AmiRig, clock: FakeClock) -> None:
+    service = ami.setup("21-desk", **{"asterisk.enforce": "both", "keepalive.grace": 1})
+    service.set_profile("default", 5)
 
-    run(scenario())
+    async def scenario() -> None:
+        async with ami.serving() as bridge:
+            await ami.wait(lambda: bridge.ami.resyncs >= 1)
+            ami.push(contact_status("21-desk"))
+            await ami.wait(lambda: ami.subscriber("21-desk")["state"] == "logged_on")
+            answer = await ask(bridge.agi.port, "outbound", "600")
+            assert answer == {"FORUM_BRIDGE_RESULT": "allow", "FORUM_BRIDGE_REASON": "licence_acquired"}
+            assert service.status()["licences"]["used"] == 1
+            # No refresh for longer than the profile's keepalive plus grace: freed by the clock.
+            clock.advance(7)
+            deadline = time.monotonic() + 5
+            while service.status()["licences"]["used"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            status = service.status()
+            assert status["licences"]["used"] == 0
+            assert status["subscribers"][0]["state"] == "logged_off"
+        assert ami.recorded.connected == [True, False]
+        assert bridge.agi.active == 0
+
+    ami.run(scenario())
 
 
 def _free_port() -> int:
@@ -158,49 +141,32 @@ def test_the_process_serves_the_hook_while_asterisk_is_down_and_stops_on_sigterm
     assert "process-secret-Xy9" not in out
 
 
-def test_in_both_mode_each_call_leg_is_decided_once(
-    bridge_settings: Callable[..., Settings],
-    make_service: Callable[[Settings], BridgeService],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_in_both_mode_each_call_leg_is_decided_once(ami: AmiRig, caplog: pytest.LogCaptureFixture) -> None:
     """The Newchannel comes over AMI first; the hook then reuses that decision, and the AMI only
     records the leg that rings a phone the hook has just let ring."""
     caplog.set_level(logging.INFO, logger="forum_bridge.decision")
+    service = ami.setup(
+        "21-desk", "22-soft", registered=True, **{"asterisk.enforce": "both", "licences.count": 2}
+    )
+    call, leg = new_channel("21-desk", "600"), new_channel("22-soft", "22", inbound=True)
 
     async def scenario() -> None:
-        async with fake_ami() as fake:
-            settings = bridge_settings(fake.port, **{"asterisk.enforce": "both", "licences.count": 2})
-            service = make_service(settings)
-            service.add_subscriber("21-desk", "21")
-            service.add_subscriber("22-soft", "22")
-            fake.contacts = [contact_item("21-desk", 5081), contact_item("22-soft", 5082)]
-            bridge = Bridge(settings, service)
-            stop = asyncio.Event()
-            task = asyncio.create_task(bridge.serve(stop))
-            try:
-                await asyncio.wait_for(bridge.started.wait(), 5)
-                await bridge.ami.wait_until(lambda: bridge.ami.resyncs >= 1, 5)
-                call = new_channel("21-desk", "600")
-                base = bridge.ami.received
-                fake.push(call)
-                # As on a real Asterisk, the Newchannel is in before the dialplan asks.
-                await bridge.ami.wait_until(lambda: bridge.ami.received > base, 5)
-                answer = await ask(bridge.agi.port, "outbound", "600", channel=call["Channel"])
-                assert answer == {"FORUM_BRIDGE_RESULT": "allow", "FORUM_BRIDGE_REASON": "licence_acquired"}
-                rung = await ask(bridge.agi.port, "inbound", "22", channel="PJSIP/90-trunk-00000001")
-                assert rung["FORUM_BRIDGE_DIAL"] == "PJSIP/22-soft"
-                leg = new_channel("22-soft", "22", inbound=True)
-                base = bridge.ami.received
-                fake.push(leg)
-                await bridge.ami.wait_until(lambda: bridge.ami.frames >= base + 1, 5)
-                calls = {c["channel"] for c in service.status()["calls"]}
-                assert calls == {call["Channel"], leg["Channel"]}
-            finally:
-                stop.set()
-                await asyncio.wait_for(task, 5)
-            assert fake.hangups == []
+        async with ami.serving() as bridge:
+            await ami.wait(lambda: bridge.ami.resyncs >= 1)
+            base = bridge.ami.received
+            ami.push(call)
+            # As on a real Asterisk, the Newchannel is in before the dialplan asks.
+            await ami.wait(lambda: bridge.ami.received > base)
+            answer = await ask(bridge.agi.port, "outbound", "600", channel=call["Channel"])
+            assert answer == {"FORUM_BRIDGE_RESULT": "allow", "FORUM_BRIDGE_REASON": "licence_acquired"}
+            rung = await ask(bridge.agi.port, "inbound", "22", channel="PJSIP/90-trunk-00000001")
+            assert rung["FORUM_BRIDGE_DIAL"] == "PJSIP/22-soft"
+            await ami.send(leg)
+            calls = {c["channel"] for c in service.status()["calls"]}
+            assert calls == {call["Channel"], leg["Channel"]}
 
-    run(scenario())
+    ami.run(scenario())
+    assert ami.fake.hangups == []
     decisions = [r.getMessage() for r in caplog.records if r.name == "forum_bridge.decision"]
     assert len(decisions) == 2, decisions
     assert "logon=21-desk number=600 direction=outbound result=allowed" in decisions[0]
