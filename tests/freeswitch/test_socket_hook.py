@@ -131,6 +131,10 @@ def test_a_silent_peer_times_out_and_the_server_keeps_serving(start_hook: HookFa
     server, _service = start_hook(session_timeout=0.2)
     silent = place(server, "c-0", "1000", "600", answer=False)
     assert silent.commands == ["connect"]  # it never sent CHANNEL_DATA; the bridge gave up and closed
+    # Each session reads the bound when it starts. The next call's whole session (a decision in
+    # the database included) need not fit into the silent peer's 0.2 s on a busy machine: it
+    # gets the fixture's usual bound again; what is checked is that the server still serves.
+    server.session_timeout = 5.0
     assert place(server, "c-1", "1000", "600").commands == allowed("c-1")
 
 
