@@ -50,6 +50,8 @@ NUMBERS = {"21-desk": "21", "21-soft": "21", "22-soft": "22"}
 CALL_NUMBERS = {"21": ["21-desk", "21-soft"], "22": ["22-soft"]}
 # What a phone sees when the bridge (or the snippet) rejects its call: CALL_REJECTED.
 REJECTED = 603
+# How long a phone rings before it answers where the bridge must hang up a ringing leg first.
+RING_SECONDS = 8
 
 
 class Installation:
@@ -379,26 +381,28 @@ def test_an_inbound_call_rings_only_log_ons_that_can_get_a_licence(
         assert phone.register() == 200
     inst.wait_status(lambda s: all(v["state"] == "logged_on" for v in s["subscribers"]))
     assert other.call("600") == 200  # 22-soft holds the only licence now
-    # Phones ring a moment before anyone answers; FreeSWITCH has no hook for calls to a phone, so
-    # the event path hangs up a ringing leg whose log-on can get no licence (uuid_kill).
-    ring = 2
+    # FreeSWITCH has no hook for calls to a phone, so the event path hangs up a ringing leg whose
+    # log-on can get no licence (uuid_kill); a phone answers only if nobody did so by then. The
+    # bridge needs milliseconds for it on a quiet machine and seconds on a loaded one: the phones
+    # ring long enough for a loaded one. The first part costs nothing for it (every leg is hung
+    # up, then the phones stop at once); only the winner of the second part rings the time out.
     with (
-        desk.start_uas(timeout=30, ring_seconds=ring) as desk_rings,
-        soft.start_uas(timeout=30, ring_seconds=ring) as soft_rings,
+        desk.start_uas(timeout=60, ring_seconds=RING_SECONDS) as desk_rings,
+        soft.start_uas(timeout=60, ring_seconds=RING_SECONDS) as soft_rings,
     ):
         # Nobody of number 21 can get a licence: each leg is hung up before it is answered.
         # The bridge fails with the legs' cause: the caller hears CALL_REJECTED too.
-        assert trunk.call("721") == REJECTED
-        assert desk_rings.wait(timeout=30) != 200
-        assert soft_rings.wait(timeout=30) != 200
+        assert trunk.call("721", ring_timeout=RING_SECONDS + 15) == REJECTED
+        assert desk_rings.wait(timeout=60) != 200
+        assert soft_rings.wait(timeout=60) != 200
     assert holders(inst.status()) == ["22-soft"]
     inst.cli_process("licences", "reset", "--yes")
     with (
-        desk.start_uas(timeout=30, ring_seconds=ring) as desk_rings,
-        soft.start_uas(timeout=30, ring_seconds=ring) as soft_rings,
+        desk.start_uas(timeout=60, ring_seconds=RING_SECONDS) as desk_rings,
+        soft.start_uas(timeout=60, ring_seconds=RING_SECONDS) as soft_rings,
     ):
-        assert trunk.call("721") == 200
-        answered = [r.wait(timeout=30) for r in (desk_rings, soft_rings)]
+        assert trunk.call("721", ring_timeout=RING_SECONDS + 15) == 200
+        answered = [r.wait(timeout=60) for r in (desk_rings, soft_rings)]
     # Both legs ring at once; the one that got the licence first rang, the other was hung up.
     assert sorted(int(r) == 200 for r in answered) == [False, True]
     winner = "21-desk" if answered[0] == 200 else "21-soft"
