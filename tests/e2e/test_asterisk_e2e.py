@@ -15,35 +15,32 @@ through ``forum-bridge-outbound`` to ``Answer()``/``Echo()``.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 from forum_bridge.adapters.asterisk.dialplan import render_dialplan
-from forum_bridge.cli import main as cli_main
 from forum_bridge.config import load_settings
 from tests.conftest import wait_until
-from tests.sandbox import AsteriskSandbox, SippPhone, build_root, free_tcp_port
+from tests.e2e.installation import (
+    PASSWORDS,
+    ROOT,
+    acquisitions,
+    by_logon,
+    holders,
+    installations,
+    metrics,
+)
+from tests.e2e.installation import Installation as BaseInstallation
+from tests.sandbox import AsteriskSandbox, build_root, free_tcp_port
+
+__all__ = ["acquisitions", "by_logon", "holders", "metrics"]  # used here and by the other e2e modules
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
-PASSWORDS = {
-    "21-desk": "desk-pw-21",
-    "21-soft": "soft-pw-21",
-    "22-soft": "soft-pw-22",
-    "90-trunk": "trunk-pw-90",
-}
-NUMBERS = {"21-desk": "21", "21-soft": "21", "22-soft": "22"}
 AMI_ONLY_SNIPPET = """\
 ; No hook: the outbound routine only waits, so that enforcement over AMI is all there is.
 [forum-bridge-outbound]
@@ -55,185 +52,43 @@ exten => s,1,Return()
 """
 
 
-class Installation:
+class Installation(BaseInstallation):
     """One Asterisk, one bridge configuration and database, the bridge process, the phones."""
 
+    pbx = "asterisk"
+    snippet_name = "forum_bridge.conf"
+    secret_name = "AMI secret"
+
     def __init__(self, tmp: Path, *, licences: int, **settings: Any) -> None:
-        self.tmp = tmp
         self.agi_port = free_tcp_port()
-        self.log_path = tmp / "bridge.log"
-        self.config = tmp / "bridge.toml"
-        self.values: dict[str, Any] = {
-            "licences.count": licences,
+        defaults = {
             "asterisk.agi_port": self.agi_port,
             "asterisk.fail_mode": "closed",
             "asterisk.enforce": "both",
             "asterisk.reconnect_max": 1.0,
-            **settings,
         }
-        self._write_config(ami_port=1, ami_secret="not-yet")
-        # The snippet as an administrator makes it: with the CLI, from the same configuration.
-        snippet = tmp / "forum_bridge.conf"
-        self.cli("dialplan", "asterisk", "-o", str(snippet))
-        self.snippet = snippet.read_text(encoding="utf-8")
-        self.sandbox = AsteriskSandbox(
-            agi_port=self.agi_port,
-            dialplan_snippet=self.snippet,
-            endpoints=sorted(PASSWORDS.items()),
+        super().__init__(tmp, licences=licences, **{**defaults, **settings})
+
+    def make_sandbox(self) -> AsteriskSandbox:
+        """A private Asterisk that includes the snippet and knows every phone."""
+        return AsteriskSandbox(
+            agi_port=self.agi_port, dialplan_snippet=self.snippet, endpoints=sorted(PASSWORDS.items())
         )
-        self._write_config(ami_port=self.sandbox.ami_port, ami_secret=self.sandbox.ami_secret)
-        self.bridge: subprocess.Popen[bytes] | None = None
-        self._log = None
-        self.phones: list[SippPhone] = []
 
-    # --- configuration and the CLI ------------------------------------------------------------
+    def connection(self) -> dict[str, Any]:
+        """The AMI port and secret of the sandbox."""
+        if self.sandbox is None:
+            return {"ami_port": 1, "ami_secret": "not-yet"}
+        return {"ami_port": self.sandbox.ami_port, "ami_secret": self.sandbox.ami_secret}
 
-    def _write_config(self, *, ami_port: int, ami_secret: str) -> None:
-        sections: dict[str, dict[str, Any]] = {
-            "database": {"url": f"sqlite:///{self.tmp / 'bridge.db'}"},
-            "node": {"name": "pbx1"},
-            "keepalive": {"grace": 1},
-            "web": {"enabled": False},
-            "log": {"level": "INFO"},
-            "emergency": {"numbers": ["110", "112"]},
-            "asterisk": {"ami_port": ami_port, "ami_secret": ami_secret},
-        }
-        for key, value in self.values.items():
-            section, _, name = key.partition(".")
-            sections.setdefault(section, {})[name] = value
-        lines: list[str] = []
-        for section, body in sections.items():
-            lines.append(f"[{section}]")
-            lines.extend(f"{name} = {json.dumps(value)}" for name, value in body.items())
-        self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    @property
+    def secret(self) -> str:
+        """The AMI secret."""
+        return str(self.sandbox.ami_secret)
 
-    def cli(self, *args: str) -> str:
-        """``forum-bridge --config <file> ARGS`` (in-process); fail the test on a non-zero exit."""
-        result = CliRunner().invoke(
-            cli_main, ["--config", str(self.config), *args], env={"FORUM_BRIDGE_CONFIG": None}
-        )
-        assert result.exit_code == 0, f"forum-bridge {' '.join(args)}: {result.output}"
-        return result.output
-
-    def cli_process(self, *args: str) -> str:
-        """``python -m forum_bridge --config <file> ARGS`` as a child process."""
-        proc = subprocess.run(
-            [sys.executable, "-m", "forum_bridge", "--config", str(self.config), *args],
-            cwd=ROOT,
-            env=_clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert proc.returncode == 0, f"forum-bridge {' '.join(args)}: {proc.stdout}{proc.stderr}"
-        return proc.stdout
-
-    def status(self) -> dict[str, Any]:
-        """``forum-bridge status --json``."""
-        data: dict[str, Any] = json.loads(self.cli("status", "--json"))
-        return data
-
-    def provision(self, *, profile: str | None = None) -> None:
-        """Create the schema and the subscribers, as the README tells administrators."""
-        self.cli("db", "upgrade")
-        for logon, number in NUMBERS.items():
-            args = ["subscriber", "add", logon, "--number", number]
-            if profile:
-                args += ["--profile", profile]
-            self.cli(*args)
-
-    # --- the bridge process -------------------------------------------------------------------
-
-    def start_bridge(self) -> None:
-        """Start ``forum-bridge run asterisk``; return once it has logged in and resynced."""
-        before = self.log_text().count("resync node=pbx1")
-        self._log = self.log_path.open("ab")
-        self.bridge = subprocess.Popen(
-            [sys.executable, "-m", "forum_bridge", "--config", str(self.config), "run", "asterisk"],
-            cwd=ROOT,
-            env=_clean_env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_log("resync node=pbx1", before + 1)
-        self.wait_log("FastAGI hook listening", 1)
-
-    def stop_bridge(self) -> None:
-        """SIGTERM, and require a clean exit."""
-        if self.bridge is None:
-            return
-        self.bridge.send_signal(signal.SIGTERM)
-        try:
-            code = self.bridge.wait(timeout=20)
-        finally:
-            if self.bridge.poll() is None:
-                self.bridge.kill()
-                self.bridge.wait()
-            self.bridge = None
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-        assert code == 0, self.log_text()[-3000:]
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
-        """Wait until ``text`` appears ``count`` times in the bridge's log."""
-        deadline = time.monotonic() + timeout
-        while self.log_text().count(text) < count:
-            if self.bridge is not None and self.bridge.poll() is not None:
-                raise AssertionError(
-                    f"the bridge exited ({self.bridge.returncode}):\n{self.log_text()[-3000:]}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{text!r} x{count} not logged in {timeout}s:\n{self.log_text()[-3000:]}"
-                )
-            time.sleep(0.05)
-
-    def wait_status(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0
-    ) -> dict[str, Any]:
-        """Poll ``status --json`` until ``predicate`` holds; return that status."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            if predicate(status):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"status never matched in {timeout}s: {json.dumps(status, indent=1)[:3000]}"
-                )
-            time.sleep(0.1)
-
-    # --- phones -------------------------------------------------------------------------------
-
-    def phone(self, logon: str, password: str | None = None) -> SippPhone:
-        phone = SippPhone(logon, password or PASSWORDS[logon], self.sandbox.sip_port)
-        self.phones.append(phone)
-        return phone
-
-    def close(self) -> None:
-        try:
-            if self.bridge is not None:
-                self.bridge.kill()
-                self.bridge.wait()
-        finally:
-            if self._log is not None:
-                self._log.close()
-            for phone in self.phones:
-                phone.close()
-            self.sandbox.close()
-
-
-def _clean_env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("FORUM_BRIDGE_") or k.endswith("_SANDBOX_ROOT")
-    }
+    def ready_lines(self) -> list[str]:
+        """The hook listens."""
+        return ["FastAGI hook listening"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -244,49 +99,8 @@ def sandbox_root() -> None:
 
 @pytest.fixture
 def make_installation(tmp_path: Path) -> Iterator[Callable[..., Installation]]:
-    made: list[Installation] = []
-
-    def build(
-        *, licences: int = 1, start: bool = True, profile: str | None = None, **settings: Any
-    ) -> Installation:
-        folder = tmp_path / f"install{len(made)}"
-        folder.mkdir()
-        inst = Installation(folder, licences=licences, **settings)
-        made.append(inst)
-        inst.sandbox.start()
-        if profile:
-            inst.cli("db", "upgrade")
-            inst.cli("profile", "set", profile, "--keepalive", "5")
-        inst.provision(profile=profile)
-        if start:
-            inst.start_bridge()
-        return inst
-
-    yield build
-    for inst in made:
-        secret = inst.sandbox.ami_secret
-        log = inst.log_text()
-        inst.close()
-        assert secret not in log, "the AMI secret appeared in the bridge's log"
-
-
-def metrics(port: int) -> str:
-    """The bridge's /metrics page."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return str(response.read().decode())
-
-
-def by_logon(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {s["logon"]: s for s in status["subscribers"]}
-
-
-def holders(status: dict[str, Any]) -> list[str]:
-    return sorted(a["logon"] for a in status["assignments"])
-
-
-def acquisitions(inst: Installation) -> list[tuple[str, str]]:
-    lines = json.loads(inst.cli("audit", "--json"))
-    return [(a["logon"], a["number"]) for a in reversed(lines) if a["kind"] == "acquire"]
+    """Build, provision and (unless ``start=False``) start installations for one test."""
+    yield from installations(tmp_path, Installation)
 
 
 # --- the tests ----------------------------------------------------------------------------------
