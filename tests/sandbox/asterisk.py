@@ -11,9 +11,7 @@ Nothing is mounted into the chroot: Asterisk 22 starts without ``/proc``.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import fcntl
 import os
 import secrets
@@ -21,12 +19,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
+
+from tests.sandbox.process import PbxProcess, SandboxError, die_with_parent_preexec
 
 __all__ = [
     "AMI_READ_CLASSES",
@@ -70,10 +67,6 @@ _TAIL_LINES = 40
 # narrower set.  Command, Originate and UpdateConfig stay denied.
 AMI_READ_CLASSES = "system,call,security"
 AMI_WRITE_CLASSES = "system,call"
-
-
-class SandboxError(RuntimeError):
-    """Something in the sandbox did not work; the message says what and shows the evidence."""
 
 
 class SandboxBuildError(SandboxError):
@@ -476,42 +469,6 @@ _CLI_TIMEOUT = 20.0
 _STOP_TIMEOUT = 15.0
 _AMI_USER = "forumbridge"
 
-# Sandboxes still running, so an interpreter exit (a crashed test run) still stops them.
-_LIVE: weakref.WeakSet[AsteriskSandbox] = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
-
-
-def _stop_all_at_exit() -> None:
-    with _LIVE_LOCK:
-        sandboxes = list(_LIVE)
-    for sandbox in sandboxes:
-        with contextlib.suppress(Exception):
-            sandbox.close()
-
-
-atexit.register(_stop_all_at_exit)
-
-
-# Looked up here, not in the forked child, where importing or dlopen-ing could deadlock.
-_PRCTL = ctypes.CDLL(None).prctl
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: have the kernel SIGKILL it if our process dies hard."""
-    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def die_with_parent_preexec() -> Callable[[], None] | None:
-    """A Popen ``preexec_fn`` so a helper process (Asterisk, SIPp) cannot outlive this process.
-
-    The kernel's parent-death signal fires when the *thread* that forked the child ends, so it is
-    only used from the main thread; elsewhere atexit and context managers do the cleaning.
-    """
-    if threading.current_thread() is threading.main_thread():
-        return _die_with_parent
-    return None
-
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -583,7 +540,7 @@ class _AmiProbe:
         self._buffer += chunk
 
 
-class AsteriskSandbox:
+class AsteriskSandbox(PbxProcess):
     """One private Asterisk 22 instance in the sandbox chroot, listening on 127.0.0.1 only.
 
     Use it as a context manager::
@@ -625,6 +582,7 @@ class AsteriskSandbox:
             raise ValueError("endpoint names must be unique")
         if max_contacts < 1:
             raise ValueError("max_contacts must be at least 1")
+        super().__init__()
         self._root = build_root(root)
         self._agi_port = agi_port
         self._snippet = dialplan_snippet
@@ -638,10 +596,8 @@ class AsteriskSandbox:
         # An even start inside a high, rarely used range; Asterisk skips ports in use.
         self._rtp_start = 40000 + 2 * secrets.randbelow(4000)
         self._ami_secret = secrets.token_hex(16)
-        self._proc: subprocess.Popen[bytes] | None = None
         self._console: Path | None = None
         self._written = False
-        self.start_seconds: float | None = None
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -690,103 +646,44 @@ class AsteriskSandbox:
         """Asterisk's ``messages`` log (notices, warnings, errors, verbose 3) as a host path."""
         return self.state_dir / "log" / "messages"
 
-    @property
-    def running(self) -> bool:
-        """Whether the Asterisk process is alive."""
-        return self._proc is not None and self._proc.poll() is None
+    # -- life cycle (see PbxProcess) -----------------------------------------------------------
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    name = "asterisk"
 
-    def __enter__(self) -> AsteriskSandbox:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Start Asterisk and return once AMI accepts our login, it is fully booted and PJSIP is up.
-
-        Raises ``SandboxError`` with the console and log tails if it dies or misses the deadline.
-        """
-        if self.running:
-            return
+    def _prepare(self) -> tuple[list[str], Path, Path | None]:
         self._write_config()
         self._console = self.state_dir / "log" / "console.out"
         argv = _chroot_argv(self._root, _ASTERISK_BIN, "-C", f"{self._chroot_conf}/asterisk.conf", "-f", "-n")
-        started = time.monotonic()
-        with self._console.open("ab") as console:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C in the terminal reaches the test, which then stops
-                # Asterisk in order, instead of killing Asterisk behind its back.
-                start_new_session=True,
-                preexec_fn=die_with_parent_preexec(),
-            )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
-        (self.state_dir / "owner.pid").write_text(f"{os.getpid()} {self._proc.pid}\n", encoding="utf-8")
-        try:
-            self._wait_until_ready(started + timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - started
+        return argv, self._console, None
 
-    def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
-        """Stop Asterisk: ``core stop now`` on its control socket, then SIGTERM/SIGKILL if needed."""
-        proc = self._proc
-        if proc is None:
-            return
-        deadline = time.monotonic() + timeout
-        if proc.poll() is None:
+    def _spawned(self, proc: subprocess.Popen[bytes]) -> None:
+        # Another test run's sweep of stale instances tells ours by this file.
+        (self.state_dir / "owner.pid").write_text(f"{os.getpid()} {proc.pid}\n", encoding="utf-8")
+
+    def _probe(self, remaining: float) -> str | None:
+        self._probe_ami(remaining)
+        return None
+
+    def _where(self) -> str:
+        return f"AMI 127.0.0.1:{self._ami_port}"
+
+    def _ask_to_stop(self) -> Callable[[], None]:
+        def core_stop_now() -> None:
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                 subprocess.run(
                     self._cli_argv("core stop now"),
                     capture_output=True,
-                    timeout=max(1.0, timeout / 2),
+                    timeout=max(1.0, _STOP_TIMEOUT / 2),
                     check=False,
                 )
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
-            remaining = deadline - time.monotonic() if sig is None else 5.0
-            try:
-                proc.wait(timeout=max(0.1, remaining))
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self._proc = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
 
-    def restart(self, timeout: float = 60.0) -> None:
-        """Stop and start again with the same ports, users and config (a PBX restart)."""
-        self.stop()
-        self.start(timeout=timeout)
+        return core_stop_now
 
-    def close(self) -> None:
-        """Stop Asterisk and remove the instance's config and state dirs."""
-        try:
-            self.stop()
-        finally:
-            if self._written:
-                shutil.rmtree(self.config_dir, ignore_errors=True)
-                shutil.rmtree(self.state_dir, ignore_errors=True)
-                self._written = False
+    def _remove(self) -> None:
+        if self._written:
+            shutil.rmtree(self.config_dir, ignore_errors=True)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self._written = False
 
     # -- talking to it ------------------------------------------------------------------------
 
@@ -841,27 +738,6 @@ class AsteriskSandbox:
         return _chroot_argv(
             self._root, _ASTERISK_BIN, "-C", f"{self._chroot_conf}/asterisk.conf", "-rx", command
         )
-
-    def _wait_until_ready(self, deadline: float) -> None:
-        last_error = "no attempt yet"
-        while True:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                raise SandboxError(
-                    f"asterisk exited during start-up (exit code {code})\n{self.diagnostics()}"
-                )
-            try:
-                self._probe_ami(min(5.0, max(0.5, deadline - time.monotonic())))
-                return
-            except (OSError, ConnectionError, SandboxError) as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                raise SandboxError(
-                    f"asterisk not ready on AMI 127.0.0.1:{self._ami_port} in time "
-                    f"(last: {last_error})\n{self.diagnostics()}"
-                )
-            time.sleep(0.05)
 
     def _probe_ami(self, timeout: float) -> None:
         """Log in, require FullyBooted, and require PJSIP to answer an endpoint listing."""

@@ -79,8 +79,27 @@ class Demo:
         self.bridge: subprocess.Popen[bytes] | None = None
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FORUM_BRIDGE_")}
 
-    def write_config(self, pbx: AsteriskSandbox) -> None:
-        """The bridge's configuration; the AMI secret goes to the environment, as in production."""
+    def write_config(self, pbx: AsteriskSandbox | FreeSwitchSandbox) -> None:
+        """The bridge's configuration; the PBX password goes to the environment, as in production."""
+        connection: dict[str, str | int]
+        if isinstance(pbx, FreeSwitchSandbox):
+            connection = {
+                "esl_host": "127.0.0.1",
+                "esl_port": pbx.esl_port,
+                "socket_host": "127.0.0.1",
+                "socket_port": self.agi_port,
+            }
+            self.env["FORUM_BRIDGE_FREESWITCH_ESL_PASSWORD"] = pbx.esl_password
+        else:
+            connection = {
+                "ami_host": "127.0.0.1",
+                "ami_port": pbx.ami_port,
+                "ami_username": pbx.ami_username,
+                "agi_host": "127.0.0.1",
+                "agi_port": self.agi_port,
+            }
+            self.env["FORUM_BRIDGE_ASTERISK_AMI_SECRET"] = pbx.ami_secret
+        section = "".join(f"{key} = {json.dumps(value)}\n" for key, value in connection.items())
         self.config.write_text(
             f"""# Written by the forum_bridge demo.
 [database]
@@ -102,53 +121,12 @@ name = "demo"
 host = "127.0.0.1"
 port = {self.web_port}
 
-[asterisk]
-ami_host = "127.0.0.1"
-ami_port = {pbx.ami_port}
-ami_username = "{pbx.ami_username}"
-agi_host = "127.0.0.1"
-agi_port = {self.agi_port}
-enforce = "both"
+[{self.pbx}]
+{section}enforce = "both"
 fail_mode = "closed"
 """,
             encoding="utf-8",
         )
-        self.env["FORUM_BRIDGE_ASTERISK_AMI_SECRET"] = pbx.ami_secret
-
-    def write_freeswitch_config(self, pbx: FreeSwitchSandbox) -> None:
-        """The same for FreeSWITCH; the event socket password goes to the environment."""
-        self.config.write_text(
-            f"""# Written by the forum_bridge demo.
-[database]
-url = "sqlite:///{self.workdir / "forum-bridge.db"}"
-
-[licences]
-count = {LICENCES}
-
-[keepalive]
-grace = 5
-
-[profiles.default]
-keepalive = 120
-
-[node]
-name = "demo"
-
-[web]
-host = "127.0.0.1"
-port = {self.web_port}
-
-[freeswitch]
-esl_host = "127.0.0.1"
-esl_port = {pbx.esl_port}
-socket_host = "127.0.0.1"
-socket_port = {self.agi_port}
-enforce = "both"
-fail_mode = "closed"
-""",
-            encoding="utf-8",
-        )
-        self.env["FORUM_BRIDGE_FREESWITCH_ESL_PASSWORD"] = pbx.esl_password
 
     def cli(self, *args: str) -> str:
         """Run ``forum-bridge --config ... ARGS`` and return what it printed."""
@@ -299,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             with FreeSwitchSandbox(
                 demo.agi_port, render_freeswitch(probe), endpoints, base_dir=Path(tmp)
             ) as fs:
-                demo.write_freeswitch_config(fs)
+                demo.write_config(fs)
                 say("0", f"FreeSWITCH {fs.sip_port}/udp, ESL {fs.esl_port}; bridge with {LICENCES} licences")
                 return play(demo, fs.sip_port, keep=args.keep)
         print("Building or reusing the sandbox Asterisk (the first time takes about a minute)...", flush=True)

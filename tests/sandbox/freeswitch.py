@@ -19,26 +19,20 @@ The directory has one domain, ``sandbox.test``, with a user (log-on) and passwor
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
-import threading
-import time
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
-from tests.sandbox.asterisk import SandboxError, die_with_parent_preexec, free_tcp_port
+from tests.sandbox.asterisk import free_tcp_port
+from tests.sandbox.process import PbxProcess, SandboxError
 
 __all__ = [
     "BIN_ENV_VAR",
@@ -88,20 +82,6 @@ _API_TIMEOUT = 20.0
 _TAIL_LINES = 40
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _SAFE_NUMBER = re.compile(r"^[0-9]{1,20}$")
-
-_LIVE: weakref.WeakSet[FreeSwitchSandbox] = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
-
-
-def _stop_all_at_exit() -> None:
-    with _LIVE_LOCK:
-        sandboxes = list(_LIVE)
-    for sandbox in sandboxes:
-        with contextlib.suppress(Exception):
-            sandbox.close()
-
-
-atexit.register(_stop_all_at_exit)
 
 
 def freeswitch_binary() -> Path:
@@ -202,7 +182,7 @@ class _EslProbe:
         self._buffer += chunk
 
 
-class FreeSwitchSandbox:
+class FreeSwitchSandbox(PbxProcess):
     """One private FreeSWITCH instance listening on 127.0.0.1 only.
 
     Use it as a context manager::
@@ -251,6 +231,7 @@ class FreeSwitchSandbox:
             _check_name("profile parameter", name)
             if any(ch in value for ch in '<>"&\r\n'):
                 raise ValueError(f"unsuitable value for profile parameter {name}: {value!r}")
+        super().__init__()
         self._binary = freeswitch_binary()
         self._socket_port = socket_port
         self._snippet = dialplan_snippet
@@ -265,9 +246,7 @@ class FreeSwitchSandbox:
         # apart from the Asterisk sandbox's range, so a call's RTP port is almost never taken.
         self._rtp_start = 16384 + 2 * secrets.randbelow(7000)
         self._start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
         self._removed = False
-        self.start_seconds: float | None = None
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -322,40 +301,16 @@ class FreeSwitchSandbox:
         return PROFILE
 
     @property
-    def running(self) -> bool:
-        """Whether the FreeSWITCH process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
     def pid(self) -> int | None:
         """The FreeSWITCH process id while it runs."""
         return self._proc.pid if self.running and self._proc is not None else None
 
-    # -- life cycle ---------------------------------------------------------------------------
+    # -- life cycle (see PbxProcess) -----------------------------------------------------------
 
-    def __enter__(self) -> FreeSwitchSandbox:
-        try:
-            self.start()
-        except BaseException:
-            self.close()  # __exit__ does not run when __enter__ fails: leave no directory behind
-            raise
-        return self
+    name = "FreeSWITCH"
+    _poll_interval = 0.1
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def start(self, timeout: float | None = None) -> None:
-        """Start FreeSWITCH; return once the event socket answers and the profile is running.
-
-        Raises ``SandboxError`` with the console and log tails if it dies or misses the deadline.
-        """
-        if self.running:
-            return
+    def _prepare(self) -> tuple[list[str], Path, Path | None]:
         if self._removed:
             raise SandboxError("this sandbox was closed; make a new one")
         self._write_config()
@@ -378,56 +333,26 @@ class FreeSwitchSandbox:
             "-temp",
             str(d / "tmp"),
         ]
-        timeout = self._start_timeout if timeout is None else timeout
-        started = time.monotonic()
-        with (d / "log" / "console.out").open("ab") as console:
-            self._proc = subprocess.Popen(
-                argv,
-                cwd=d,
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent_preexec(),
-            )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        return argv, d / "log" / "console.out", d
+
+    def _probe(self, remaining: float) -> str | None:
+        probe = _EslProbe(self._esl_port, self._esl_password, 5.0)
         try:
-            self._wait_until_ready(started + timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - started
-
-    def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
-        """Stop FreeSWITCH: SIGTERM (an orderly shutdown), then SIGKILL if it does not end."""
-        proc = self._proc
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait)
-        self._proc = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def restart(self, timeout: float | None = None) -> None:
-        """Stop and start again with the same ports, users and config (a PBX restart)."""
-        self.stop()
-        self.start(timeout=timeout)
-
-    def close(self) -> None:
-        """Stop FreeSWITCH and remove the instance's directory."""
-        try:
-            self.stop()
+            status = probe.api("sofia status")
         finally:
-            if not self._removed:
-                shutil.rmtree(self._dir, ignore_errors=True)
-                self._removed = True
+            probe.close()
+        # "internal  profile  sip:mod_sofia@127.0.0.1:5060  RUNNING (0)"
+        if re.search(rf"^\s*{PROFILE}\s+profile\s.*\bRUNNING\b", status, re.MULTILINE):
+            return None
+        return f"profile not running yet: {status.strip()[:200]!r}"
+
+    def _where(self) -> str:
+        return f"the event socket 127.0.0.1:{self._esl_port}"
+
+    def _remove(self) -> None:
+        if not self._removed:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._removed = True
 
     # -- talking to it ------------------------------------------------------------------------
 
@@ -472,34 +397,6 @@ class FreeSwitchSandbox:
         return "\n".join(parts)
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _wait_until_ready(self, deadline: float) -> None:
-        last_error = "no attempt yet"
-        while True:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                raise SandboxError(
-                    f"FreeSWITCH exited during start-up (exit code {code})\n{self.diagnostics()}"
-                )
-            try:
-                probe = _EslProbe(self._esl_port, self._esl_password, 5.0)
-                try:
-                    status = probe.api("sofia status")
-                finally:
-                    probe.close()
-                # "internal  profile  sip:mod_sofia@127.0.0.1:5060  RUNNING (0)"
-                if re.search(rf"^\s*{PROFILE}\s+profile\s.*\bRUNNING\b", status, re.MULTILINE):
-                    return
-                last_error = f"profile not running yet: {status.strip()[:200]!r}"
-            except (OSError, ConnectionError, SandboxError) as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                raise SandboxError(
-                    f"FreeSWITCH not ready on the event socket 127.0.0.1:{self._esl_port} in time "
-                    f"(last: {last_error})\n{self.diagnostics()}"
-                )
-            time.sleep(0.1)
 
     def _write_config(self) -> None:
         for sub in ("conf/forum_bridge", "log", "db", "run", "tmp"):

@@ -26,7 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from tests.sandbox.asterisk import die_with_parent_preexec, free_udp_port
+from tests.sandbox.asterisk import free_udp_port
+from tests.sandbox.process import die_with_parent_preexec
 
 __all__ = [
     "SipMessage",
