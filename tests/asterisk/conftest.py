@@ -127,6 +127,14 @@ class AmiRig:
         """The service (with the default settings if :meth:`setup` was not called)."""
         return self._service if self._service is not None else self.setup()
 
+    def use_fake(self, fake: FakeAmi) -> FakeAmi:
+        """Put a variant of the fake (a subclass that misbehaves on cue) in the plain one's place."""
+        assert self._service is None, "the fake is chosen before the service is set up"
+        self.runner.run(self.fake.close())
+        self.runner.run(fake.start())
+        self.fake = fake
+        return fake
+
     def adopt(self, service: BridgeService) -> None:
         """Use a service built by the test (e.g. on the real clock) instead of :meth:`setup`'s."""
         assert self._service is None, "the service is set up once, before it is used"
@@ -232,10 +240,11 @@ def ami(
     with asyncio.Runner() as runner:
         fake = FakeAmi()
         runner.run(fake.start())
+        rig = AmiRig(runner, fake, bridge_settings, make_service)
         try:
-            yield AmiRig(runner, fake, bridge_settings, make_service)
+            yield rig
         finally:
-            runner.run(fake.close())
+            runner.run(rig.fake.close())
 
 
 def contact_status(logon: str, status: str = "NonQualified", port: int = 5081) -> dict[str, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -24,15 +24,11 @@ from sqlalchemy import event
 from forum_bridge.adapters.asterisk import ami as ami_module
 from forum_bridge.adapters.asterisk.ami import AmiListener
 from forum_bridge.batching import DIGEST_INDIVIDUAL, DIGEST_WINDOW_SECONDS
-from forum_bridge.config import Settings
 from forum_bridge.service import BridgeService
 from forum_bridge.store.database import Database
 from tests.asterisk.conftest import AmiRig
 from tests.asterisk.storm import first_register, phone, refresh, storm, unknown_user, wrong_password
 from tests.asterisk.test_asterisk_agi import ask
-
-SettingsFactory = Callable[..., Settings]
-ServiceFactory = Callable[[Settings], BridgeService]
 
 
 @contextmanager

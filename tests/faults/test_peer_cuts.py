@@ -15,18 +15,14 @@ from typing import Any
 import pytest
 
 from forum_bridge.adapters.asterisk.ami import AmiListener
-from forum_bridge.config import Settings
 from forum_bridge.service import BridgeService
-from tests.asterisk.aio import run
-from tests.asterisk.conftest import bridge_settings, contact_item, contact_status, new_channel, running
+from tests.asterisk.conftest import AmiRig, ami, bridge_settings, contact_item, contact_status, new_channel
 from tests.asterisk.fake_ami import FakeAmi, Session, render
 from tests.freeswitch.conftest import fake_esl, fs_settings, start_bridge, wait_until
 from tests.freeswitch.fake_esl import FakeEslServer, event_frame, register_event
 
-__all__ = ["bridge_settings", "fake_esl", "fs_settings", "start_bridge"]  # fixtures, re-used
+__all__ = ["ami", "bridge_settings", "fake_esl", "fs_settings", "start_bridge"]  # fixtures, re-used
 
-ServiceFactory = Callable[[Settings], BridgeService]
-SettingsFactory = Callable[..., Settings]
 PHONES = ["21-desk", "22-soft", "23-desk", "24-desk"]
 
 
@@ -86,126 +82,95 @@ async def settled(listener: AmiListener, fake: FakeAmi, logins: int) -> None:
     await listener.caught_up(10)
 
 
-def test_ami_cut_in_the_middle_of_a_frame(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
+def test_ami_cut_in_the_middle_of_a_frame(ami: AmiRig) -> None:
+    fake = ami.use_fake(CuttingAmi())
+    service = ami.setup(*PHONES, **{"licences.count": 2})
+    fake.contacts = [contact_item("21-desk", 5081), contact_item("22-soft", 5082)]
+
     async def scenario() -> None:
-        fake = CuttingAmi()
-        await fake.start()
-        try:
-            service = make_service(bridge_settings(fake.port, **{"licences.count": 2}))
-            for phone in PHONES:
-                service.add_subscriber(phone, phone[:2])
-            fake.contacts = [contact_item("21-desk", 5081), contact_item("22-soft", 5082)]
-            async with running(service.settings, service) as listener:
-                await settled(listener, fake, 1)
-                assert service.authorize("21-desk", "600").allowed
-                # Half of a ContactStatus for 23-desk, then the line goes dead. Meanwhile 22-soft
-                # unregisters and 24-desk registers: nobody tells the bridge.
-                frame = render(contact_status("23-desk", port=5083))
-                fake.push_bytes(frame[: len(frame) // 2])
-                await asyncio.sleep(0)
-                fake.contacts = [contact_item("21-desk", 5081), contact_item("24-desk", 5084)]
+        async with ami.listening(resynced=False) as listener:
+            await settled(listener, fake, 1)
+            assert service.authorize("21-desk", "600").allowed
+            frame = render(contact_status("23-desk", port=5083))
+            fake.push_bytes(frame[: len(frame) // 2])
+            await asyncio.sleep(0)
+            fake.contacts = [contact_item("21-desk", 5081), contact_item("24-desk", 5084)]
+            await fake.drop()
+            await settled(listener, fake, 2)
+            states, holders, _calls = view(service)
+            assert states == expected_states(fake.contacts)
+            assert holders == ["21-desk"]
+
+    ami.run(scenario())
+
+
+def test_ami_cut_in_the_middle_of_the_resync(ami: AmiRig) -> None:
+    fake = ami.use_fake(CuttingAmi())
+    service = ami.setup(*PHONES, **{"licences.count": 2})
+    fake.contacts = [contact_item(p, 5081 + i) for i, p in enumerate(PHONES[:3])]
+    fake.cut_list = "ContactList"  # the first login's resync dies half-way
+
+    async def scenario() -> None:
+        async with ami.listening(resynced=False) as listener:
+            await ami.wait(lambda: listener.logins >= 2 and listener.resyncs >= 1, 15)
+            await listener.caught_up(10)
+            assert listener.logins == 2 and listener.resyncs == 1  # the cut one never counted
+            states, holders, _calls = view(service)
+            assert states == expected_states(fake.contacts)
+            assert holders == []
+
+    ami.run(scenario())
+
+
+def test_ami_cut_during_a_storm_leaves_no_leak_and_no_double_holding(ami: AmiRig) -> None:
+    fake = ami.use_fake(CuttingAmi())
+    service = ami.setup(*PHONES, registered=True, **{"licences.count": 2})
+
+    async def scenario() -> None:
+        async with ami.listening(resynced=False) as listener:
+            await settled(listener, fake, 1)
+            tasks_before = len(asyncio.all_tasks())
+            for round_ in range(3):
+                storm: list[Mapping[str, str]] = []
+                for i in range(300):
+                    phone = PHONES[i % len(PHONES)]
+                    storm.append(contact_status(phone, "Reachable", 5081 + PHONES.index(phone)))
+                    channel = new_channel(phone, "600")
+                    storm.append(channel)
+                    fake.channels.append(channel)
+                fake.push_bytes(b"".join(render(f) for f in storm))
+                await asyncio.sleep(0.05)
+                fake.contacts = [contact_item(p, 5081 + i) for i, p in enumerate(PHONES) if i != round_]
+                fake.channels = fake.channels[-2:]
                 await fake.drop()
-                await settled(listener, fake, 2)
-                states, holders, _calls = view(service)
+                await settled(listener, fake, 2 + round_)
+                states, holders, calls = view(service)
                 assert states == expected_states(fake.contacts)
-                assert holders == ["21-desk"]
-        finally:
-            await fake.close()
+                assert len(holders) <= 2
+                assert set(calls) <= {c["Channel"] for c in fake.channels}
+                assert len(fake.sessions) == 1  # the old connection is gone, one new one
+            await listener.caught_up(10)
+            assert len(asyncio.all_tasks()) <= tasks_before + 1
+            assert len(listener._tasks) <= 2
 
-    run(scenario())
+    ami.run(scenario(), timeout=60)
 
 
-def test_ami_cut_in_the_middle_of_the_resync(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        fake = CuttingAmi()
+def test_ami_reconnects_back_off(ami: AmiRig) -> None:
+    ami.setup(**{"asterisk.reconnect_max": 1.0})
+    fake = ami.fake
+
+    async def scenario(listener: AmiListener) -> None:
+        await fake.stop_listening()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await ami.wait(lambda: listener._failures >= 6, 20)
+        # 0.02 + 0.04 + ... + 0.32 s between the first six attempts (without backoff: 0.12 s).
+        assert loop.time() - started >= 0.5
         await fake.start()
-        try:
-            service = make_service(bridge_settings(fake.port, **{"licences.count": 2}))
-            for phone in PHONES:
-                service.add_subscriber(phone, phone[:2])
-            fake.contacts = [contact_item(p, 5081 + i) for i, p in enumerate(PHONES[:3])]
-            fake.cut_list = "ContactList"  # the first login's resync dies half-way
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.logins >= 2 and listener.resyncs >= 1, 15)
-                await listener.caught_up(10)
-                assert listener.logins == 2 and listener.resyncs == 1  # the cut one never counted
-                states, holders, _calls = view(service)
-                assert states == expected_states(fake.contacts)
-                assert holders == []
-        finally:
-            await fake.close()
+        await ami.wait(lambda: listener.resyncs >= 2, 10)
 
-    run(scenario())
-
-
-def test_ami_cut_during_a_storm_leaves_no_leak_and_no_double_holding(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory
-) -> None:
-    async def scenario() -> None:
-        fake = CuttingAmi()
-        await fake.start()
-        try:
-            service = make_service(bridge_settings(fake.port, **{"licences.count": 2}))
-            for phone in PHONES:
-                service.add_subscriber(phone, phone[:2])
-            fake.contacts = [contact_item(p, 5081 + i) for i, p in enumerate(PHONES)]
-            async with running(service.settings, service) as listener:
-                await settled(listener, fake, 1)
-                tasks_before = len(asyncio.all_tasks())
-                for round_ in range(3):
-                    storm: list[Mapping[str, str]] = []
-                    for i in range(300):
-                        phone = PHONES[i % len(PHONES)]
-                        storm.append(contact_status(phone, "Reachable", 5081 + PHONES.index(phone)))
-                        channel = new_channel(phone, "600")
-                        storm.append(channel)
-                        fake.channels.append(channel)
-                    fake.push_bytes(b"".join(render(f) for f in storm))
-                    await asyncio.sleep(0.05)
-                    # Phones come and go while the bridge is cut off mid-storm.
-                    fake.contacts = [contact_item(p, 5081 + i) for i, p in enumerate(PHONES) if i != round_]
-                    fake.channels = fake.channels[-2:]
-                    await fake.drop()
-                    await settled(listener, fake, 2 + round_)
-                    states, holders, calls = view(service)
-                    assert states == expected_states(fake.contacts)
-                    assert len(holders) <= 2
-                    assert set(calls) <= {c["Channel"] for c in fake.channels}
-                    assert len(fake.sessions) == 1  # the old connection is gone, one new one
-                # Nothing piles up: the listener's tasks are back to what they were.
-                await listener.caught_up(10)
-                assert len(asyncio.all_tasks()) <= tasks_before + 1
-                assert len(listener._tasks) <= 2
-        finally:
-            await fake.close()
-
-    run(scenario(), timeout=60)
-
-
-def test_ami_reconnects_back_off(bridge_settings: SettingsFactory, make_service: ServiceFactory) -> None:
-    async def scenario() -> None:
-        fake = FakeAmi()
-        await fake.start()
-        try:
-            service = make_service(bridge_settings(fake.port, **{"asterisk.reconnect_max": 1.0}))
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 5)
-                await fake.stop_listening()
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                await listener.wait_until(lambda: listener._failures >= 6, 20)
-                # 0.02 + 0.04 + ... + 0.32 s between the first six attempts (without backoff: 0.12 s).
-                assert loop.time() - started >= 0.5
-                await fake.start()
-                await listener.wait_until(lambda: listener.resyncs >= 2, 10)
-        finally:
-            await fake.close()
-
-    run(scenario())
+    ami.listen(scenario)
 
 
 # --- FreeSWITCH ------------------------------------------------------------------------------------
@@ -260,24 +225,19 @@ class BootingAmi(FakeAmi):
 
 
 def test_a_booting_asterisk_without_pjsip_yet_is_retried_without_blaming_the_ami_user(
-    bridge_settings: SettingsFactory, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+    ami: AmiRig, caplog: pytest.LogCaptureFixture
 ) -> None:
+    ami.use_fake(BootingAmi(unknown_for=2))
+    service = ami.setup("21-desk", registered=True, **{"asterisk.reconnect_max": 0.2})
+
     async def scenario() -> None:
-        fake = BootingAmi(unknown_for=2)
-        await fake.start()
-        try:
-            service = make_service(bridge_settings(fake.port, **{"asterisk.reconnect_max": 0.2}))
-            service.add_subscriber("21-desk", "21")
-            fake.contacts = [contact_item("21-desk", 5081)]
-            async with running(service.settings, service) as listener:
-                await listener.wait_until(lambda: listener.resyncs >= 1, 15)
-                assert listener.logins == 1  # the session was kept
-                states, _holders, _calls = view(service)
-                assert states["21-desk"] == "logged_on"
-        finally:
-            await fake.close()
+        async with ami.listening(resynced=False) as listener:
+            await ami.wait(lambda: listener.resyncs >= 1, 15)
+            assert listener.logins == 1  # the session was kept
+            states, _holders, _calls = view(service)
+            assert states["21-desk"] == "logged_on"
 
     with caplog.at_level(logging.WARNING, logger="forum_bridge"):
-        run(scenario())
+        ami.run(scenario())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("cannot resync yet" in r.getMessage() for r in caplog.records)
