@@ -54,6 +54,7 @@ echo "==> building the sandbox Asterisk (cached after the first run)"
 
 echo "==> ruff"
 .venv/bin/ruff check forum_bridge tests migrations bench
+.venv/bin/ruff format --check --quiet forum_bridge tests migrations bench
 echo "==> mypy"
 .venv/bin/mypy
 

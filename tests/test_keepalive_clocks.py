@@ -201,7 +201,10 @@ def test_two_live_nodes_expire_a_gone_node_once_without_fighting(
     for thread in threads:
         thread.join(30)
     assert errors == []
-    assert sorted(name for freed in results for name in freed) == ["21-desk", "22-desk"]  # each freed exactly once
+    assert sorted(name for freed in results for name in freed) == [
+        "21-desk",
+        "22-desk",
+    ]  # each freed exactly once
     releases = [a for a in watchers[0].audit_log(50) if a["kind"] == "release"]
     assert sorted(a["logon"] for a in releases) == ["21-desk", "22-desk"]
     assert licensed(watchers[0]) == []

@@ -161,8 +161,6 @@ def test_the_allow_list_defaults_to_loopback_and_refuses_everyone() -> None:
         load_settings(environ={}, overrides={"freeswitch.socket_allow": ["0.0.0.0/0"]})
 
 
-
-
 def test_closing_with_a_request_in_progress_logs_no_error(
     hook_settings: Callable[..., Settings], make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

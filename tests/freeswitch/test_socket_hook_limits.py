@@ -75,7 +75,9 @@ def test_an_address_outside_the_allow_list_gets_no_verdict_and_takes_no_licence(
     start_hook: HookFactory,
 ) -> None:
     server, service = start_hook(**{"freeswitch.socket_allow": ["127.0.0.2"]})
-    stranger = FakeSocketCall(server.port, channel_data("4f1c0e2a-7f7b-4c55-9d1e-2b8f0a6c9e11", "1000", "600"))
+    stranger = FakeSocketCall(
+        server.port, channel_data("4f1c0e2a-7f7b-4c55-9d1e-2b8f0a6c9e11", "1000", "600")
+    )
     stranger.start()
     wait_until(stranger.finished.is_set, 5, "the stranger to be turned away")
     assert stranger.commands == []  # not even "connect"

@@ -208,9 +208,7 @@ class EslListener:
         self.sessions += 1
         self._came_up()
         while not self._stopping.is_set():
-            wait = min(
-                self.idle_probe, self.emergency.seconds_until_due(), self.drops.seconds_until_quiet()
-            )
+            wait = min(self.idle_probe, self.emergency.seconds_until_due(), self.drops.seconds_until_quiet())
             event = client.next_event(timeout=wait)
             if self.drops.seconds_until_quiet() <= 0:
                 self.drops.tick()  # a burst of dropped events is over: sum it up
