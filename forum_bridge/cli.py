@@ -11,14 +11,15 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from forum_bridge.config import Settings, load_settings
-from forum_bridge.core.events import Direction
+from forum_bridge.config import Settings, load_settings, redact_url_secrets
 from forum_bridge.errors import ConfigError, ForumBridgeError
-from forum_bridge.service import BridgeService
+
+if TYPE_CHECKING:
+    from forum_bridge.service import BridgeService
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,12 +40,27 @@ class Context:
             self._settings = load_settings(self.config, overrides={"database.url": self.database})
         return self._settings
 
+    def status(self) -> dict[str, Any]:
+        """The status document, read without the service when the schema is current (see status_query)."""
+        from forum_bridge.store.status_query import open_reader, status_document, utcnow
+
+        settings = self.settings
+        with open_reader(
+            settings.database_url, lambda text: redact_url_secrets(text, settings.database_url)
+        ) as reader:
+            if reader is not None:
+                return status_document(reader, node=settings.node_name, now=utcnow())
+        return self.reader().status()
+
     def service(self, *, started: bool = True) -> BridgeService:
         """The service for a command that changes the database.
 
         ``started`` checks the schema first and applies the configuration (licence slots,
         profiles) when it comes from a configuration file; see :meth:`reader`.
         """
+        # Imported here: SQLAlchemy and the rest cost more than a command like --help takes.
+        from forum_bridge.service import BridgeService
+
         if self._service is None:
             # One-shot commands leave the pool-pressure log to the running bridges (see pool_watch).
             self._service = BridgeService(self.settings, watch_pool=False)
@@ -62,6 +78,8 @@ class Context:
         a look at the status must not resize the pool the running bridges share. Only an empty
         database (a new installation) gets the schema and the configuration.
         """
+        from forum_bridge.service import BridgeService
+
         if self._service is None:
             self._service = BridgeService(self.settings, watch_pool=False)
             self._prepare_without_applying(self._service)
@@ -376,7 +394,7 @@ def profile_list(obj: Context, as_json: bool) -> None:
 @handle_errors
 def status(obj: Context, as_json: bool) -> None:
     """Show the licences, their assignment and every subscriber."""
-    doc = obj.reader().status()
+    doc = obj.status()
     if as_json:
         print_json(doc)
         return
@@ -448,6 +466,8 @@ def licences_reset(obj: Context, yes: bool, actor: str) -> None:
 @handle_errors
 def check(obj: Context, logon: str, number: str, inbound: bool, as_json: bool) -> None:
     """What would happen now if LOGON called NUMBER (no licence is taken)."""
+    from forum_bridge.core.events import Direction
+
     service = obj.reader()
     direction = Direction.INBOUND if inbound else Direction.OUTBOUND
     decision = service.check(logon, number, direction)
