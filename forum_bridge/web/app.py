@@ -469,7 +469,7 @@ class StatusApp:
             if cached is not None and cached[0] is status:
                 return cached[1], cached[2]
         body = json.dumps(status).encode("utf-8")
-        # The time it was made is part of the document; the rest decides whether it changed.
+        # When it was made is part of the document; the rest decides whether it changed.
         etag = '"' + hashlib.blake2b(_without_time(body), digest_size=12).hexdigest() + '"'
         with self._encoded_lock:
             self._encoded[key] = (status, body, etag)
@@ -562,10 +562,18 @@ class StatusApp:
 
 
 _GENERATED = re.compile(rb'"generated_at": "[^"]*"')
+_LAST_AT = b'"at": "'
 
 
 def _without_time(body: bytes) -> bytes:
-    return _GENERATED.sub(b"", body, count=1)
+    """The document's JSON without the two places that only say when it was made.
+
+    ``generated_at`` comes first; the last point of ``usage_history`` (the last key) is "now".
+    """
+    body = _GENERATED.sub(b"", body, count=1)
+    last = body.rfind(_LAST_AT)
+    end = body.find(b'"', last + len(_LAST_AT)) if last >= 0 else -1
+    return body[:last] + body[end + 1 :] if end >= 0 else body
 
 
 def _etags(header: str) -> set[str]:
