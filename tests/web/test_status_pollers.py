@@ -90,7 +90,9 @@ def test_a_reset_through_the_page_shows_at_once(bridge: Bridge) -> None:
     assert json.loads(wsgi_call(app, "/status.json")[2])["licences"]["used"] == 0
 
 
-def test_at_most_two_answers_are_computed_at_once(bridge: Bridge, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_at_most_two_answers_are_computed_at_once_and_healthz_never_waits(
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
     held(bridge)
     app = make_app(bridge.service, bridge.settings, bridge.metrics)
     monkeypatch.setattr(web_app, "FRESH_SECONDS", 0.0)
@@ -117,6 +119,8 @@ def test_at_most_two_answers_are_computed_at_once(bridge: Bridge, monkeypatch: p
     for thread in threads:
         thread.start()
     wait_until(lambda: inside[0] == web_app.WORKERS, timeout=10, what="two answers under way")
+    # A liveness probe does not queue behind them (it would wait here for ever).
+    assert wsgi_call(app, "/healthz")[0].startswith("200")
     release.set()
     for thread in threads:
         thread.join(20)
