@@ -64,7 +64,7 @@ def test_etag_answers_304_while_unchanged(bridge: Bridge, monkeypatch: pytest.Mo
     assert etag.startswith('"') and etag.endswith('"')
     # Made again later (the service shares a document for up to a second of real time): when it
     # was made is not part of the ETag.
-    monkeypatch.setattr(bridge.service._shared_status, "_max_age", 0.0)
+    monkeypatch.setattr(bridge.service.documents._shared, "_max_age", 0.0)
     bridge.clock.advance(seconds=3)
     made_at = json.loads(body)["generated_at"]
     status, headers, body = wsgi_call(app, "/status.json", HTTP_IF_NONE_MATCH=f'"other", W/{etag}')
