@@ -38,10 +38,11 @@ print(json.dumps({"code": result.exit_code, "output": result.output, "heavy": he
 """
 
 
-def run_cli(*args: str) -> dict[str, Any]:
+def run_cli(*args: str, licences: int = 3) -> dict[str, Any]:
     """``forum-bridge ARGS`` in a fresh interpreter: exit code, output and heavy modules imported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORUM_BRIDGE_")}
     env["FORUM_BRIDGE_NODE_NAME"] = "pbx1"
+    env["FORUM_BRIDGE_LICENCES_COUNT"] = str(licences)
     done = subprocess.run(
         [sys.executable, "-c", PROBE, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
     )
@@ -107,6 +108,10 @@ def test_status_json_reads_without_sqlalchemy_and_equals_the_bridges_document(
     assert table["code"] == 0 and table["heavy"] == [] and "21-desk" in table["output"]
     assert [s["logon"] for s in service.status(search="_x%")["subscribers"]] == ["23_x%"]
     assert service.status(search="x_")["subscriber_page"]["matched"] == 0
+    # Another licences.count than the database holds: the full path applies it, as before.
+    applied = run_cli("--database", database_url, "status", "--json", licences=4)
+    assert applied["code"] == 0 and "sqlalchemy" in applied["heavy"]
+    assert json.loads(applied["output"])["licences"]["total"] == 4
 
 
 def test_help_imports_nothing_heavy() -> None:
