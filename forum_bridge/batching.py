@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from forum_bridge.core.events import CallEnded, Event, Keepalive, LoggedOff, LoggedOn, LogonFailed
 from forum_bridge.store import operations as ops
 from forum_bridge.store.models import CallRow, RegistrationRow, SubscriberRow, stored
+from forum_bridge.store.status_query import SUMMARY_KIND  # the audit kind of a summary
 
 if TYPE_CHECKING:
     from forum_bridge.service import BridgeService, Outcome
@@ -45,8 +46,6 @@ DIGEST_WINDOW_SECONDS = 60
 """Length of one failure window: at most one summary line per window."""
 DIGEST_INDIVIDUAL = 10
 """Failures of unknown log-ons written one by one (audit row and WARNING) per window."""
-SUMMARY_KIND = "logon_failed_summary"
-"""Audit ``kind`` of a summary of failures that were counted, not written one by one."""
 _SAMPLE = 5  # names and sources kept in a summary
 _DISTINCT_CAP = 10_000  # distinct names counted exactly per window; beyond, "at least"
 _CHUNK = 500  # values per IN (...) list: far below SQLite's and PostgreSQL's limits

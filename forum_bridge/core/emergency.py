@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from phonenumbers import SUPPORTED_SHORT_REGIONS
-from phonenumbers.shortnumberinfo import is_emergency_number
+# libphonenumber is imported where a region is used: its import alone is a good part of the time
+# a short command such as ``forum-bridge status`` takes, and most installations list numbers.
 
 
 def region_is_known(region: str) -> bool:
     """True when libphonenumber has short-number data (emergency numbers) for ``region``."""
+    from phonenumbers import SUPPORTED_SHORT_REGIONS
+
     return region.upper() in SUPPORTED_SHORT_REGIONS
 
 
@@ -42,6 +44,8 @@ class EmergencyNumbers:
 
     def is_emergency(self, dialled: str) -> bool:
         """True when ``dialled`` (as the phone sent it) reaches an emergency service."""
+        if self.region:
+            from phonenumbers.shortnumberinfo import is_emergency_number
         for candidate in self._candidates(dialled):
             if candidate in self.numbers:
                 return True
@@ -67,6 +71,7 @@ class EmergencyNumbers:
 def _region_emergency_numbers(region: str) -> set[str]:
     """Expand the region's emergency pattern into the short numbers it matches (at most 4 digits)."""
     from phonenumbers import PhoneMetadata
+    from phonenumbers.shortnumberinfo import is_emergency_number
 
     metadata = PhoneMetadata.short_metadata_for_region(region.upper())
     if metadata is None or metadata.emergency is None:

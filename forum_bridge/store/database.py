@@ -27,10 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from forum_bridge.config import redact_url_secrets
 from forum_bridge.errors import ConfigError, SchemaError, StoreError
+from forum_bridge.store.status_query import HEAD_REVISION, Reader
+
+__all__ = ["HEAD_REVISION", "Database", "make_engine", "migrations_dir"]
 
 log = logging.getLogger(__name__)
 
-HEAD_REVISION = "0004"
 _VERSION_TABLE = "alembic_version"
 
 SQLITE_BUSY_SECONDS = 30.0
@@ -236,6 +238,12 @@ class Database:
             except SQLAlchemyError as exc:
                 raise StoreError(f"database error: {self._redact(_describe(exc))}") from exc
             self._committed()
+
+    def reader(self, session: Session) -> Reader:
+        """Plain SQL on ``session``'s own driver connection, inside its transaction (status reads)."""
+        connection = session.connection().connection.dbapi_connection
+        errors: tuple[type[Exception], ...] = (self.engine.dialect.loaded_dbapi.Error,)
+        return Reader(connection, self.dialect, errors, self._redact)
 
     def add_commit_hooks(self, before: Callable[[Session], None], after: Callable[[Session], None]) -> None:
         """Run ``before`` inside every transaction just before it commits, ``after`` once it has.

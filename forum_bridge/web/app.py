@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -47,6 +48,28 @@ PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 """The most subscribers one ``/status.json?limit=`` answer lists."""
 MAX_SEARCH = 64
+WORKERS = 2
+"""Requests whose answer is being computed at once; the other connections wait without running."""
+_ENCODED = 8  # serialized status documents kept (the whole one and a few pages)
+FRESH_SECONDS = 0.25
+"""How old a status document the page and ``/status.json`` may answer with (at least; see below)."""
+COST_SHARE = 5
+"""A listing is made again at most every COST_SHARE times as long as making it took."""
+_LISTINGS = 16  # recent listings kept (searches and pages)
+PACE_BYTES_PER_SECOND = 20_000_000
+"""Each worker hands out at most this many bytes of answers a second (see :meth:`StatusApp.__call__`)."""
+
+
+@dataclass(frozen=True)
+class _Recent:
+    """A status document as served: the document, its JSON, its ETag, and until when it is served."""
+
+    status: dict[str, Any]
+    body: bytes
+    etag: str
+    fresh_until: float
+
+
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{32,64}")
 _HTML = "text/html; charset=utf-8"
 _JSON = "application/json"
@@ -230,6 +253,14 @@ class StatusApp:
         self.failures = FailureLimit()
         # Per process: restarting the bridge invalidates open forms, which then ask for a reload.
         self._secret = secrets.token_bytes(32)
+        # The bridge's call hook shares this interpreter: a crowd of pollers each running Python at
+        # once would make every hook step wait for its turn (the GIL), so few answers are computed
+        # at a time while the rest of the connections wait here, sleeping.
+        self._work = threading.BoundedSemaphore(WORKERS)
+        # A shared status document is serialized once for all its readers (and named by an ETag).
+        self._encoded: OrderedDict[int, tuple[dict[str, Any], bytes, str]] = OrderedDict()
+        self._encoded_lock = threading.Lock()
+        self._recent: OrderedDict[tuple[str, int, int | None], _Recent] = OrderedDict()
         self._routes = {
             "/": ("GET", self.page),
             "/status.json": ("GET", self.status_json),
@@ -254,8 +285,18 @@ class StatusApp:
             if method not in allowed_methods:
                 response = self._error(environ, Refused(405, "method", "Method not allowed."))
                 response.headers.append(("Allow", ", ".join(allowed_methods)))
-            else:
+            elif handler == self.healthz:  # a liveness probe must not queue behind documents
                 response = handler(environ)
+            else:
+                with self._work:
+                    began = time.monotonic()
+                    response = handler(environ)
+                    # Clients polling as fast as they are answered would take as much of the
+                    # machine as they can (encoding, copying, their own reading); pacing the
+                    # workers by the bytes they hand out bounds what a crowd of them costs the hook.
+                    pause = len(response.body) / PACE_BYTES_PER_SECOND - (time.monotonic() - began)
+                    if pause > 0:
+                        time.sleep(pause)
         except Refused as refused:
             response = self._error(environ, refused)
             if refused.retry_after is not None:
@@ -267,7 +308,9 @@ class StatusApp:
         except Exception:
             log.exception("web: %s %s failed", method, path)
             response = self._error(environ, Refused(500, "internal", "Internal error; see the bridge's log."))
-        headers = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
+        headers = [("Content-Type", response.content_type)]
+        if response.status != 304:  # a 304's length would be the unchanged document's
+            headers.append(("Content-Length", str(len(response.body))))
         headers += _security_headers(response.nonce) + response.headers
         phrase = HTTPStatus(response.status).phrase
         start_response(f"{response.status} {phrase}", headers)
@@ -338,7 +381,7 @@ class StatusApp:
     def page(self, environ: WSGIEnvironment) -> Response:
         """``GET /``: the status page, one page of subscribers (``?q=`` searches, ``?offset=`` pages)."""
         search, offset, _limit = _listing(environ)
-        status = self.service.shared_status(search=search, offset=offset, limit=PAGE_SIZE)
+        status = self._document(search, offset, PAGE_SIZE).status
         headers: list[tuple[str, str]] = []
         csrf = None
         if self._token:
@@ -376,13 +419,65 @@ class StatusApp:
 
         Every subscriber, unless ``q`` (search), ``offset`` or ``limit`` (at most 1,000) in the
         query string ask for one page of them, as the page's script does.
+        Answers carry an ``ETag``; a client that sends it back in ``If-None-Match`` gets ``304 Not
+        Modified`` while the document is unchanged.
         """
         search, offset, limit = _listing(environ)
         if search or offset or limit is not None:
-            status = self.service.shared_status(search=search, offset=offset, limit=limit or PAGE_SIZE)
+            recent = self._document(search, offset, limit or PAGE_SIZE)
         else:
-            status = self.service.shared_status()
-        return Response(200, json.dumps(status).encode("utf-8"), _JSON)
+            recent = self._document("", 0, None)
+        headers = [("ETag", recent.etag), ("Cache-Control", "no-cache")]
+        if recent.etag in _etags(str(environ.get("HTTP_IF_NONE_MATCH", ""))):
+            return Response(304, b"", _JSON, headers)
+        return Response(200, recent.body, _JSON, headers)
+
+    def _document(self, search: str, offset: int, limit: int | None) -> _Recent:
+        """The status document for one listing, at most :data:`FRESH_SECONDS` old.
+
+        Every call decision changes the state, so with pollers asking all the time the document
+        would be made again and again, competing with the call hook for the interpreter. Instead
+        it is made again only after FRESH_SECONDS, or after COST_SHARE times what the last one
+        took, whichever is longer: a big document, or a busy machine, keeps the share of time spent
+        on it bounded. A reset through this page shows at once (see :meth:`reset`).
+        """
+        listing = (search, offset, limit)
+        with self._encoded_lock:
+            recent = self._recent.get(listing)
+        if recent is not None and time.monotonic() < recent.fresh_until:
+            return recent
+        began = time.monotonic()
+        status = self.service.shared_status(search=search, offset=offset, limit=limit)
+        body, etag = self._encode(status)
+        now = time.monotonic()
+        recent = _Recent(status, body, etag, now + max(FRESH_SECONDS, COST_SHARE * (now - began)))
+        with self._encoded_lock:
+            self._recent[listing] = recent
+            self._recent.move_to_end(listing)
+            while len(self._recent) > _LISTINGS:
+                self._recent.popitem(last=False)
+        return recent
+
+    def _forget_documents(self) -> None:
+        """After a change made through the page: the next reader gets a new document."""
+        with self._encoded_lock:
+            self._recent.clear()
+
+    def _encode(self, status: dict[str, Any]) -> tuple[bytes, str]:
+        """The JSON of a shared document and its ETag, made once per document, not once per reader."""
+        key = id(status)  # the entry holds the document, so its id is not reused meanwhile
+        with self._encoded_lock:
+            cached = self._encoded.get(key)
+            if cached is not None and cached[0] is status:
+                return cached[1], cached[2]
+        body = json.dumps(status).encode("utf-8")
+        # When it was made is part of the document; the rest decides whether it changed.
+        etag = '"' + hashlib.blake2b(_without_time(body), digest_size=12).hexdigest() + '"'
+        with self._encoded_lock:
+            self._encoded[key] = (status, body, etag)
+            while len(self._encoded) > _ENCODED:
+                self._encoded.popitem(last=False)
+        return body, etag
 
     def metrics_text(self, environ: WSGIEnvironment) -> Response:
         """``GET /metrics``: Prometheus text format."""
@@ -422,6 +517,7 @@ class StatusApp:
         if not hmac.compare_digest(given.encode("utf-8"), self._token.encode("utf-8")):
             raise self._wrong_token(client)
         freed = self.service.reset_licences(f"web:{client}")
+        self._forget_documents()
         message = f"Licences reset: {freed} freed."
         if _wants_json(environ):
             body = {"ok": True, "freed": freed, "message": message}
@@ -442,6 +538,7 @@ class StatusApp:
         ):
             raise self._wrong_token(client)
         freed = self.service.reset_licences(f"api:{client}")
+        self._forget_documents()
         body = {"ok": True, "freed": freed, "message": f"Licences reset: {freed} freed."}
         return Response(200, json.dumps(body).encode(), _JSON)
 
@@ -464,6 +561,26 @@ class StatusApp:
             return parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=10)
         except (UnicodeDecodeError, ValueError):
             raise Refused(400, "form", "The form could not be read.") from None
+
+
+_GENERATED = re.compile(rb'"generated_at": "[^"]*"')
+_LAST_AT = b'"at": "'
+
+
+def _without_time(body: bytes) -> bytes:
+    """The document's JSON without the two places that only say when it was made.
+
+    ``generated_at`` comes first; the last point of ``usage_history`` (the last key) is "now".
+    """
+    body = _GENERATED.sub(b"", body, count=1)
+    last = body.rfind(_LAST_AT)
+    end = body.find(b'"', last + len(_LAST_AT)) if last >= 0 else -1
+    return body[:last] + body[end + 1 :] if end >= 0 else body
+
+
+def _etags(header: str) -> set[str]:
+    """The entity tags of an ``If-None-Match`` header (weak ones compared by their value)."""
+    return {tag.strip().removeprefix("W/") for tag in header.split(",")[:16] if tag.strip()}
 
 
 def _listing(environ: WSGIEnvironment) -> tuple[str, int, int | None]:

@@ -214,7 +214,7 @@
     try {
       const query = new URLSearchParams({ limit: String(PAGE), offset: String(listing.offset) });
       if (listing.q) query.set("q", listing.q);
-      const answer = await fetch("status.json?" + query, { cache: "no-store", headers: { Accept: "application/json" } });
+      const answer = await fetch("status.json?" + query, { cache: "no-cache", headers: { Accept: "application/json" } });
       if (!answer.ok) throw new Error("HTTP " + answer.status);
       render(await answer.json());
       setLive(true);
