@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
+from forum_bridge.store.status_query import PoolCounts
 
 log = logging.getLogger("forum_bridge.service")
 
@@ -57,7 +58,7 @@ class PoolWatch:
             session.info[_FLIP] = flip
 
     def _after_commit(self, session: Session) -> None:
-        flip: tuple[bool, ops.PoolCounts] | None = session.info.pop(_FLIP, None)
+        flip: tuple[bool, PoolCounts] | None = session.info.pop(_FLIP, None)
         if flip is None:
             return
         raised, counts = flip

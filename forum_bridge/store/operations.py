@@ -48,6 +48,7 @@ from forum_bridge.store.models import (
     UsageRow,
     UTCDateTime,
 )
+from forum_bridge.store.status_query import PoolCounts
 
 log = logging.getLogger(__name__)
 
@@ -177,31 +178,6 @@ def share_pool(session: Session) -> None:
     if _postgresql(session):
         session.execute(select(func.pg_advisory_xact_lock_shared(_POOL_LOCK_KEY)))
     session.info[_POOL_HELD] = "shared"
-
-
-@dataclass(frozen=True)
-class PoolCounts:
-    """The licence pool split into reserved and floating licences."""
-
-    total: int  # licence rows (licences.count as applied)
-    used: int  # rows held by anyone
-    reserved: int  # log-ons with a reservation
-    reserved_used: int  # rows held by those log-ons
-
-    @property
-    def floating(self) -> int:
-        """Licences that log-ons without a reservation share (never below zero)."""
-        return max(0, self.total - self.reserved)
-
-    @property
-    def floating_used(self) -> int:
-        """Licences held by log-ons without a reservation."""
-        return self.used - self.reserved_used
-
-    @property
-    def free(self) -> int:
-        """Licences a log-on without a reservation can take now."""
-        return max(0, min(self.floating - self.floating_used, self.total - self.used))
 
 
 # A log-on's reservation is read in the statement that counts it.

@@ -50,24 +50,38 @@ _FAILURE_KINDS = ("logon_failed", SUMMARY_KIND)
 
 
 @dataclass(frozen=True)
-class Counts:
-    """What ``/metrics`` and the document's summary count, without reading a row per subscriber."""
+class PoolCounts:
+    """The licence pool split into reserved and floating licences."""
 
     total: int  # licence rows (licences.count as applied)
     used: int  # rows held by anyone
     reserved: int  # log-ons with a reservation
     reserved_used: int  # rows held by those log-ons
+
+    @property
+    def floating(self) -> int:
+        """Licences that log-ons without a reservation share (never below zero)."""
+        return max(0, self.total - self.reserved)
+
+    @property
+    def floating_used(self) -> int:
+        """Licences held by log-ons without a reservation."""
+        return self.used - self.reserved_used
+
+    @property
+    def free(self) -> int:
+        """Licences a log-on without a reservation can take now."""
+        return max(0, min(self.floating - self.floating_used, self.total - self.used))
+
+
+@dataclass(frozen=True)
+class Counts(PoolCounts):
+    """What ``/metrics`` and the document's summary count, without reading a row per subscriber."""
+
     subscribers: int
     logon_failed: int
     logged_on: int
     unmanaged: int  # log-ons registered but not provisioned
-
-    @property
-    def free(self) -> int:
-        """Licences a log-on without a reservation can take now (as ``operations.PoolCounts.free``)."""
-        floating = max(0, self.total - self.reserved)
-        floating_used = self.used - self.reserved_used
-        return max(0, min(floating - floating_used, self.total - self.used))
 
     def licences(self) -> dict[str, int]:
         """The document's ``licences`` object."""
