@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -11,8 +12,9 @@ import pytest
 from forum_bridge.adapters.freeswitch.socket_hook import SocketHookServer
 from forum_bridge.config import Settings
 from forum_bridge.core.events import LoggedOn
+from forum_bridge.core.rules import Decision, Reason
 from forum_bridge.errors import PbxConnectionError, StoreError
-from forum_bridge.service import BridgeService
+from forum_bridge.service import BridgeService, DecisionTicket
 from tests.conftest import FakeClock
 from tests.freeswitch.conftest import wait_until
 from tests.freeswitch.fake_esl import FakeSocketCall, channel_data, channel_data_of
@@ -221,3 +223,15 @@ def test_freeswitch_closing_a_decided_session_is_not_logged_as_a_failure(
     fake = place(server, "c-1", user, "601", close_after=closed_at)
     assert fake.commands[-1].startswith(closed_at)
     assert _loud(caplog) == []
+
+
+def test_a_leg_left_undecided_by_its_event_is_rejected_as_undecided_not_denied(
+    start_hook: HookFactory,
+) -> None:
+    # The leg's CHANNEL_CREATE came first while the database was down: its fail-mode answer
+    # (closed) stands for the leg. The hook must then give the fail mode's 503, not a denial's 603.
+    server, service = start_hook()
+    ticket = DecisionTicket(time.monotonic() + 5, "c-1")
+    assert service.give_up(ticket, Decision(False, Reason.BRIDGE_ERROR))
+    assert place(server, "c-1", "1000", "600").commands == undecided("c-1")
+    assert service.status()["licences"]["used"] == 0
