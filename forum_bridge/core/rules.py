@@ -55,6 +55,11 @@ class Decision:
     reason: Reason
     takes_licence: bool = False
 
+    @property
+    def undecided(self) -> bool:
+        """A refusal only because no decision could be made: the fail mode's 503, not a denial's 603."""
+        return not self.allowed and self.reason is Reason.BRIDGE_ERROR
+
     def as_dict(self) -> dict[str, object]:
         """Return the decision as a JSON-ready mapping."""
         return {"allowed": self.allowed, "reason": str(self.reason), "takes_licence": self.takes_licence}

@@ -19,7 +19,6 @@ from gevent.event import Event as GeventEvent
 
 from forum_bridge.config import Settings
 from forum_bridge.core.events import CallStarted, Direction, LoggedOff, LoggedOn
-from forum_bridge.core.rules import Reason
 from forum_bridge.dropped_events import DroppedEvents
 from forum_bridge.errors import (
     ConfigError,
@@ -345,8 +344,7 @@ class EslListener:
             return
         if outcome.hangup and not self._spare_emergency_call(call):
             reason = outcome.decision.reason.value if outcome.decision else "denied"
-            # The hook's fail-mode answer standing for this leg is "no decision" (503), not a denial.
-            undecided = outcome.decision is not None and outcome.decision.reason is Reason.BRIDGE_ERROR
+            undecided = outcome.decision is not None and outcome.decision.undecided
             self._kill(client, call, reason, UNAVAILABLE_CAUSE if undecided else HANGUP_CAUSE)
 
     def _spare_emergency_call(self, call: CallStarted) -> bool:

@@ -292,9 +292,7 @@ class SocketHookServer:
             decision: Decision = self._decided(
                 ticket, fallback, "authorize", logon, number, Direction.OUTBOUND, channel=uuid
             )
-            if not decision.allowed and decision.reason is Reason.BRIDGE_ERROR:
-                # The leg's event could not be decided first and its fail-mode answer stands: still
-                # undecided, so 503 as the fail mode says, never the 603 of a denial.
+            if decision.undecided:  # the leg's event left it undecided first: 503, never 603
                 return None
             return decision.allowed
         except ForumBridgeError as exc:
