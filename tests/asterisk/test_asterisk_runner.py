@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from tests.asterisk.aio import run
 from tests.asterisk.conftest import AmiRig, contact_status, new_channel
 from tests.asterisk.test_asterisk_agi import ask
 from tests.conftest import FakeClock
+from tests.sandbox.asterisk import free_tcp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,17 +57,11 @@ def test_hook_events_and_the_keepalive_clock_work_together(ami: AmiRig, clock: F
     ami.run(scenario())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _config(tmp_path: Path, **asterisk: Any) -> Path:
     values = {
-        "ami_port": _free_port(),  # nothing listens there: Asterisk is "down"
+        "ami_port": free_tcp_port(),  # nothing listens there: Asterisk is "down"
         "ami_secret": "process-secret-Xy9",
-        "agi_port": _free_port(),
+        "agi_port": free_tcp_port(),
         "reconnect_max": 0.5,
         **asterisk,
     }

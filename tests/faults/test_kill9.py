@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -26,15 +25,10 @@ from tests.asterisk.aio import run
 from tests.asterisk.conftest import contact_item, contact_status, new_channel
 from tests.asterisk.fake_ami import FakeAmi, render
 from tests.asterisk.test_asterisk_agi import ask
+from tests.sandbox.asterisk import free_tcp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PHONES = ["21-desk", "22-soft", "23-desk", "24-desk"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def consistent(url: str) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
@@ -64,7 +58,7 @@ def consistent(url: str) -> tuple[list[dict[str, Any]], dict[str, str], list[str
 
 def test_kill_9_during_a_storm_and_calls_then_restart(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'bridge.db'}"
-    agi_port = free_port()
+    agi_port = free_tcp_port()
     setup = Database(url)
     setup.upgrade()
     service = BridgeService(

@@ -78,20 +78,53 @@ class SandboxBuildError(SandboxError):
 # --------------------------------------------------------------------------------------------
 
 
+_STABLE_LOW = 20000
+"""Test ports are picked from here up to the kernel's ephemeral range (see :func:`_stable_port`)."""
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to ``bind(0)`` and outgoing connections."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _stable_port(kind: socket.SocketKind) -> int:
+    """A port on 127.0.0.1 that is free now and that the kernel will not hand out by itself.
+
+    Phones, PBXs and the bridge keep their port across runs and restarts (a phone registers
+    with one SIPp run and answers with the next). A port from ``bind(0)`` lies in the ephemeral
+    range, where any outgoing connection or other ``bind(0)`` may take it in between; a port
+    below that range is only ever taken by someone who asks for it by number.
+    """
+    high = _ephemeral_low()
+    if high - _STABLE_LOW < 1000:  # an unusual kernel set-up: fall back to bind(0)
+        return _bound_port(kind, 0)
+    for _ in range(200):
+        try:
+            return _bound_port(kind, _STABLE_LOW + secrets.randbelow(high - _STABLE_LOW))
+        except OSError:
+            continue
+    raise SandboxError(f"no free port on 127.0.0.1 from {_STABLE_LOW} to {high - 1}")
+
+
+def _bound_port(kind: socket.SocketKind, port: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", port))
+        bound: int = sock.getsockname()[1]
+        return bound
+
+
 def free_tcp_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a TCP port on 127.0.0.1 that is free now, outside the ephemeral range."""
+    return _stable_port(socket.SOCK_STREAM)
 
 
 def free_udp_port() -> int:
-    """Return a UDP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a UDP port on 127.0.0.1 that is free now, outside the ephemeral range."""
+    return _stable_port(socket.SOCK_DGRAM)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
-from tests.sandbox.asterisk import free_tcp_port
+from tests.sandbox.asterisk import free_tcp_port, free_udp_port
 from tests.sandbox.process import PbxProcess, SandboxError
 
 __all__ = [
@@ -99,17 +99,15 @@ def freeswitch_binary() -> Path:
 
 
 def free_sip_port() -> int:
-    """A port free on 127.0.0.1 for both UDP and TCP a moment ago (sofia binds both)."""
+    """A port free on 127.0.0.1 for both UDP and TCP (sofia binds both), outside the ephemeral range."""
     for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
+        port = free_udp_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     raise SandboxError("no port free for both UDP and TCP on 127.0.0.1")
 
 
