@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, cast
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, update
 from sqlalchemy.orm import Session
 
 from forum_bridge.core.events import CallEnded, Event, Keepalive, LoggedOff, LoggedOn, LogonFailed
+from forum_bridge.store import batch_statements as batch_sql
 from forum_bridge.store import operations as ops
 from forum_bridge.store.models import CallRow, RegistrationRow, SubscriberRow, stored
 from forum_bridge.store.status_query import SUMMARY_KIND  # the audit kind of a summary
@@ -97,29 +98,16 @@ class _Logon:
 def _load(session: Session, node: str, logons: Sequence[str]) -> dict[str, _Logon]:
     state = {logon: _Logon() for logon in logons}
     for part in _chunks(logons):
-        rows = session.execute(
-            select(SubscriberRow.logon, SubscriberRow.last_logon_failed, SubscriberRow.last_failure_at).where(
-                SubscriberRow.logon.in_(part)
-            )
-        )
-        for logon, failed, failure_at in rows:
-            entry = state[logon]
-            entry.managed, entry.failed, entry.failure_at = True, bool(failed), failure_at
-        regs = session.execute(
-            select(
-                RegistrationRow.id,
-                RegistrationRow.node,
-                RegistrationRow.logon,
-                RegistrationRow.contact,
-                RegistrationRow.source,
-                RegistrationRow.user_agent,
-            ).where(RegistrationRow.logon.in_(part))
-        )
-        for row_id, row_node, logon, contact, source, user_agent in regs:
-            if row_node == node:
-                state[logon].contacts[contact] = _Contact(id=row_id, source=source, user_agent=user_agent)
+        for facts in batch_sql.read_subscribers(session, part):
+            entry = state[facts.logon]
+            entry.managed, entry.failed, entry.failure_at = True, facts.failed, facts.failure_at
+        for row in batch_sql.read_contacts(session, part):
+            if row.node == node:
+                state[row.logon].contacts[row.contact] = _Contact(
+                    id=row.id, source=row.source, user_agent=row.user_agent
+                )
             else:
-                state[logon].elsewhere += 1
+                state[row.logon].elsewhere += 1
     return state
 
 
@@ -236,8 +224,8 @@ def _write(
             .where(RegistrationRow.id.in_(deleted[start : start + _CHUNK]))
             .execution_options(synchronize_session=False)
         )
-    touched: list[dict[str, object]] = []
-    added: list[dict[str, object]] = []
+    touched: list[batch_sql.TouchedContact] = []
+    added: list[batch_sql.NewContact] = []
     subscribers: list[dict[str, object]] = []
     for logon, entry in state.items():
         if entry.subscriber_dirty:
@@ -250,39 +238,18 @@ def _write(
             )
         for contact, row in entry.contacts.items():
             if row.id is None:
+                assert row.registered_at is not None
+                assert row.last_seen is not None
                 added.append(
-                    {
-                        "node": node,
-                        "logon": logon,
-                        "contact": contact,
-                        "source": row.source,
-                        "user_agent": row.user_agent,
-                        "registered_at": row.registered_at,
-                        "last_seen": row.last_seen,
-                    }
+                    batch_sql.NewContact(
+                        node, logon, contact, row.source, row.user_agent, row.registered_at, row.last_seen
+                    )
                 )
             elif row.dirty:
-                touched.append(
-                    {
-                        "b_id": row.id,
-                        "b_last_seen": row.last_seen,
-                        "b_source": row.source,
-                        "b_user_agent": row.user_agent,
-                    }
-                )
-    # Core executemany statements: one round of the driver each, no ORM bookkeeping per row.
-    registrations = cast(Table, RegistrationRow.__table__)
-    if touched:
-        session.execute(
-            update(registrations)
-            .where(registrations.c.id == bindparam("b_id"))
-            .values(
-                last_seen=bindparam("b_last_seen"),
-                source=bindparam("b_source"),
-                user_agent=bindparam("b_user_agent"),
-            ),
-            touched,
-        )
+                assert row.last_seen is not None
+                touched.append(batch_sql.TouchedContact(row.id, row.last_seen, row.source, row.user_agent))
+    # One statement of a fixed text each, whatever the batch holds (see store.batch_statements).
+    batch_sql.touch_contacts(session, touched)
     if subscribers:
         table = cast(Table, SubscriberRow.__table__)
         session.execute(
@@ -294,8 +261,7 @@ def _write(
             ),
             subscribers,
         )
-    if added:
-        session.execute(insert(registrations), added)
+    batch_sql.insert_contacts(session, added)
     for start in range(0, len(ended), _CHUNK):
         session.execute(
             delete(CallRow)
