@@ -32,7 +32,7 @@ from forum_bridge.cli import main
 from forum_bridge.logsetup import configure_logging
 configure_logging("ERROR")  # as the console script does
 result = CliRunner().invoke(main, sys.argv[1:])
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sqlalchemy", "alembic", "panoramisk", "gevent",
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sqlalchemy", "alembic", "panoramisk", "gevent", "psycopg",
                                                          "prometheus_client", "phonenumbers"})
 print(json.dumps({"code": result.exit_code, "output": result.output, "heavy": heavy}))
 """

@@ -388,6 +388,28 @@ def _postgres_conninfo(url: str) -> str | None:
     return "postgresql://" + rest
 
 
+def _postgres_connection(
+    conninfo: str, redact: Callable[[str], str]
+) -> tuple[Any, tuple[type[Exception], ...]]:
+    """A read-only connection through libpq alone (see ``store.libpq``), else through psycopg."""
+    from forum_bridge.store import libpq
+
+    try:
+        plain = libpq.connect(conninfo, connect_timeout=10)
+    except libpq.PqError as exc:
+        raise StoreError(f"cannot open the database: {redact(first_line(exc))}") from exc
+    if plain is not None:
+        return plain, (libpq.PqError,)
+    import psycopg
+
+    try:
+        connection = psycopg.connect(conninfo, connect_timeout=10)
+        connection.read_only = True
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot open the database: {redact(first_line(exc))}") from exc
+    return connection, (psycopg.Error,)
+
+
 @contextmanager
 def open_reader(url: str, redact: Callable[[str], str]) -> Iterator[Reader | None]:
     """A :class:`Reader` on a read-only snapshot of the database at ``url``, opened with its driver alone.
@@ -416,14 +438,8 @@ def open_reader(url: str, redact: Callable[[str], str]) -> Iterator[Reader | Non
             raise StoreError(f"cannot open the database: {redact(first_line(exc))}") from exc
         dialect, errors = "sqlite", (sqlite3.Error,)
     elif conninfo is not None:
-        import psycopg
-
-        try:
-            connection = psycopg.connect(conninfo, connect_timeout=10)
-            connection.read_only = True
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot open the database: {redact(first_line(exc))}") from exc
-        dialect, errors = "postgresql", (psycopg.Error,)
+        connection, errors = _postgres_connection(conninfo, redact)
+        dialect = "postgresql"
     else:
         yield None
         return
