@@ -5,12 +5,15 @@ A registration storm is applied in transactions of a few hundred events (see
 as its batch (an ``IN`` list of every log-on, a multi-row ``VALUES`` or one execution per row) and a
 type conversion per value; on PostgreSQL each such statement was also parsed and planned afresh,
 and a row-by-row insert paid the server a round of work per row. Here every statement has one
-fixed text whatever the batch holds, and the batch travels as one JSON document: PostgreSQL
-unpacks it with ``json_array_elements`` (the driver's array adaptation converts value by value in
-Python, which cost more than the statement itself), SQLite reads the log-ons with ``json_each``
-and takes new rows through the driver's ``executemany``. Values are fitted to their columns here
-(:func:`~forum_bridge.store.models.fit`), as the ORM's column types do on every other path, so
-both databases store the same text (and no NUL, which PostgreSQL's JSON refuses).
+fixed text whatever the batch holds, and the batch travels as one JSON document (the driver's
+array adaptation converts value by value in Python, which cost more than the statement itself).
+PostgreSQL unpacks it with ``json_array_elements``, and looks log-ons up with
+``= ANY(ARRAY(...))`` rather than ``IN (...)``, which the planner answers from the index even
+before the tables have statistics (a storm after a restart fills an empty table). SQLite reads
+the log-ons with ``json_each`` and takes new rows through the driver's ``executemany``. Values are
+fitted to their columns here (:func:`~forum_bridge.store.models.fit`), as the ORM's column types
+do on every other path, so both databases store the same text (and no NUL, which PostgreSQL's JSON
+refuses).
 
 The statements run on the session's connection through ``exec_driver_sql``: inside its
 transaction, with a driver error surfacing as SQLAlchemy's, which the store maps to
@@ -21,9 +24,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.orm import Session
 
@@ -45,8 +47,7 @@ __all__ = [
 _NODE, _SOURCE, _USER_AGENT = 128, 128, 256
 
 
-@dataclass(frozen=True)
-class SubscriberFacts:
+class SubscriberFacts(NamedTuple):
     """What a batch needs of one provisioned log-on: its failed log-on block."""
 
     logon: str
@@ -54,8 +55,7 @@ class SubscriberFacts:
     failure_at: datetime | None
 
 
-@dataclass(frozen=True)
-class ContactRow:
+class ContactRow(NamedTuple):
     """One stored registration of a log-on (on any node)."""
 
     id: int
@@ -66,8 +66,7 @@ class ContactRow:
     user_agent: str
 
 
-@dataclass(frozen=True)
-class NewContact:
+class NewContact(NamedTuple):
     """A registration to insert; ``logon`` and ``contact`` already as stored."""
 
     node: str
@@ -79,8 +78,7 @@ class NewContact:
     last_seen: datetime
 
 
-@dataclass(frozen=True)
-class TouchedContact:
+class TouchedContact(NamedTuple):
     """A stored registration seen again: its new last-seen time, source and user agent."""
 
     id: int
@@ -124,7 +122,7 @@ def read_subscribers(session: Session, logons: Sequence[str]) -> list[Subscriber
     if _postgres(session):
         rows = connection.exec_driver_sql(
             "SELECT logon, last_logon_failed, last_failure_at FROM subscribers"
-            " WHERE logon IN (SELECT json_array_elements_text(%s::json))",
+            " WHERE logon = ANY(ARRAY(SELECT json_array_elements_text(%s::json)))",
             (json.dumps(list(logons)),),
         )
     else:
@@ -145,7 +143,7 @@ def read_contacts(session: Session, logons: Sequence[str]) -> list[ContactRow]:
     if _postgres(session):
         rows = connection.exec_driver_sql(
             f"SELECT {columns} FROM registrations"  # noqa: S608 - constant text
-            " WHERE logon IN (SELECT json_array_elements_text(%s::json))",
+            " WHERE logon = ANY(ARRAY(SELECT json_array_elements_text(%s::json)))",
             (json.dumps(list(logons)),),
         )
     else:
@@ -154,7 +152,7 @@ def read_contacts(session: Session, logons: Sequence[str]) -> list[ContactRow]:
             " WHERE logon IN (SELECT value FROM json_each(?))",
             (json.dumps(list(logons)),),
         )
-    return [ContactRow(*row) for row in rows]
+    return [ContactRow._make(row) for row in rows]
 
 
 def insert_contacts(session: Session, rows: Iterable[NewContact]) -> None:
