@@ -46,7 +46,7 @@ from forum_bridge.retention import PRUNE_BATCH, PruneReport, Retention
 from forum_bridge.status_document import StatusDocuments
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
-from forum_bridge.store.models import SubscriberRow
+from forum_bridge.store.models import RegistrationRow, SubscriberRow, stored
 
 # Names callers import from here since before the parts had modules of their own.
 __all__ = [
@@ -281,7 +281,9 @@ class BridgeService:
         if new:
             service_log.info("logged on logon=%s contact=%s node=%s", event.logon, event.contact, self.node)
             contacts = ops.logon_contacts(session, self.node, event.logon)
-            others = tuple(c for c in contacts if c != event.contact)
+            # Compared as stored: an over-long contact is stored fitted, and is still this one.
+            own = stored(RegistrationRow.contact, event.contact)
+            others = tuple(c for c in contacts if c != own)
         return Outcome(blocked=blocked, other_contacts=others)
 
     def _logged_off(
