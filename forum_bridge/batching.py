@@ -98,10 +98,11 @@ class _Logon:
 def _load(session: Session, node: str, logons: Sequence[str]) -> dict[str, _Logon]:
     state = {logon: _Logon() for logon in logons}
     for part in _chunks(logons):
-        for facts in batch_sql.read_subscribers(session, part):
+        subscribers, contacts = batch_sql.read_state(session, part)
+        for facts in subscribers:
             entry = state[facts.logon]
             entry.managed, entry.failed, entry.failure_at = True, facts.failed, facts.failure_at
-        for row in batch_sql.read_contacts(session, part):
+        for row in contacts:
             if row.node == node:
                 state[row.logon].contacts[row.contact] = _Contact(
                     id=row.id, source=row.source, user_agent=row.user_agent

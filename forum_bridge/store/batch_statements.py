@@ -39,6 +39,7 @@ __all__ = [
     "TouchedContact",
     "insert_contacts",
     "read_contacts",
+    "read_state",
     "read_subscribers",
     "touch_contacts",
 ]
@@ -153,6 +154,30 @@ def read_contacts(session: Session, logons: Sequence[str]) -> list[ContactRow]:
             (json.dumps(list(logons)),),
         )
     return [ContactRow._make(row) for row in rows]
+
+
+def read_state(session: Session, logons: Sequence[str]) -> tuple[list[SubscriberFacts], list[ContactRow]]:
+    """:func:`read_subscribers` and :func:`read_contacts` together; one round trip on PostgreSQL."""
+    if not logons or not _postgres(session):
+        return read_subscribers(session, logons), read_contacts(session, logons)
+    names = json.dumps(list(logons))
+    rows = session.connection().exec_driver_sql(
+        "SELECT 0, logon, last_logon_failed, last_failure_at, NULL::integer, NULL::text, NULL::text,"
+        " NULL::text, NULL::text FROM subscribers"
+        " WHERE logon = ANY(ARRAY(SELECT json_array_elements_text(%s::json)))"
+        " UNION ALL SELECT 1, logon, NULL::boolean, NULL::timestamptz, id, node, contact, source,"
+        " user_agent FROM registrations"
+        " WHERE logon = ANY(ARRAY(SELECT json_array_elements_text(%s::json)))",
+        (names, names),
+    )
+    facts: list[SubscriberFacts] = []
+    contacts: list[ContactRow] = []
+    for kind, logon, failed, failure_at, row_id, node, contact, source, user_agent in rows:
+        if kind == 0:
+            facts.append(SubscriberFacts(logon, bool(failed), _read_time(failure_at)))
+        else:
+            contacts.append(ContactRow(row_id, node, logon, contact, source, user_agent))
+    return facts, contacts
 
 
 def insert_contacts(session: Session, rows: Iterable[NewContact]) -> None:
