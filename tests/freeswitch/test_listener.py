@@ -498,6 +498,25 @@ def test_a_contact_freeswitch_replaced_without_an_event_is_logged_off(start_brid
     wait_until(lambda: bridge.licences()["used"] == 0, what="the licence to be freed at the log-off")
 
 
+def test_an_over_long_contact_freeswitch_still_holds_is_not_taken_for_replaced(
+    start_bridge: StartBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stored copy of a contact longer than its column is shortened; it must still be found live."""
+    bridge = start_bridge()
+    bridge.register("1000", 5091)
+    long_uri = "sip:1000@" + "h" * 600 + ".example:5092"
+    bridge.fake.add_registration("1000", 5092)
+    bridge.fake.registrations[-1]["url"] = f"sofia/internal/{long_uri}"
+    bridge.push(edit_event(register_event("1000", 5092), {"contact": f'"" <{long_uri}>'}))
+    # FreeSWITCH drops the first device silently; a third registers, which makes the bridge look.
+    bridge.fake.remove_registration("1000", 5091)
+    caplog.set_level(logging.INFO, logger="forum_bridge.adapters.freeswitch.listener")
+    bridge.register("1000", 5093)
+    replaced = [r.getMessage() for r in caplog.records if "replaced contact" in r.getMessage()]
+    assert any("sip:1000@127.0.0.1:5091 of 1000" in m for m in replaced), replaced  # the check ran
+    assert not any("sip:1000@hhh" in m for m in replaced), replaced
+
+
 def test_a_second_device_freeswitch_keeps_stays_logged_on(start_bridge: StartBridge) -> None:
     bridge = start_bridge()
     bridge.register("1000", 5091)

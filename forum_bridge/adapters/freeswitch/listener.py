@@ -30,6 +30,7 @@ from forum_bridge.errors import (
     StoreError,
 )
 from forum_bridge.service import BridgeService, CallSnapshot
+from forum_bridge.store.models import RegistrationRow, stored
 from forum_bridge.store.operations import Registration
 
 from .emergency import EmergencyHash
@@ -322,7 +323,12 @@ class EslListener:
         contact while it has others, so a plain refresh costs nothing.
         """
         try:
-            live = {r.contact for r in self._registrations(client) if r.logon == event.logon}
+            # ``others`` are stored contacts, shortened to their column: compare like with like.
+            live = {
+                stored(RegistrationRow.contact, r.contact)
+                for r in self._registrations(client)
+                if r.logon == event.logon
+            }
         except ProtocolError as exc:
             log.warning("could not check the other contacts of %s: %s", event.logon, exc)
             return
