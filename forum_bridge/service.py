@@ -488,6 +488,15 @@ class BridgeService:
         with self.database.read() as session:
             return ops.failed_logons(session)
 
+    def licensed_logons(self) -> list[str]:
+        """The log-ons holding a licence now, by name: their calls need no licence decision.
+
+        The Asterisk adapter copies this set into the PBX so that its dialplan can let those calls
+        through without asking (``asterisk.enforce = both``).
+        """
+        with self.database.read() as session:
+            return ops.licence_holders(session)
+
     def logon_state(self, logon: str) -> LogonState:
         """What the rules know about ``logon`` now (managed, logged on, failed, licensed)."""
         with self.database.read() as session:

@@ -245,14 +245,18 @@ class Database:
         errors: tuple[type[Exception], ...] = (self.engine.dialect.loaded_dbapi.Error,)
         return Reader(connection, self.dialect, errors, self._redact)
 
-    def add_commit_hooks(self, before: Callable[[Session], None], after: Callable[[Session], None]) -> None:
+    def add_commit_hooks(
+        self, before: Callable[[Session], None], after: Callable[[Session], None], *, first: bool = False
+    ) -> None:
         """Run ``before`` inside every transaction just before it commits, ``after`` once it has.
 
         ``before`` may still read and write through the session (its work commits with the rest);
-        ``after`` must not touch the database. Used by the pool-pressure watch.
+        ``after`` must not touch the database. Used by the pool-pressure watch, and (``first``:
+        ahead of the hooks added before, which may consume the session's marks) by the Asterisk
+        adapter's licensed set.
         """
-        event.listen(self._sessions, "before_commit", before)
-        event.listen(self._sessions, "after_commit", after)
+        event.listen(self._sessions, "before_commit", before, insert=first)
+        event.listen(self._sessions, "after_commit", after, insert=first)
 
     @contextmanager
     def _write_turn(self, deadline: float | None) -> Iterator[None]:

@@ -700,6 +700,12 @@ def reserved_logons(session: Session) -> list[str]:
     )
 
 
+def licence_holders(session: Session) -> list[str]:
+    """Every log-on holding a licence now, by name (one row per purchased licence at most)."""
+    holders = session.scalars(select(LicenceRow.logon).where(LicenceRow.logon.is_not(None)))
+    return sorted(h for h in holders if h)
+
+
 def failed_logons(session: Session) -> list[str]:
     """Every managed log-on whose latest log-on attempt failed, by name."""
     return list(

@@ -1,18 +1,27 @@
-"""What Asterisk needs to decide emergency calls without the bridge, kept in Asterisk over AMI.
+"""What Asterisk needs to decide calls without asking the bridge, kept in Asterisk over AMI.
 
 The dialplan snippet decides an emergency call inside Asterisk (see
 :mod:`forum_bridge.adapters.asterisk.dialplan`). The one fact it needs from the bridge is which
-log-ons are blocked by a failed log-on; :class:`EmergencyState` keeps that set in AstDB:
+log-ons are blocked by a failed log-on; with ``asterisk.enforce = both`` it also answers by itself
+the calls of log-ons holding a licence. :class:`EmergencyState` keeps both sets in AstDB:
 
 * each change as it happens (``Outcome.blocked`` of an applied event): ``DBPut`` / ``DBDel`` of
   ``forum-bridge/blocked/<log-on>``;
 * the whole set after every login and resync, and again every :data:`HEARTBEAT_SECONDS` as a
   cheap self-heal: read with ``DBGetTree``, then only the differences are written, so there is no
   moment in which a blocked log-on is missing (a ``DBDelTree`` first would open one);
-* after each full pass that read the set from the database, a heartbeat (Unix seconds) in
+* the licensed set (``forum-bridge/licensed/<log-on>``, only with ``enforce = both``; otherwise
+  it is kept empty, so entries left from an earlier configuration are deleted): after every
+  committed transaction of this process that changed the licence pool (a call took a licence; a
+  log-off, keepalive expiry, failed log-on, removal or reset from the page freed one) the holders
+  are read again (a handful of rows: one per purchased licence) and the differences written; and
+  in the same periodic full pass as the blocked set, which corrects within one heartbeat what other
+  processes and nodes changed (e.g. ``forum-bridge reset`` from the command line);
+* after each full pass that read the sets from the database, a heartbeat (Unix seconds) in
   ``forum-bridge/heartbeat``. The snippet honours blocks only while it is fresh
   (``emergency.block_stale_after``): a bridge that is stopped, hung or cut off from its database
-  stops confirming, and its blocks stop keeping phones from 112 on stale facts.
+  stops confirming, and its blocks stop keeping phones from 112 on stale facts; the licensed
+  entries stop counting even sooner (:func:`~forum_bridge.adapters.asterisk.dialplan.local_stale_after`).
 
 After every login it also checks (``ModuleCheck``) that Asterisk has every module the snippet uses
 and logs one error naming what is missing; the metrics show it per module.
@@ -24,17 +33,19 @@ Every AMI action used here (``DBPut``, ``DBDel``, ``DBGetTree``, ``ModuleCheck``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from forum_bridge.adapters.asterisk.dialplan import (
     BLOCKED_FAMILY,
     HEARTBEAT_FAMILY,
     HEARTBEAT_KEY,
+    LICENSED_FAMILY,
     REQUIRED_MODULES,
 )
 from forum_bridge.adapters.asterisk.events import headers_of
@@ -44,11 +55,13 @@ __all__ = ["HEARTBEAT_SECONDS", "AmiActions", "EmergencyState", "ModuleObserver"
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 HEARTBEAT_SECONDS = 30
-"""How often the bridge confirms the blocked set (and rewrites what differs) while connected."""
+"""How often the bridge confirms the blocked and licensed sets (and rewrites what differs) while connected."""
 
 _RETRY_SECONDS = 1.0  # pause after a failed write before the pending changes are tried again
-_MAX_TREE = 100_000  # entries of the blocked family read back; far above any real installation
+_MAX_TREE = 100_000  # entries of one family read back; far above any real installation
 
 
 @runtime_checkable
@@ -81,21 +94,33 @@ def _ok(responses: list[Any]) -> tuple[bool, str]:
 
 
 class EmergencyState:
-    """Keeps the blocked log-ons and the heartbeat in AstDB and checks the snippet's modules."""
+    """Keeps the blocked and licensed log-ons and the heartbeat in AstDB; checks the snippet's modules."""
 
     def __init__(
         self,
         blocked_logons: Callable[[], list[str]],
         ami: AmiActions,
         *,
+        licensed_logons: Callable[[], list[str]] | None = None,
         executor: Executor | None = None,
         observer: ModuleObserver | None = None,
         interval: float = HEARTBEAT_SECONDS,
         db_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``blocked_logons`` reads the set from the database (run in ``executor``)."""
+        """``blocked_logons`` reads the set from the database (run in ``executor``).
+
+        ``licensed_logons`` reads the log-ons holding a licence, likewise; None when the dialplan
+        has no local path (``asterisk.enforce`` is not ``both``): the licensed family is then kept
+        empty.
+        """
         self._blocked_logons = blocked_logons
+        self._licensed_logons = licensed_logons
+        # What the licensed family holds as far as this process knows (None: not read yet); each
+        # full pass reads the family back from Asterisk, so a stray write is corrected there.
+        self._licensed_known: set[str] | None = None
+        self._licensed_dirty = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ami = ami
         self._executor = executor
         self._observer = observer
@@ -110,6 +135,7 @@ class EmergencyState:
         self._retry_at = float("-inf")
         self.syncs = 0  # full passes that ended with a heartbeat
         self.pushes = 0  # single changes written
+        self.licensed_passes = 0  # re-reads of the licensed set after a licence change
         self.missing_modules: list[str] | None = None  # None: not checked yet
 
     # --- called by the AMI listener ------------------------------------------------------------
@@ -119,10 +145,33 @@ class EmergencyState:
         self._pending[logon] = blocked
         self._wake.set()
 
+    def licences_changed(self) -> None:
+        """A transaction of this process changed the licence pool: write the holders again soon.
+
+        Safe from any thread (the commit hooks run in the thread that committed).
+        """
+        loop = self._loop
+        if self._licensed_logons is None or loop is None:
+            return  # no local path, or not running: the first full pass reads everything
+        # A closing loop refuses: nothing is kept in Asterisk any more then.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._mark_licensed_dirty)
+
+    def _mark_licensed_dirty(self) -> None:
+        self._licensed_dirty = True
+        self._wake.set()
+
     # --- the loop ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop``: check modules after each login, sync after each login/resync and periodically."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._loop_until(stop)
+        finally:
+            self._loop = None
+
+    async def _loop_until(self, stop: asyncio.Event) -> None:
         seen_login = seen_resync = 0
         last_sync = float("-inf")
         while not stop.is_set():
@@ -141,9 +190,12 @@ class EmergencyState:
             if ami.connected and self._pending and retry_in <= 0:
                 await self._guarded(self.flush)
                 continue
+            if ami.connected and self._licensed_dirty and retry_in <= 0:
+                await self._guarded(self.flush_licensed)
+                continue
             self._wake.clear()
             timeout = max(0.05, min(self.interval, due if due > 0 else self.interval))
-            if self._pending and retry_in > 0:
+            if (self._pending or self._licensed_dirty) and retry_in > 0:
                 timeout = min(timeout, retry_in)
             await self._wait(stop, functools.partial(self._session_changed, seen_login, seen_resync), timeout)
 
@@ -174,13 +226,18 @@ class EmergencyState:
     # --- the steps -----------------------------------------------------------------------------
 
     async def sync(self) -> bool:
-        """Make AstDB's blocked set equal the database's, then write the heartbeat; True when done."""
+        """Make AstDB's blocked and licensed sets equal the database's, then write the heartbeat.
+
+        True when done.
+        """
         async with self._lock:
             # Changes reported so far are in the database already: the read below covers them.
             earlier, self._pending = self._pending, {}
+            licensed_dirty, self._licensed_dirty = self._licensed_dirty, False
             try:
-                wanted = set(await self._in_db(self._blocked_logons))
+                wanted, licensed = await self._in_db(self._read_sets)
             except (StoreError, TimeoutError) as exc:
+                self._licensed_dirty = self._licensed_dirty or licensed_dirty
                 for logon, blocked in earlier.items():
                     self._pending.setdefault(logon, blocked)
                 if not self._db_failing:
@@ -195,11 +252,16 @@ class EmergencyState:
                 self._db_failing = False
                 log.info("blocked log-ons readable again; heartbeat in Asterisk resumed")
             try:
-                present = await self._read_blocked()
+                present = await self._read_tree(BLOCKED_FAMILY)
                 for logon in sorted(wanted - present):
                     await self._put(logon)
                 for logon in sorted(present - wanted):
                     await self._delete(logon)
+                # Read back rather than trusted: an operator or an earlier process may have
+                # changed the family; writes of a licence change made meanwhile wait for the lock.
+                self._licensed_known = None
+                held = await self._read_tree(LICENSED_FAMILY)
+                await self._write_licensed(licensed, held)
                 await self._action(
                     {
                         "Action": "DBPut",
@@ -209,6 +271,7 @@ class EmergencyState:
                     }
                 )
             except PbxError as exc:
+                self._licensed_dirty = True  # the next pass or change writes what is left
                 self._ami_failed(exc)
                 return False
             self._ami_ok()
@@ -247,6 +310,34 @@ class EmergencyState:
                 return
             self._ami_ok()
 
+    async def flush_licensed(self) -> None:
+        """Read the log-ons holding a licence again and write what differs from AstDB's set."""
+        async with self._lock:
+            if not self._licensed_dirty:
+                return
+            self._licensed_dirty = False
+            known = self._licensed_known
+            if known is None or self._licensed_logons is None:
+                return  # the full pass (due after every login) reads and writes everything
+            try:
+                wanted = set(await self._in_db(self._licensed_logons))
+            except (StoreError, TimeoutError) as exc:
+                # Stale entries are safe meanwhile (the AMI side decides every call); the next
+                # full pass, or the next change, tries again.
+                log.warning(
+                    "cannot read the licensed log-ons (%s); AstDB is corrected later", exc or "timed out"
+                )
+                return
+            try:
+                await self._write_licensed(wanted, known)
+            except PbxError as exc:
+                self._licensed_known = None  # unknown now: written in part
+                self._licensed_dirty = True
+                self._ami_failed(exc)
+                return
+            self.licensed_passes += 1
+            self._ami_ok()
+
     async def check_modules(self) -> list[str] | None:
         """Ask Asterisk for every module the snippet needs; log one error naming the missing ones."""
         missing: list[str] = []
@@ -281,10 +372,37 @@ class EmergencyState:
 
     # --- AMI and database helpers --------------------------------------------------------------
 
-    async def _in_db(self, func: Callable[[], list[str]]) -> list[str]:
+    async def _in_db(self, func: Callable[[], _T]) -> _T:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, functools.partial(func))
         return await asyncio.wait_for(future, self._db_timeout)
+
+    def _read_sets(self) -> tuple[set[str], set[str]]:
+        """The blocked and the licensed log-ons, read together in the database thread."""
+        blocked = set(self._blocked_logons())
+        licensed = set(self._licensed_logons()) if self._licensed_logons is not None else set()
+        return blocked, licensed
+
+    async def _write_licensed(self, wanted: set[str], present: set[str]) -> None:
+        """Make the licensed family hold ``wanted``, given it holds ``present``; log what changed."""
+        added, removed = sorted(wanted - present), sorted(present - wanted)
+        known = set(present)
+        self._licensed_known = known
+        for logon in added:
+            await self._action(
+                {"Action": "DBPut", "Family": LICENSED_FAMILY, "Key": logon, "Val": str(int(self._clock()))}
+            )
+            known.add(logon)
+        for logon in removed:
+            await self._action({"Action": "DBDel", "Family": LICENSED_FAMILY, "Key": logon}, missing_ok=True)
+            known.discard(logon)
+        if added or removed:
+            log.debug(
+                "licensed log-ons in Asterisk: %d (added %s; removed %s)",
+                len(known),
+                ",".join(added) or "-",
+                ",".join(removed) or "-",
+            )
 
     async def _action(self, action: Mapping[str, str], *, missing_ok: bool = False) -> None:
         ok, message = _ok(await self._ami.send_action(action))
@@ -300,12 +418,13 @@ class EmergencyState:
         # Gone already is what we wanted.
         await self._action({"Action": "DBDel", "Family": BLOCKED_FAMILY, "Key": logon}, missing_ok=True)
 
-    async def _read_blocked(self) -> set[str]:
-        responses = await self._ami.send_action({"Action": "DBGetTree", "Family": BLOCKED_FAMILY})
+    async def _read_tree(self, family: str) -> set[str]:
+        """The keys of ``family`` in AstDB (at most :data:`_MAX_TREE`)."""
+        responses = await self._ami.send_action({"Action": "DBGetTree", "Family": family})
         ok, message = _ok(responses)
         if not ok:
             raise PbxError(f"Asterisk refused DBGetTree: {message or 'no reason given'}")
-        prefix = f"/{BLOCKED_FAMILY}/"
+        prefix = f"/{family}/"
         found: set[str] = set()
         for response in responses[1 : _MAX_TREE + 1]:
             headers = headers_of(response)

@@ -17,9 +17,11 @@ from typing import Any
 from forum_bridge.adapters.asterisk.agi import FastAgiServer
 from forum_bridge.adapters.asterisk.ami import AmiListener, AmiObserver, RecentDecisions
 from forum_bridge.adapters.asterisk.astdb import EmergencyState, ModuleObserver
+from forum_bridge.adapters.asterisk.dialplan import local_path
 from forum_bridge.config import Settings
 from forum_bridge.errors import ForumBridgeError, StoreError
 from forum_bridge.service import BridgeService
+from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
 
 __all__ = ["KEEPALIVE_SWEEP_SECONDS", "Bridge", "run", "serve"]
@@ -31,6 +33,8 @@ KEEPALIVE_SWEEP_SECONDS = 1.0
 # of this node, runs at most this often: it shares the one database thread with the backlog, and
 # what it judges is only as of the oldest frame still queued anyway.
 BACKLOG_SWEEP_SECONDS = 3.0
+# session.info key: this transaction changed the licence pool; tell the licensed set once committed.
+_LICENCES_CHANGED = "forum_bridge.asterisk.licences_changed"
 
 
 class Bridge:
@@ -55,9 +59,12 @@ class Bridge:
             on_blocked=self._blocked_changed,
         )
         # The blocked set is read in the event thread, so it sees every event applied before it.
+        # With enforce = both the dialplan also answers licensed log-ons' calls from AstDB.
+        local = local_path(settings)
         self.emergency = EmergencyState(
             service.blocked_logons,
             self.ami,
+            licensed_logons=service.licensed_logons if local else None,
             executor=self.executor,
             observer=observer if isinstance(observer, ModuleObserver) else None,
             db_timeout=float(settings.asterisk.action_timeout),
@@ -75,6 +82,13 @@ class Bridge:
             decision_timeout=decision_timeout,
         )
         self.started = asyncio.Event()
+        if local:
+            # Every licence change of this process (calls, log-offs, keepalive expiry, a reset
+            # from the page...) marks its transaction for the pool watch; ahead of that watch,
+            # which consumes the mark, this copies it and pokes the licensed set after the commit.
+            service.database.add_commit_hooks(
+                self._licences_before_commit, self._licences_after_commit, first=True
+            )
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then stop every part and return."""
@@ -100,6 +114,15 @@ class Bridge:
         finally:
             await self.agi.close()
             self.executor.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _licences_before_commit(session: Any) -> None:
+        if session.info.get(ops.POOL_CHANGED):
+            session.info[_LICENCES_CHANGED] = True
+
+    def _licences_after_commit(self, session: Any) -> None:
+        if session.info.pop(_LICENCES_CHANGED, False):
+            self.emergency.licences_changed()
 
     def _blocked_changed(self, logon: str, blocked: bool) -> None:
         self.emergency.blocked_changed(logon, blocked)
