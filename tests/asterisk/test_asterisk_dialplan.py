@@ -193,3 +193,49 @@ def test_the_default_agi_address_follows_the_hook_settings() -> None:
     assert default("10.1.2.3", 4600) == "agi://10.1.2.3:4600"
     assert default("0.0.0.0", 4573) == "agi://127.0.0.1:4573"
     assert default("::1", 4573) == "agi://[::1]:4573"
+
+
+def test_with_enforce_both_a_licensed_log_on_is_answered_locally_after_blocks_and_emergencies() -> None:
+    outbound = context(render_dialplan(load_settings(environ={})), "forum-bridge-outbound")
+    steps = steps_of(outbound)
+    blocked = steps.index('GotoIf($["${DB(forum-bridge/blocked/${fb_logon})}" = ""]?classify)')
+    classify = steps.index('GotoIf($["x${ARG1}" = "x110" | "x${ARG1}" = "x112"]?emergency)')
+    local = steps.index('GotoIf($["${DB(forum-bridge/licensed/${CHANNEL:6:-9})}" = ""]?hook)')
+    agi = steps.index("AGI(${fb_agi}/outbound,${ARG1})")
+    assert blocked < classify < local < agi
+    # Only a PJSIP channel with an entry and a fresh heartbeat (90 s: tighter than 300) is answered
+    # here, with what the hook would set; anything else goes on to the hook.
+    assert steps[local - 1 : local + 7] == [
+        'GotoIf($["${CHANNEL:0:6}" != "PJSIP/"]?hook)',
+        'GotoIf($["${DB(forum-bridge/licensed/${CHANNEL:6:-9})}" = ""]?hook)',
+        "Set(LOCAL(fb_beat)=${DB(forum-bridge/heartbeat)})",
+        'GotoIf($["${fb_beat}" = ""]?hook)',
+        "GotoIf($[${EPOCH} - ${fb_beat} < 90]?licensed:hook)",
+        "Set(FORUM_BRIDGE_RESULT=allow)",
+        "Set(FORUM_BRIDGE_REASON=licensed)",
+        "Return()",
+    ]
+    assert re.search(r"n\(licensed\),Set\(FORUM_BRIDGE_RESULT=allow\)", outbound)
+    assert re.search(r"n\(hook\),Set\(LOCAL\(fb_agi\)=", outbound)
+    # The inbound routine always asks: who may ring is decided per log-on of the number.
+    assert "licensed" not in context(render_dialplan(load_settings(environ={})), "forum-bridge-inbound")
+
+
+def test_the_local_answer_goes_stale_with_the_tighter_bound() -> None:
+    def bound(stale_after: int) -> list[str]:
+        settings = load_settings(environ={}, overrides={"emergency.block_stale_after": stale_after})
+        return re.findall(r"< (\d+)\]\?licensed:hook", render_dialplan(settings))
+
+    assert bound(60) == ["60"]
+    assert bound(900) == ["90"]
+
+
+def test_without_enforce_both_or_a_heartbeat_every_call_asks_the_hook() -> None:
+    for overrides in (
+        {"asterisk.enforce": "hook"},
+        {"asterisk.enforce": "ami"},
+        {"emergency.block_stale_after": 0},
+    ):
+        text = render_dialplan(load_settings(environ={}, overrides=overrides))
+        assert "forum-bridge/licensed" not in text, overrides
+        assert "?licensed" not in text and "n(hook)" in text
