@@ -5,16 +5,22 @@
 Needs root and the sandbox Asterisk (tests/sandbox: a Debian chroot with Debian's Asterisk 22,
 cached after the first build) and SIPp (Debian's sip-tester). One Asterisk, one bridge
 (``forum-bridge run asterisk``, SQLite, enforce = both) and one registered phone. SIPp then places
-200 calls at 20 calls/s (full size; 20 at 10/s small), each held one second, twice per run:
+200 calls at 20 calls/s (full size; 20 at 10/s small), each held one second, three times per run:
 
-* with the hook: the dialplan snippet ``forum-bridge dialplan asterisk`` renders, so every call
-  asks the bridge through FastAGI (``forum-bridge-outbound``) before it is answered;
+* with the hook: the dialplan snippet ``forum-bridge dialplan asterisk`` renders. The phone's log-on
+  took its licence with its first call (before the runs), as every busy phone of a PBX has, so
+  the dialplan answers its calls from AstDB without asking the bridge (enforce = both);
+* hook path: the snippet rendered without that local answer, so every call asks the bridge through
+  FastAGI before it is answered: the path of a log-on without a licence, and every call before
+  the local answer existed;
 * without: the same dialplan with ``forum-bridge-outbound`` reduced to ``Return()``.
 
-The bridge runs in both, so only the hook differs. Set-up time is taken from SIPp's message trace
+The bridge runs in all three, so only the dialplan differs; it deciding every Newchannel over AMI
+is part of each. Which calls asked the hook is counted from the hook's DEBUG line (one per
+question; only that logger is at DEBUG). Set-up time is taken from SIPp's message trace
 (microsecond stamps): from the first INVITE sent to its 200 OK received, the digest challenge
-included in both. The figure is the ratio of
-the medians; the order of the two variants alternates between runs.
+included in all. The figure is the ratio of the medians; the order of the variants rotates between
+runs.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import _common
 
@@ -41,6 +49,34 @@ exten => s,1,Return()
 exten => s,1,Return()
 """
 LOGON, PASSWORD = "21-desk", "bench-pw-21"
+# The bridge as "python -m forum_bridge" starts it, with only the hook's logger at DEBUG: it writes
+# one line per question, which tells the calls that asked the hook from those answered by the
+# dialplan, at the cost of one log line on the hook path alone.
+_HOOK_DEBUG = (
+    "import logging, sys; "
+    "logging.getLogger('forum_bridge.adapters.asterisk.agi').setLevel(logging.DEBUG); "
+    "sys.argv[0] = 'forum-bridge'; "
+    "from forum_bridge.cli import entry; entry()"
+)
+
+
+def _asked(log_path: Path) -> int:
+    """The hook's outbound questions the bridge has logged so far."""
+    return log_path.read_text(encoding="utf-8", errors="replace").count("hook outbound channel=")
+
+
+def _licensed(pbx: Any) -> set[str]:
+    """The log-ons in AstDB's forum-bridge/licensed family, as Asterisk lists them."""
+    lines = pbx.cli("database show forum-bridge/licensed").splitlines()
+    return {line.split(" : ", 1)[0].strip().rsplit("/", 1)[-1] for line in lines if " : " in line}
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def _toml(path: Path, values: dict[str, dict[str, object]]) -> None:
@@ -136,6 +172,11 @@ def main() -> int:
         url = f"sqlite:///{tmp / 'bridge.db'}"
         values = {"database.url": url, "licences.count": 10, "asterisk.agi_port": agi_port}
         snippet = render_dialplan(load_settings(environ={}, overrides=values))
+        # The same snippet without the local answer (it exists only with enforce = both).
+        hook_values = {**values, "asterisk.enforce": "ami"}
+        hook_only = render_dialplan(load_settings(environ={}, overrides=hook_values))
+        if "forum-bridge/licensed" not in snippet or "forum-bridge/licensed" in hook_only:
+            raise SystemExit("the rendered snippets do not differ in the local answer")
         service = _common.provision(url, subscribers=0, licences=10, node="pbx1")
         service.add_subscriber(LOGON, "21")
         service.database.dispose()
@@ -162,8 +203,8 @@ def main() -> int:
                 bridge = subprocess.Popen(
                     [
                         sys.executable,
-                        "-m",
-                        "forum_bridge",
+                        "-c",
+                        _HOOK_DEBUG,
                         "--config",
                         str(tmp / "bridge.toml"),
                         "run",
@@ -177,23 +218,33 @@ def main() -> int:
                 phone = SippPhone(LOGON, PASSWORD, pbx.sip_port)
                 if phone.register(expires=600) != 200:
                     raise SystemExit("the phone could not register")
+                # The first call takes the log-on's licence (through the hook), as on a busy PBX.
+                pbx.reload_dialplan(snippet)
+                if phone.call("599", hold_seconds=0.2) != 200:
+                    raise SystemExit("the first call was not answered")
+                log_path = tmp / "bridge.log"
+                _wait_for(lambda: _licensed(pbx) == {LOGON}, 15, "the licensed log-on to reach AstDB")
                 with_hook: list[float] = []
+                hook_path: list[float] = []
                 without: list[float] = []
                 ratios: list[float] = []
+                variants = [("with", snippet), ("hook path", hook_only), ("without", NO_HOOK_SNIPPET)]
                 for run in range(args.runs):
-                    order = [("with", snippet), ("without", NO_HOOK_SNIPPET)]
-                    if run % 2:
-                        order.reverse()
+                    order = variants[run % 3 :] + variants[: run % 3]
                     medians: dict[str, float] = {}
                     for name, text in order:
                         pbx.reload_dialplan(text)
-                        times = load_run(tmp / f"run{run}-{name}", pbx.sip_port, calls, rate)
+                        before = _asked(log_path)
+                        workdir = tmp / f"run{run}-{name.replace(' ', '-')}"
+                        times = load_run(workdir, pbx.sip_port, calls, rate)
                         medians[name] = statistics.median(times)
                         _common.say(
-                            f"run {run + 1} {name} hook: median {medians[name]:.1f} ms, "
-                            f"p90 {statistics.quantiles(times, n=10)[-1]:.1f} ms over {len(times)} calls"
+                            f"run {run + 1} {name}: median {medians[name]:.1f} ms, "
+                            f"p90 {statistics.quantiles(times, n=10)[-1]:.1f} ms over {len(times)} calls;"
+                            f" the hook was asked for {_asked(log_path) - before} of them"
                         )
                     with_hook.append(medians["with"])
+                    hook_path.append(medians["hook path"])
                     without.append(medians["without"])
                     ratios.append(medians["with"] / medians["without"])
                 phone.close()
@@ -214,6 +265,15 @@ def main() -> int:
         floor_note=f"the same {calls} calls at {rate}/s without the hook (median of runs)",
         target="<= 1.15x floor",
         met=lambda median: median <= 1.15 * floor,
+    )
+    _common.emit(
+        "asterisk_call_setup_hook_path",
+        "ms",
+        hook_path,
+        floor=floor,
+        floor_note="every call asks the hook (a log-on without a licence; no local answer)",
+        target="none: for comparison",
+        met=None,
     )
     _common.emit(
         "asterisk_call_setup_ratio",

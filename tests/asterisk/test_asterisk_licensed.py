@@ -144,3 +144,27 @@ def test_without_enforce_both_nothing_is_written_and_stale_entries_go(ami: AmiRi
             assert licensed_puts(fake) == []
 
     ami.run(scenario())
+
+
+def test_a_bridge_that_stops_withdraws_the_licensed_entries_and_keeps_the_blocks(
+    ami: AmiRig, clock: FakeClock
+) -> None:
+    service = ami.setup("21-desk", "22-soft", registered=True, **BOTH)
+    fake = ami.fake
+
+    async def scenario() -> None:
+        async with ami.serving(interval=3600):
+            await fake.wait_until(lambda: HEARTBEAT in fake.astdb, 5)
+            await ami.send(new_channel("21-desk", "0301234"), challenge_failed("22-soft"))
+            await fake.wait_until(
+                lambda: licensed(fake) == {"21-desk"} and BLOCKED + "22-soft" in fake.astdb, 5
+            )
+            beat = fake.astdb[HEARTBEAT]
+        # Stopped: nothing decides calls over AMI now, so the dialplan must ask (and fail closed).
+        assert licensed(fake) == set()
+        assert [a["Family"] for a in fake.actions_named("DBDelTree")] == [LICENSED_FAMILY]
+        # Blocks and the heartbeat stay: they keep a blocked phone from 112 until they are stale.
+        assert BLOCKED + "22-soft" in fake.astdb and fake.astdb[HEARTBEAT] == beat
+        assert service.licensed_logons() == ["21-desk"]  # the database keeps the licence
+
+    ami.run(scenario())

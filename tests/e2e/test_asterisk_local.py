@@ -10,6 +10,7 @@ hook was asked is counted from the bridge's DEBUG log: the hook writes one
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def test_a_call_right_after_the_log_off_is_refused_or_hung_up(
     assert holders(inst.status()) == []
 
 
-def test_with_the_bridge_stopped_the_local_answer_ends_with_the_heartbeat(
+def test_a_stopped_bridge_withdraws_the_local_answer_and_a_hung_one_loses_it_with_the_heartbeat(
     make_installation: Callable[..., Installation],
 ) -> None:
     inst = make_installation(licences=1)
@@ -148,9 +149,22 @@ def test_with_the_bridge_stopped_the_local_answer_ends_with_the_heartbeat(
     inst.wait_status(lambda s: by_logon(s)["21-desk"]["state"] == "logged_on")
     assert desk.call("600") == 200
     wait_astdb(inst, "forum-bridge/licensed", {"21-desk"})
+    # Hung (SIGSTOP): nothing decides over AMI, but the heartbeat is fresh, so the dialplan answers.
+    assert inst.bridge is not None
+    inst.bridge.send_signal(signal.SIGSTOP)
+    try:
+        assert desk.call("601") == 200
+        # Once the heartbeat is older than the bound (90 s), the hook and its fail mode decide.
+        beat = inst.sandbox.cli("database get forum-bridge heartbeat")
+        inst.sandbox.cli("database put forum-bridge heartbeat 1000000000")
+        assert desk.call("602") == 503  # fail_mode = closed: the hung hook did not answer in time
+        assert desk.call("112") == 200
+        inst.sandbox.cli(f"database put forum-bridge heartbeat {beat.split()[-1]}")
+    finally:
+        inst.bridge.send_signal(signal.SIGCONT)
+    # Stopped cleanly: the bridge deletes the licensed entries on its way out; every call asks.
     inst.stop_bridge()
-    assert desk.call("601") == 200  # the heartbeat is fresh: the dialplan still answers
-    # A heartbeat older than the bound (90 s) is stale: the hook, and its fail mode, decide.
-    inst.sandbox.cli("database put forum-bridge heartbeat 1000000000")
-    assert desk.call("602") == 503  # fail_mode = closed, nobody to ask
+    assert astdb(inst, "forum-bridge/licensed") == set()
+    inst.wait_log("licensed log-ons withdrawn from Asterisk")
+    assert desk.call("603") == 503
     assert desk.call("112") == 200

@@ -26,7 +26,10 @@ the calls of log-ons holding a licence. :class:`EmergencyState` keeps both sets 
 After every login it also checks (``ModuleCheck``) that Asterisk has every module the snippet uses
 and logs one error naming what is missing; the metrics show it per module.
 
-Every AMI action used here (``DBPut``, ``DBDel``, ``DBGetTree``, ``ModuleCheck``) needs only
+When the bridge stops, it deletes the licensed family (``DBDelTree``) before it logs off AMI, so
+the dialplan asks the hook again at once and its fail mode applies.
+
+Every AMI action used here (``DBPut``, ``DBDel``, ``DBDelTree``, ``DBGetTree``, ``ModuleCheck``) needs only
 ``write = system``, which the bridge's least-privilege AMI user has already.
 """
 
@@ -338,6 +341,29 @@ class EmergencyState:
             self.licensed_passes += 1
             self._ami_ok()
 
+    async def withdraw_local(self, timeout: float = 2.0) -> None:
+        """The bridge stops: delete the licensed family, so Asterisk asks (and applies the fail mode).
+
+        Without the bridge nobody decides the calls over AMI, which is what made the dialplan's
+        own answer safe. Best effort and bounded: a bridge that dies instead leaves the entries
+        until the heartbeat is stale. Never raises.
+        """
+        if self._licensed_logons is None or not self._ami.connected:
+            return
+        try:
+            async with asyncio.timeout(timeout), self._lock:
+                await self._action(
+                    {"Action": "DBDelTree", "Family": LICENSED_FAMILY}, missing_ok=True, timeout=timeout
+                )
+            self._licensed_known = set()
+            log.info("licensed log-ons withdrawn from Asterisk: every call asks the bridge again")
+        except (PbxError, TimeoutError) as exc:
+            log.warning(
+                "could not withdraw the licensed log-ons from Asterisk (%s); they count until the"
+                " heartbeat is stale",
+                exc or "timed out",
+            )
+
     async def check_modules(self) -> list[str] | None:
         """Ask Asterisk for every module the snippet needs; log one error naming the missing ones."""
         missing: list[str] = []
@@ -404,8 +430,10 @@ class EmergencyState:
                 ",".join(removed) or "-",
             )
 
-    async def _action(self, action: Mapping[str, str], *, missing_ok: bool = False) -> None:
-        ok, message = _ok(await self._ami.send_action(action))
+    async def _action(
+        self, action: Mapping[str, str], *, missing_ok: bool = False, timeout: float | None = None
+    ) -> None:
+        ok, message = _ok(await self._ami.send_action(action, timeout))
         if not ok and not (missing_ok and ("not found" in message.lower() or "could not" in message.lower())):
             raise PbxError(f"Asterisk refused {action['Action']}: {message or 'no reason given'}")
 

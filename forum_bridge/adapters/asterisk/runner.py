@@ -94,8 +94,12 @@ class Bridge:
         """Run until ``stop`` is set; then stop every part and return."""
         try:
             await self.agi.start()
+            # The AMI session outlives the other parts by one step: the dialplan's local answers
+            # are withdrawn over it once nothing decides calls any more.
+            ami_stop = asyncio.Event()
+            ami = asyncio.create_task(self.ami.run(ami_stop), name="forum-bridge-ami")
             tasks = [
-                asyncio.create_task(self.ami.run(stop), name="forum-bridge-ami"),
+                ami,
                 asyncio.create_task(self._sweep(stop), name="forum-bridge-keepalive"),
                 asyncio.create_task(self.emergency.run(stop), name="forum-bridge-emergency-state"),
             ]
@@ -105,7 +109,10 @@ class Bridge:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             broken = None if stop.is_set() else next((t for t in tasks if t.done()), None)
             stop.set()
-            await asyncio.gather(stopping, *tasks, return_exceptions=True)
+            await asyncio.gather(stopping, *tasks[1:], return_exceptions=True)
+            await self.emergency.withdraw_local()
+            ami_stop.set()
+            await asyncio.gather(ami, return_exceptions=True)
             if broken is not None:
                 # Only a bug ends a part early; stop the process so the service manager restarts it.
                 error = broken.exception() if not broken.cancelled() else None
