@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from sqlalchemy.orm import Session
+
 from forum_bridge.adapters.asterisk.dialplan import LICENSED_FAMILY
 from forum_bridge.core.events import Direction
+from forum_bridge.errors import StoreError
 from forum_bridge.service import BridgeService
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
@@ -166,5 +170,38 @@ def test_a_bridge_that_stops_withdraws_the_licensed_entries_and_keeps_the_blocks
         # Blocks and the heartbeat stay: they keep a blocked phone from 112 until they are stale.
         assert BLOCKED + "22-soft" in fake.astdb and fake.astdb[HEARTBEAT] == beat
         assert service.licensed_logons() == ["21-desk"]  # the database keeps the licence
+
+    ami.run(scenario())
+
+
+def test_while_the_database_cannot_be_read_the_local_answers_are_withdrawn(
+    ami: AmiRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ami.setup("21-desk", registered=True, **BOTH)
+    fake = ami.fake
+    failing = False
+    real = ops.failed_logons
+
+    def failed_logons(session: Session) -> list[str]:
+        if failing:
+            raise StoreError("database is down (test)")
+        return real(session)
+
+    monkeypatch.setattr(ops, "failed_logons", failed_logons)
+
+    async def scenario() -> None:
+        nonlocal failing
+        async with ami.serving(interval=0.2) as bridge:
+            await fake.wait_until(lambda: HEARTBEAT in fake.astdb, 5)
+            await ami.send(new_channel("21-desk", "0301234"))
+            await fake.wait_until(lambda: licensed(fake) == {"21-desk"}, 5)
+            failing = True
+            # The AMI side could not decide these calls either: the dialplan must ask (fail mode).
+            await fake.wait_until(lambda: licensed(fake) == set(), 5)
+            syncs = bridge.emergency.syncs
+            failing = False
+            # Readable again: the next full pass writes the set back, with a heartbeat.
+            await fake.wait_until(lambda: licensed(fake) == {"21-desk"}, 5)
+            await settled(lambda: bridge.emergency.syncs > syncs)
 
     ami.run(scenario())

@@ -123,6 +123,7 @@ class EmergencyState:
         # full pass reads the family back from Asterisk, so a stray write is corrected there.
         self._licensed_known: set[str] | None = None
         self._licensed_dirty = False
+        self._withdraw_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ami = ami
         self._executor = executor
@@ -193,12 +194,15 @@ class EmergencyState:
             if ami.connected and self._pending and retry_in <= 0:
                 await self._guarded(self.flush)
                 continue
+            if ami.connected and self._withdraw_due and retry_in <= 0:
+                await self._guarded(self.withdraw_for_outage)
+                continue
             if ami.connected and self._licensed_dirty and retry_in <= 0:
                 await self._guarded(self.flush_licensed)
                 continue
             self._wake.clear()
             timeout = max(0.05, min(self.interval, due if due > 0 else self.interval))
-            if (self._pending or self._licensed_dirty) and retry_in > 0:
+            if (self._pending or self._licensed_dirty or self._withdraw_due) and retry_in > 0:
                 timeout = min(timeout, retry_in)
             await self._wait(stop, functools.partial(self._session_changed, seen_login, seen_resync), timeout)
 
@@ -250,6 +254,7 @@ class EmergencyState:
                         " so its blocks stop applying to emergency calls once it is stale",
                         "timed out" if isinstance(exc, TimeoutError) else exc,
                     )
+                await self._withdraw_unlocked("the database cannot be read")
                 return False
             if self._db_failing:
                 self._db_failing = False
@@ -340,6 +345,42 @@ class EmergencyState:
                 return
             self.licensed_passes += 1
             self._ami_ok()
+
+    def database_failed(self) -> None:
+        """A call could not be decided for the database: withdraw the local answers soon.
+
+        The AMI side cannot decide those calls either, so they must meet the fail mode in the
+        dialplan rather than be answered and then hung up. The next full pass that reads the
+        database writes the set again. Safe from any thread.
+        """
+        loop = self._loop
+        if self._licensed_logons is None or loop is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._mark_withdraw)
+
+    def _mark_withdraw(self) -> None:
+        self._withdraw_due = True
+        self._wake.set()
+
+    async def withdraw_for_outage(self) -> None:
+        """Withdraw the local answers after a failed decision (see :meth:`database_failed`)."""
+        async with self._lock:
+            self._withdraw_due = False
+            await self._withdraw_unlocked("a call could not be decided (database)")
+
+    async def _withdraw_unlocked(self, why: str) -> None:
+        if self._licensed_logons is None or self._licensed_known == set():
+            return  # nothing to withdraw (or no local path at all)
+        self._licensed_dirty = False
+        try:
+            await self._action({"Action": "DBDelTree", "Family": LICENSED_FAMILY}, missing_ok=True)
+        except PbxError as exc:
+            self._licensed_known = None
+            self._ami_failed(exc)
+            return
+        self._licensed_known = set()
+        log.warning("licensed log-ons withdrawn from Asterisk while %s: every call asks the bridge", why)
 
     async def withdraw_local(self, timeout: float = 2.0) -> None:
         """The bridge stops: delete the licensed family, so Asterisk asks (and applies the fail mode).

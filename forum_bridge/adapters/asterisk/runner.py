@@ -89,6 +89,7 @@ class Bridge:
             service.database.add_commit_hooks(
                 self._licences_before_commit, self._licences_after_commit, first=True
             )
+            service.add_failure_listener(self.emergency.database_failed)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then stop every part and return."""
