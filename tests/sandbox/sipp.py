@@ -13,7 +13,6 @@ import contextlib
 import importlib.resources
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -206,48 +205,6 @@ def _udp_port_bound(port: int) -> bool:
         except OSError:
             continue
     return False
-
-
-_PHONE_PORTS_FROM = 20_000  # the lowest port a phone's SIP socket gets (below: well-known services)
-_phone_ports: set[int] = set()  # handed out by this process: two phones never share one
-_phone_ports_lock = threading.Lock()
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's range for ports picked on bind(port 0) and connect(): Linux's default if unreadable."""
-    try:
-        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        return 32768, 60999
-    return low, high
-
-
-def free_phone_port() -> int:
-    """A UDP port on 127.0.0.1 for a phone's SIP socket, outside the kernel's ephemeral range.
-
-    A phone keeps its port from run to run (its REGISTER names it, calls to it arrive there) while
-    no socket holds it in between. A port from the ephemeral range can be given to any socket on
-    the machine meanwhile (a resolver query, another test's port-0 bind), and the next SIPp run
-    then cannot bind it; outside that range only an explicit bind takes it.
-    """
-    low, high = _ephemeral_range()
-    spans = [(a, b) for a, b in ((_PHONE_PORTS_FROM, low - 1), (high + 1, 65_000)) if b - a >= 100]
-    if not spans:
-        return free_udp_port()
-    for _ in range(200):
-        first, last = spans[secrets.randbelow(len(spans))]
-        port = first + secrets.randbelow(last - first + 1)
-        with _phone_ports_lock:
-            if port in _phone_ports:
-                continue
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                    sock.bind((_HOST, port))
-            except OSError:
-                continue
-            _phone_ports.add(port)
-            return port
-    raise SippError("no free UDP port outside the ephemeral range for a SIPp phone on 127.0.0.1")
 
 
 def _free_media_port() -> int:
@@ -455,7 +412,7 @@ class SippPhone:
         self.from_user = from_user
         self._password = password
         self.server_port = sip_port_of_asterisk
-        self.local_port = local_port if local_port is not None else free_phone_port()
+        self.local_port = local_port if local_port is not None else free_udp_port()
         self._tmp = Path(tempfile.mkdtemp(prefix="forum-bridge-sipp-"))
         self._runs = 0
         self._lock = threading.Lock()
