@@ -16,7 +16,7 @@ the calls of log-ons holding a licence. :class:`EmergencyState` keeps both sets 
   log-off, keepalive expiry, failed log-on, removal or reset from the page freed one) the holders
   are read again (a handful of rows: one per purchased licence) and the differences written; and
   in the same periodic full pass as the blocked set, which corrects within one heartbeat what other
-  processes and nodes changed (e.g. ``forum-bridge reset`` from the command line);
+  processes and nodes changed (e.g. ``forum-bridge licences reset`` from the command line);
 * after each full pass that read the sets from the database, a heartbeat (Unix seconds) in
   ``forum-bridge/heartbeat``. The snippet honours blocks only while it is fresh
   (``emergency.block_stale_after``): a bridge that is stopped, hung or cut off from its database
