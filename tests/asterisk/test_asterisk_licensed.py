@@ -205,3 +205,23 @@ def test_while_the_database_cannot_be_read_the_local_answers_are_withdrawn(
             await settled(lambda: bridge.emergency.syncs > syncs)
 
     ami.run(scenario())
+
+
+def test_two_log_ons_of_one_call_number_each_have_their_own_entry(ami: AmiRig) -> None:
+    # 21-desk and 21-soft share call number 21; a licence belongs to a log-on, not to a number.
+    service = ami.setup("21-desk", "21-soft", registered=True, **BOTH)
+    fake = ami.fake
+
+    async def scenario() -> None:
+        async with ami.serving(interval=3600):
+            await fake.wait_until(lambda: HEARTBEAT in fake.astdb, 5)
+            # A call to number 21 rings both (the hook's inbound question): each takes a licence.
+            rung = await asyncio.to_thread(service.ringable, "21")
+            assert [(logon, d.allowed) for logon, d in rung] == [("21-desk", True), ("21-soft", True)]
+            await fake.wait_until(lambda: licensed(fake) == {"21-desk", "21-soft"}, 5)
+            # One of them logs off: only its entry goes; the other's calls stay local.
+            await ami.send(contact_status("21-soft", "Removed", port=5082))
+            await fake.wait_until(lambda: licensed(fake) == {"21-desk"}, 5)
+            assert ami.holders() == ["21-desk"]
+
+    ami.run(scenario())
