@@ -37,7 +37,7 @@ from forum_bridge.core.events import (
 )
 from forum_bridge.core.rules import Decision, LogonState, Reason, decide_call
 from forum_bridge.decision_gate import DecisionGate, DecisionTicket, Superseded
-from forum_bridge.errors import StoreError
+from forum_bridge.errors import DecisionAbandoned, ForumBridgeError, StoreError
 from forum_bridge.failed_logons import FailedLogons
 from forum_bridge.keepalive import KeepaliveClock
 from forum_bridge.pool_watch import PoolWatch
@@ -51,6 +51,7 @@ from forum_bridge.store.models import RegistrationRow, SubscriberRow, stored
 # Names callers import from here since before the parts had modules of their own.
 __all__ = [
     "BridgeService",
+    "CallQuestion",
     "CallRecord",
     "CallSnapshot",
     "Clock",
@@ -78,6 +79,17 @@ class CallRecord:
     direction: Direction
     decision: Decision
     channel: str = ""
+
+
+@dataclass(frozen=True)
+class CallQuestion:
+    """One call leg to decide, as :meth:`BridgeService.authorize` takes it (for a group of them)."""
+
+    logon: str
+    number: str
+    direction: Direction = Direction.OUTBOUND
+    channel: str = ""
+    ticket: DecisionTicket | None = None
 
 
 @dataclass(frozen=True)
@@ -396,7 +408,9 @@ class BridgeService:
                     licence_free=True,
                     block_after_failed_logon=self.settings.block_after_failed_logon,
                 )
-                decision = self._apply_decision(session, logon, number, direction, decision, now)
+                decision = self._apply_decision(
+                    session, logon, number, direction, decision, now, facts.reserved
+                )
                 if channel:
                     ops.record_call_decision(
                         session, self.node, channel, logon, number, direction.value, now, decision
@@ -420,6 +434,155 @@ class BridgeService:
         self._report(logon, number, direction, decision, channel)
         return decision
 
+    def authorize_group(
+        self,
+        questions: Sequence[CallQuestion],
+        answered: Callable[[list[Decision | ForumBridgeError]], object] | None = None,
+    ) -> list[Decision | ForumBridgeError]:
+        """Decide several call legs asked for at once in one transaction; one answer per question.
+
+        Each answer is the one :meth:`authorize` would give (its exception, StoreError or
+        DecisionAbandoned, in place of a Decision): each leg is decided once, under its log-on's
+        lock, by the same rules, in the order asked, so a later question sees what an earlier one
+        took. The FastAGI hook sends the questions that queued while the previous group was being
+        decided: a commit, and on PostgreSQL a BEGIN and the log-on locks, are paid once per group.
+
+        A question whose caller gave up, or whose leg was answered meanwhile, is settled before its
+        writes begin (the gate is passed first), so nothing of it has to be undone. When the group's
+        transaction fails, nothing of it was committed and each question is decided again alone, so
+        one question the database refuses costs the others nothing.
+
+        ``answered(answers)``, if given, is called as soon as the answers are known, before the
+        decision log lines and listeners (and before a late licence is given back), so a caller
+        can hand them on while this thread does the rest.
+        """
+        answers: list[Decision | ForumBridgeError] | None = None
+        if len(questions) > 1:
+            answers = self._decide_together(questions, answered)
+        if answers is None:
+            answers = [self._authorize_one(question) for question in questions]
+            if answered is not None:
+                answered(answers)
+        return answers
+
+    def _authorize_one(self, question: CallQuestion) -> Decision | ForumBridgeError:
+        try:
+            return self.authorize(
+                question.logon,
+                question.number,
+                question.direction,
+                channel=question.channel,
+                ticket=question.ticket,
+            )
+        except (StoreError, DecisionAbandoned) as exc:
+            return exc
+
+    def _decide_together(
+        self,
+        questions: Sequence[CallQuestion],
+        answered: Callable[[list[Decision | ForumBridgeError]], object] | None,
+    ) -> list[Decision | ForumBridgeError] | None:
+        """The group's transaction; None when it failed (nothing committed, nothing reported)."""
+        answers: list[Decision | ForumBridgeError | None] = [None] * len(questions)
+        pending: list[tuple[int, bool, list[str]]] = []
+        for index, question in enumerate(questions):
+            emergency = question.direction is Direction.OUTBOUND and self.is_emergency(question.number)
+            try:
+                keys, standing = self._gate.standing(question.channel, question.ticket, emergency=emergency)
+            except DecisionAbandoned as exc:
+                answers[index] = exc
+                continue
+            if standing is not None:
+                answers[index] = standing
+            else:
+                pending.append((index, emergency, keys))
+        if not pending:
+            settled = [answer if answer is not None else StoreError("no answer") for answer in answers]
+            if answered is not None:
+                answered(settled)
+            return settled
+        tickets = [questions[i].ticket for i, _e, _k in pending]
+        # SQLite's writer is waited for as long as the most patient caller waits.
+        deadline = (
+            None if any(t is None for t in tickets) else max((t.deadline for t in tickets if t), default=0.0)
+        )
+        now = self.clock()
+        committing: list[list[str]] = []
+        decided: list[int] = []
+        try:
+            with self.database.begin(deadline) as session:
+                ops.lock_logons(session, [questions[i].logon for i, _e, _k in pending])
+                for index, emergency, keys in pending:
+                    question = questions[index]
+                    facts = ops.decision_facts(
+                        session, self.node, question.logon, question.channel, locked=True
+                    )
+                    if facts.earlier is not None:
+                        answers[index] = facts.earlier  # the leg was decided before: one decision
+                        continue
+                    decision = decide_call(
+                        facts.state,
+                        direction=question.direction,
+                        is_emergency=emergency,
+                        licence_free=True,  # as in authorize(): acquire() decides
+                        block_after_failed_logon=self.settings.block_after_failed_logon,
+                    )
+                    try:
+                        # Before the writes: past this point the caller waits for the commit.
+                        self._gate.begin_commit(keys, question.ticket)
+                    except Superseded as superseded:
+                        answers[index] = superseded.decision
+                        continue
+                    except DecisionAbandoned as exc:
+                        answers[index] = exc
+                        continue
+                    committing.append(keys)
+                    decision = self._apply_decision(
+                        session,
+                        question.logon,
+                        question.number,
+                        question.direction,
+                        decision,
+                        now,
+                        facts.reserved,
+                    )
+                    if question.channel:
+                        ops.record_call_decision(
+                            session,
+                            self.node,
+                            question.channel,
+                            question.logon,
+                            question.number,
+                            question.direction.value,
+                            now,
+                            decision,
+                        )
+                    answers[index] = decision
+                    decided.append(index)
+        except StoreError as exc:
+            for keys in committing:
+                self._gate.end_commit(keys)
+            service_log.warning(
+                "%d call decisions could not be made together (%s); deciding each alone", len(pending), exc
+            )
+            return None
+        except BaseException:
+            for keys in committing:  # a bug: at least let the legs be answered by their callers
+                self._gate.end_commit(keys)
+            raise
+        lates = [self._gate.end_commit(keys) for keys in committing]
+        result = [answer if answer is not None else StoreError("no answer") for answer in answers]
+        if answered is not None:
+            answered(result)
+        for index, late in zip(decided, lates, strict=True):
+            question = questions[index]
+            final = result[index]
+            assert isinstance(final, Decision)
+            if late is not None and not late.allowed and final.reason is Reason.LICENCE_ACQUIRED:
+                self._undo_late_licence(question.logon, question.channel)
+            self._report(question.logon, question.number, question.direction, final, question.channel)
+        return result
+
     def give_up(self, ticket: DecisionTicket, answer: Decision) -> bool:
         """The caller of :meth:`authorize` answered ``answer`` without waiting for the database.
 
@@ -442,10 +605,13 @@ class BridgeService:
         direction: Direction,
         decision: Decision,
         now: datetime,
+        reserved: bool | None = None,
     ) -> Decision:
         if decision.takes_licence:
             # Writes the audit line of the acquisition too.
-            slot = ops.acquire_for_call(session, logon, self.node, now, number, direction.value)
+            slot = ops.acquire_for_call(
+                session, logon, self.node, now, number, direction.value, reserved=reserved
+            )
             if slot is None:  # lost the last licence to a concurrent call
                 decision = Decision(False, Reason.EMERGENCY_ONLY)
         if not decision.allowed:

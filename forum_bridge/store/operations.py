@@ -373,25 +373,44 @@ def acquire(session: Session, logon: str, node: str, at: datetime) -> int | None
 
 
 def acquire_for_call(
-    session: Session, logon: str, node: str, at: datetime, number: str, direction: str
+    session: Session,
+    logon: str,
+    node: str,
+    at: datetime,
+    number: str,
+    direction: str,
+    *,
+    reserved: bool | None = None,
 ) -> int | None:
     """:func:`acquire` for a call to or from ``number``, with its audit line (kind ``acquire``).
 
     Written in the same statement as the claim where the database allows it: a call decision
     holds the pool's row from the claim to its commit, so the fewer statements after it the better.
+    ``reserved``: whether the log-on has a reservation, when the caller read it in this
+    transaction under the pool lock (:func:`decision_facts`), which keeps it from changing.
     """
-    return _acquire(session, logon, node, at, {"number": number, "reason": direction})
+    return _acquire(session, logon, node, at, {"number": number, "reason": direction}, reserved)
+
+
+_HELD = text("SELECT slot FROM licences WHERE logon = :logon").bindparams(
+    bindparam("logon", type_=Bounded(128))
+)
 
 
 def _acquire(
-    session: Session, logon: str, node: str, at: datetime, call: dict[str, str] | None
+    session: Session,
+    logon: str,
+    node: str,
+    at: datetime,
+    call: dict[str, str] | None,
+    reserved: bool | None = None,
 ) -> int | None:
     share_pool(session)
     slot = _claim_free(session, logon, node, at, call)
     if slot is None:
         # Checked only now: the claim itself is refused to a log-on holding a licence.
-        slot = held_slot(session, logon)
-        if slot is None and is_reserved(session, logon):
+        slot = session.connection().execute(_HELD, {"logon": logon}).scalar()
+        if slot is None and (is_reserved(session, logon) if reserved is None else reserved):
             slot = _take_over(session, logon, node, at, call)
         elif slot is not None and call is not None:
             _audit_acquire(session, logon, node, at, call, slot)
@@ -963,7 +982,7 @@ def prune_usage(session: Session, before: datetime, limit: int) -> int:
 
 _CALLS = CallRow.__table__.c
 _FACTS = text(
-    "SELECT s.logon IS NOT NULL, s.last_logon_failed,"
+    "SELECT s.logon IS NOT NULL, s.last_logon_failed, s.reserved,"
     " EXISTS (SELECT 1 FROM registrations r WHERE r.logon = :logon),"
     " (SELECT l.slot FROM licences l WHERE l.logon = :logon),"
     " (SELECT c.allowed FROM calls c WHERE c.node = :node AND c.channel = :channel),"
@@ -995,20 +1014,50 @@ class DecisionFacts:
 
     state: LogonState
     earlier: Decision | None
+    # Whether the log-on has a reservation (only the pool lock, held shared, changes that).
+    reserved: bool = False
 
 
-def decision_facts(session: Session, node: str, logon: str, channel: str) -> DecisionFacts:
+# Several log-ons locked in one round trip (a group of decisions), always in the order of their
+# lock keys: two groups on two nodes never wait for each other in a circle, and no group takes a
+# log-on's lock after it touched the pool's row (a single decision that holds a log-on's lock may
+# be waiting for that row).
+# The pool lock is taken shared after every log-on's lock, as _LOCK does: waiting for a log-on's
+# lock while holding it could close a circle with a change of the pool's shape queued for it.
+_LOCK_MANY = text(
+    "SELECT pg_advisory_xact_lock_shared(CAST(:pool AS bigint)) FROM"
+    " (SELECT count(pg_advisory_xact_lock(k)) AS n FROM (SELECT DISTINCT hashtext(l) AS k"
+    " FROM unnest(CAST(:logons AS text[])) AS l ORDER BY k) AS keys) AS locked"
+)
+
+
+def lock_logons(session: Session, logons: Sequence[str]) -> None:
+    """Take the per-log-on locks of several decisions at once, before any of them reads or writes.
+
+    On PostgreSQL this is :func:`lock_logon` for each, plus the pool lock shared, in one round
+    trip; then :func:`decision_facts` with ``locked=True`` reads each log-on's facts. SQLite needs
+    nothing (``BEGIN IMMEDIATE`` serialises writers).
+    """
+    if logons and _postgresql(session):
+        session.connection().execute(_LOCK_MANY, {"logons": sorted(set(logons)), "pool": _POOL_LOCK_KEY})
+        session.info.setdefault(_POOL_HELD, "shared")
+
+
+def decision_facts(
+    session: Session, node: str, logon: str, channel: str, *, locked: bool = False
+) -> DecisionFacts:
     """Read what deciding a call of ``logon`` on ``channel`` needs (``channel`` may be empty).
 
     On PostgreSQL the log-on is locked first (as :func:`lock_logon` does), so two decisions about
-    it queue; the facts are read in a later statement, after the lock is held.
+    it queue; the facts are read in a later statement, after the lock is held. ``locked``: the
+    transaction holds it already (:func:`lock_logons`).
     """
     connection = session.connection()
-    if connection.dialect.name == "postgresql":
+    if connection.dialect.name == "postgresql" and not locked:
         connection.execute(_LOCK, {"logon": logon})
         session.info.setdefault(_POOL_HELD, "shared")
     row = connection.execute(_FACTS, {"logon": logon, "node": node, "channel": channel}).one()
-    managed, failed, registered, held, allowed, reason = row
+    managed, failed, reserved, registered, held, allowed, reason = row
     state = LogonState(
         managed=bool(managed),
         logged_on=bool(registered) and bool(managed),
@@ -1016,7 +1065,7 @@ def decision_facts(session: Session, node: str, logon: str, channel: str) -> Dec
         holds_licence=held is not None,
     )
     earlier = Decision(bool(allowed), Reason(reason)) if allowed is not None and reason else None
-    return DecisionFacts(state, earlier)
+    return DecisionFacts(state, earlier, bool(reserved))
 
 
 def record_call_decision(

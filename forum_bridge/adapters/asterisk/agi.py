@@ -42,6 +42,8 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
@@ -53,7 +55,7 @@ from forum_bridge.config import Settings
 from forum_bridge.core.events import Direction
 from forum_bridge.core.rules import Decision, Reason
 from forum_bridge.errors import ConfigError, DecisionAbandoned, ProtocolError, StoreError
-from forum_bridge.service import DecisionTicket
+from forum_bridge.service import CallQuestion, DecisionTicket
 
 __all__ = ["FastAgiServer", "HookService", "agi_quote", "parse_environment"]
 
@@ -73,6 +75,8 @@ _CATCH_UP_LOGON = 1.0
 # A decision found committing at its deadline is waited for this much longer: its answer is the
 # truth, and the commit is its last step.
 _COMMIT_GRACE = 1.0
+# Questions decided together in one transaction at most (those queued while the last group ran).
+_GROUP_LIMIT = 64
 BRIDGE_ERROR = "bridge_error"
 
 
@@ -160,6 +164,9 @@ class FastAgiServer:
         self._decisions = decisions
         # A service without decision tickets (a stand-in) is asked the plain way.
         self._tickets = callable(getattr(service, "give_up", None))
+        # Optional (stand-ins in tests lack it): BridgeService.authorize_group.
+        group = getattr(service, "authorize_group", None)
+        self._group = _GroupDecider(group) if self._tickets and callable(group) else None
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
@@ -206,6 +213,8 @@ class FastAgiServer:
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._group is not None:
+            await asyncio.to_thread(self._group.close)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -296,7 +305,9 @@ class FastAgiServer:
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                # A timeout scope rather than wait_for: no task per connection for the close.
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
             if task is not None:
                 self._handlers.discard(task)
                 self._waiting.pop(task, None)
@@ -361,6 +372,11 @@ class FastAgiServer:
                 known = self._decisions.call(channel) if self._decisions is not None else None
                 if known is not None:
                     decision = known  # decided (and logged) when its Newchannel came over AMI
+                elif self._group is not None and not emergency:
+                    # Decided with the other calls asked meanwhile, in one transaction (see
+                    # _GroupDecider). Emergency calls are never queued behind a group.
+                    question = CallQuestion(logon, number, Direction.OUTBOUND, channel, ticket)
+                    decision = await self._wait(ticket, fallback, self._group.submit(question))
                 else:
                     # Keyed by the channel (the decision is stored under it), so the leg's AMI event
                     # gets this answer (and one audit line) instead of deciding again.
@@ -458,10 +474,14 @@ class FastAgiServer:
         if not self._tickets:
             kwargs.pop("ticket", None)
         future = loop.run_in_executor(self._executor, functools.partial(func, *args, **kwargs))
+        return await self._wait(own, fallback, future)
+
+    async def _wait(self, own: DecisionTicket, fallback: Decision, future: asyncio.Future[T]) -> T:
+        """Wait for a decision running in a database thread until the ticket's deadline (see _decide)."""
         # Whatever the thread ends with is collected, also after we stopped waiting for it.
         future.add_done_callback(_collect)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), own.deadline - time.monotonic())
+            return await _within(future, own.deadline - time.monotonic())
         except TimeoutError:
             if not self._tickets or self._service.give_up(own, fallback):
                 raise
@@ -471,7 +491,7 @@ class FastAgiServer:
                 self._service.give_up(own, fallback)
             raise
         try:
-            return await asyncio.wait_for(asyncio.shield(future), _COMMIT_GRACE)
+            return await _within(future, _COMMIT_GRACE)
         except TimeoutError:
             self._service.give_up_anyway(own, fallback)
             raise
@@ -511,6 +531,109 @@ class FastAgiServer:
                 return int(line[:3])
             raise ProtocolError("unexpected FastAGI reply line")
         raise ProtocolError("too many lines in one FastAGI reply")
+
+
+class _GroupDecider:
+    """One database thread that decides the hook's outbound calls, those queued meanwhile together.
+
+    With one thread per call, 20 calls at once meant 20 transactions queueing for SQLite's writer
+    (or 20 PostgreSQL connections competing for two cores), each paying its own BEGIN and COMMIT,
+    and threads competing with the event loop for the interpreter. Here a call is put in a queue
+    (no polling: the thread sleeps in ``get``); the thread takes every call waiting, decides them
+    in one transaction (:meth:`~forum_bridge.service.BridgeService.authorize_group`) and hands
+    the answers back to the event loop in one wake-up. A lone call pays the same hop as before.
+    """
+
+    def __init__(self, decide: Callable[[list[CallQuestion], Callable[[list[Any]], None]], object]) -> None:
+        self._decide = decide
+        self._queue: queue.SimpleQueue[
+            tuple[CallQuestion, asyncio.Future[Decision], asyncio.AbstractEventLoop] | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._start_lock = threading.Lock()
+
+    def submit(self, question: CallQuestion) -> asyncio.Future[Decision]:
+        """Queue ``question``; the future gets its Decision (or the exception deciding it raised)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision] = loop.create_future()
+        if self._closed:
+            future.set_exception(DecisionAbandoned("the hook is closing"))
+            return future
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="forum-bridge-hook-db", daemon=True
+                    )
+                    self._thread.start()
+        self._queue.put((question, future, loop))
+        return future
+
+    def close(self) -> None:
+        """Stop the thread once the calls queued before are decided (blocks; run it in a thread)."""
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(30.0)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is None:
+                return
+            group = [item]
+            while len(group) < _GROUP_LIMIT:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                group.append(more)
+            delivered = False
+
+            def hand_back(answers: list[Any], group: list[Any] = group) -> None:
+                nonlocal delivered
+                delivered = True
+                by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Decision], Any]]] = {}
+                for (_question, future, loop), answer in zip(group, answers, strict=True):
+                    by_loop.setdefault(loop, []).append((future, answer))
+                for loop, results in by_loop.items():
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                        loop.call_soon_threadsafe(_deliver, results)
+
+            try:
+                # The answers go back as soon as they are known; log lines and listeners follow.
+                self._decide([question for question, _f, _l in group], hand_back)
+            except Exception as exc:  # a bug must answer every caller (by its fail mode), not hang them
+                log.exception("deciding %d calls together failed", len(group))
+                if not delivered:
+                    hand_back([StoreError(f"deciding failed: {type(exc).__name__}")] * len(group))
+
+
+def _deliver(results: list[tuple[asyncio.Future[Decision], Any]]) -> None:
+    for future, answer in results:
+        if future.done():
+            continue
+        if isinstance(answer, BaseException):
+            future.set_exception(answer)
+        else:
+            future.set_result(answer)
+
+
+async def _within(future: asyncio.Future[T], timeout: float) -> T:
+    """The future's result, or TimeoutError after ``timeout`` seconds; the future is never cancelled.
+
+    What ``wait_for(shield(future))`` does, without the two extra futures and the task per call.
+    """
+    if not future.done():
+        await asyncio.wait((future,), timeout=max(0.0, timeout))
+        if not future.done():
+            raise TimeoutError
+    return future.result()
 
 
 def _collect(future: asyncio.Future[Any]) -> None:

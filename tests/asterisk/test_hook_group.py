@@ -1,0 +1,88 @@
+"""The hook decides the calls that queued while the database was busy together, and answers each.
+
+While one decision waits for the database, the hook's other callers queue; once it is done, the
+queued ones are decided in one transaction (``BridgeService.authorize_group``) and every caller gets
+its own answer. An emergency call never queues behind them. On SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from forum_bridge.adapters.asterisk.agi import FastAgiServer
+from forum_bridge.config import Settings
+from forum_bridge.service import BridgeService, CallQuestion
+from tests.asterisk.aio import run
+from tests.asterisk.test_asterisk_agi import ask
+from tests.asterisk.test_hook_decisions import provisioned, write_lock_held
+
+ServiceFactory = Callable[[Settings], BridgeService]
+SettingsFactory = Callable[..., Settings]
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait (without blocking the loop) until ``condition`` holds; fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_calls_queued_behind_a_busy_database_are_decided_together_and_each_answered(
+    make_settings: SettingsFactory,
+    make_service: ServiceFactory,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings(**{"database.url": database_url, "asterisk.agi_port": 0, "licences.count": 4})
+    service = make_service(settings)
+    logons = provisioned(service, 6)
+    groups: list[list[str]] = []
+    together = service.authorize_group
+
+    def recorded(questions: list[CallQuestion], answered: Any = None) -> Any:
+        groups.append([q.channel for q in questions])
+        return together(questions, answered)
+
+    monkeypatch.setattr(service, "authorize_group", recorded)
+    channels = [f"PJSIP/{logon}-0000000{i}" for i, logon in enumerate(logons)]
+
+    async def scenario() -> tuple[list[dict[str, str]], dict[str, str]]:
+        server = FastAgiServer(settings, service, decision_timeout=20.0)
+        await server.start()
+        try:
+            with write_lock_held(database_url):
+                calls = [
+                    asyncio.create_task(ask(server.port, "outbound", "600", channel=c)) for c in channels
+                ]
+                await until(lambda: len(groups) == 1 and server.requests == len(channels), "six questions")
+                # Emergency calls do not queue behind the busy group: this one is asked alone.
+                emergency = asyncio.create_task(
+                    ask(server.port, "outbound", "112", channel=f"PJSIP/{logons[0]}-00000099")
+                )
+                await until(lambda: server.requests == len(channels) + 1, "the emergency call")
+            return list(await asyncio.gather(*calls)), await emergency
+        finally:
+            await server.close()
+
+    answers, emergency = run(scenario())
+
+    # The database was held while the six were asked: whatever the first group took, the rest
+    # waited behind it and went together in the second (no call is decided alone per thread).
+    assert len(groups) <= 2 and max(len(g) for g in groups) >= len(channels) - 1, groups
+    assert sorted(c for group in groups for c in group) == sorted(channels)
+    assert not any("00000099" in c for group in groups for c in group)
+    assert emergency == {"FORUM_BRIDGE_RESULT": "allow", "FORUM_BRIDGE_REASON": "emergency"}
+    # Four licences for six callers: the first four asked get one, the others are told why not.
+    reasons = [answer["FORUM_BRIDGE_REASON"] for answer in answers]
+    assert sorted(reasons) == ["emergency_only"] * 2 + ["licence_acquired"] * 4, answers
+    status = service.status()
+    assert status["licences"]["used"] == 4
+    holders = {a["logon"] for a in status["assignments"]}
+    winners = {logon for logon, reason in zip(logons, reasons, strict=True) if reason == "licence_acquired"}
+    assert holders == winners
