@@ -22,14 +22,15 @@ writers.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
-from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection, CursorResult
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from forum_bridge.core.rules import Decision, LogonState, Reason
@@ -1008,6 +1009,37 @@ _LOCK = text(
 )
 
 
+# The same two statements in psycopg's own parameter style, for its pipeline mode.
+_LOCK_PG = re.sub(r":(\w+)", r"%(\1)s", str(_LOCK))
+_FACTS_PG = re.sub(r":(\w+)", r"%(\1)s", str(_FACTS))
+_FACT_TYPES = {name: _FACTS._bindparams[name].type for name in ("logon", "node", "channel")}
+
+
+def _locked_facts(connection: Connection, logon: str, node: str, channel: str) -> Any:
+    """PostgreSQL: the log-on's lock and then its facts, sent with the BEGIN in one round trip.
+
+    In psycopg's pipeline mode the BEGIN the driver opens the transaction with, the lock and the
+    facts travel together, and the server runs them in order: the facts are still read after the
+    lock is held (a statement of their own, with a snapshot taken after it). One round trip
+    instead of three; each is two context switches on a host the server shares.
+    """
+    dialect = connection.dialect
+    values: dict[str, Any] = {}
+    for name, value in (("logon", logon), ("node", node), ("channel", channel)):
+        process = _FACT_TYPES[name].bind_processor(dialect)
+        values[name] = process(value) if process is not None else value
+    raw: Any = connection.connection.dbapi_connection
+    try:
+        with raw.cursor() as lock, raw.cursor() as facts:
+            with raw.pipeline():
+                lock.execute(_LOCK_PG, {"logon": values["logon"]})
+                facts.execute(_FACTS_PG, values)
+            return facts.fetchone()
+    except dialect.loaded_dbapi.Error as exc:
+        # Mapped like any statement's error, so the transaction's caller sees a StoreError.
+        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+
+
 @dataclass(frozen=True)
 class DecisionFacts:
     """What a call decision reads first, in one statement: the log-on's state and the leg's past."""
@@ -1054,9 +1086,10 @@ def decision_facts(
     """
     connection = session.connection()
     if connection.dialect.name == "postgresql" and not locked:
-        connection.execute(_LOCK, {"logon": logon})
+        row = _locked_facts(connection, logon, node, channel)
         session.info.setdefault(_POOL_HELD, "shared")
-    row = connection.execute(_FACTS, {"logon": logon, "node": node, "channel": channel}).one()
+    else:
+        row = connection.execute(_FACTS, {"logon": logon, "node": node, "channel": channel}).one()
     managed, failed, reserved, registered, held, allowed, reason = row
     state = LogonState(
         managed=bool(managed),
