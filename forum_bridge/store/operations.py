@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Table, TextClause, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
@@ -509,14 +509,22 @@ def release(
 
     The pool's row is updated once for all licences the transaction freed, just before it commits.
     """
-    share_pool(session)
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        row = connection.execute(_FREE_PG, {"logon": logon}).first()
+        if session.info.get(_POOL_HELD):
+            row = connection.execute(_FREE_PG, {"logon": logon}).first()
+        else:
+            # The pool lock shared (as share_pool takes it), then the release, in one round trip.
+            row = _one_round_trip(
+                connection,
+                [(_SHARE_PG, {}), (_FREE_PG_SQL, _bound(connection, _FREE_PG, {"logon": logon}))],
+            )
+            session.info[_POOL_HELD] = "shared"
         if row is None:
             return None
         slot, reserved = row
     else:
+        share_pool(session)
         slot = connection.execute(_FREE, {"logon": logon}).scalar()
         if slot is None:
             return None
@@ -1009,35 +1017,54 @@ _LOCK = text(
 )
 
 
-# The same two statements in psycopg's own parameter style, for its pipeline mode.
-_LOCK_PG = re.sub(r":(\w+)", r"%(\1)s", str(_LOCK))
-_FACTS_PG = re.sub(r":(\w+)", r"%(\1)s", str(_FACTS))
-_FACT_TYPES = {name: _FACTS._bindparams[name].type for name in ("logon", "node", "channel")}
+def _psycopg_style(statement: TextClause) -> str:
+    """``statement``'s SQL with psycopg's own parameter style, for its pipeline mode."""
+    return re.sub(r"(?<!:):(\w+)", r"%(\1)s", str(statement))
 
 
-def _locked_facts(connection: Connection, logon: str, node: str, channel: str) -> Any:
-    """PostgreSQL: the log-on's lock and then its facts, sent with the BEGIN in one round trip.
+_LOCK_PG = _psycopg_style(_LOCK)
+_FACTS_PG = _psycopg_style(_FACTS)
 
-    In psycopg's pipeline mode the BEGIN the driver opens the transaction with, the lock and the
-    facts travel together, and the server runs them in order: the facts are still read after the
-    lock is held (a statement of their own, with a snapshot taken after it). One round trip
-    instead of three; each is two context switches on a host the server shares.
+
+def _bound(connection: Connection, statement: TextClause, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as ``statement``'s bound types store them (e.g. fitted to the column's length)."""
+    bound: dict[str, Any] = {}
+    for name, value in values.items():
+        parameter = statement._bindparams.get(name)
+        process = parameter.type.bind_processor(connection.dialect) if parameter is not None else None
+        bound[name] = process(value) if process is not None else value
+    return bound
+
+
+def _one_round_trip(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> Any:
+    """PostgreSQL: run ``statements`` in order, sent together (with the BEGIN the driver opens the
+    transaction with) in psycopg's pipeline mode; the first row of the last one, or None.
+
+    The server still runs them one after the other, each with its own snapshot, so a statement
+    after a lock sees what was committed before the lock was granted. One round trip instead of
+    one per statement; each is two context switches on a host the server shares.
     """
     dialect = connection.dialect
-    values: dict[str, Any] = {}
-    for name, value in (("logon", logon), ("node", node), ("channel", channel)):
-        process = _FACT_TYPES[name].bind_processor(dialect)
-        values[name] = process(value) if process is not None else value
     raw: Any = connection.connection.dbapi_connection
     try:
-        with raw.cursor() as lock, raw.cursor() as facts:
+        cursors = [raw.cursor() for _statement in statements]
+        try:
             with raw.pipeline():
-                lock.execute(_LOCK_PG, {"logon": values["logon"]})
-                facts.execute(_FACTS_PG, values)
-            return facts.fetchone()
+                for cursor, (sql, values) in zip(cursors, statements, strict=True):
+                    cursor.execute(sql, values)
+            return cursors[-1].fetchone()
+        finally:
+            for cursor in cursors:
+                cursor.close()
     except dialect.loaded_dbapi.Error as exc:
         # Mapped like any statement's error, so the transaction's caller sees a StoreError.
         raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+
+
+def _locked_facts(connection: Connection, logon: str, node: str, channel: str) -> Any:
+    """PostgreSQL: the log-on's lock and then its facts, in one round trip with the BEGIN."""
+    values = _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
+    return _one_round_trip(connection, [(_LOCK_PG, {"logon": values["logon"]}), (_FACTS_PG, values)])
 
 
 @dataclass(frozen=True)
@@ -1157,3 +1184,8 @@ def lock_node(session: Session, node: str) -> bool:
     if session.bind is not None and session.bind.dialect.name == "postgresql":
         query = query.with_for_update()
     return session.scalar(query) is not None
+
+
+# release()'s round trip on PostgreSQL (see _one_round_trip).
+_SHARE_PG = f"SELECT pg_advisory_xact_lock_shared({_POOL_LOCK_KEY})"
+_FREE_PG_SQL = _psycopg_style(_FREE_PG)
