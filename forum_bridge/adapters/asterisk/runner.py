@@ -47,7 +47,7 @@ class Bridge:
         self.settings = settings
         self.service = service
         # One thread for everything that must stay in order (events, resyncs, the keepalive
-        # clock); the hook's decisions use the loop's default pool so a backlog never delays them.
+        # clock); the hook decides in threads of its own (see agi.py) so a backlog never delays it.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="forum-bridge-db")
         decisions = RecentDecisions()
         self.ami = AmiListener(
