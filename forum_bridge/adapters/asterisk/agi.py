@@ -24,6 +24,10 @@ rolled back (it takes no licence later), and the call leg keeps that answer when
 comes (see :class:`forum_bridge.service.DecisionTicket`). An outbound decision is stored under
 the leg's channel, so the AMI event of the same leg reuses it instead of deciding again.
 
+Outbound calls are decided in one database thread of the hook's own: the calls that queued while
+it was busy are decided together in one transaction (each by the same rules and with its own
+answer; see ``_GroupDecider``). Emergency calls and ``inbound`` never wait in that queue.
+
 Every client is bounded in time and memory: one that connects and closes, stalls, or sends
 garbage costs a few kilobytes for at most ``read_timeout`` seconds.
 
