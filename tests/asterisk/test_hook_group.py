@@ -8,6 +8,7 @@ its own answer. An emergency call never queues behind them. On SQLite and Postgr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from forum_bridge.adapters.asterisk.agi import FastAgiServer
 from forum_bridge.config import Settings
 from forum_bridge.service import BridgeService, CallQuestion
+from forum_bridge.store import operations as ops
 from tests.asterisk.aio import run
 from tests.asterisk.test_asterisk_agi import ask
 from tests.asterisk.test_hook_decisions import provisioned, write_lock_held
@@ -86,3 +88,44 @@ def test_calls_queued_behind_a_busy_database_are_decided_together_and_each_answe
     holders = {a["logon"] for a in status["assignments"]}
     winners = {logon for logon, reason in zip(logons, reasons, strict=True) if reason == "licence_acquired"}
     assert holders == winners
+
+
+def test_on_postgresql_a_call_stuck_on_a_log_ons_lock_does_not_hold_up_the_others(
+    make_settings: SettingsFactory, make_service: ServiceFactory, postgres_url: str
+) -> None:
+    """Another node hung in the middle of deciding one log-on keeps that log-on's lock: only that
+    log-on's call waits; the calls of other log-ons asked after it are answered meanwhile."""
+    settings = make_settings(**{"database.url": postgres_url, "asterisk.agi_port": 0, "licences.count": 4})
+    service = make_service(settings)
+    stuck, *others = provisioned(service, 4)
+    hung_node = contextlib.ExitStack()
+    session = hung_node.enter_context(service.database.transaction())
+    ops.lock_logon(session, stuck)  # held until the "other node" ends its transaction
+
+    async def scenario() -> tuple[dict[str, str], list[dict[str, str]]]:
+        server = FastAgiServer(settings, service, decision_timeout=20.0)
+        await server.start()
+        try:
+            waiting = asyncio.create_task(
+                ask(server.port, "outbound", "600", channel=f"PJSIP/{stuck}-00000001")
+            )
+            await until(lambda: server.requests == 1, "the stuck log-on's call")
+            answered = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        ask(server.port, "outbound", "600", channel=f"PJSIP/{logon}-0000001{i}")
+                        for i, logon in enumerate(others)
+                    )
+                ),
+                timeout=10.0,
+            )
+            assert not waiting.done()  # still waiting on the lock the other node holds
+            hung_node.close()
+            return await waiting, list(answered)
+        finally:
+            await server.close()
+
+    with hung_node:  # ended in the scenario; again here only if it failed before that
+        late, answered = run(scenario())
+    assert [a["FORUM_BRIDGE_REASON"] for a in answered] == ["licence_acquired"] * len(others)
+    assert late["FORUM_BRIDGE_REASON"] == "licence_acquired"

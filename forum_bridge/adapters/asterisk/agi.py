@@ -81,6 +81,10 @@ _CATCH_UP_LOGON = 1.0
 _COMMIT_GRACE = 1.0
 # Questions decided together in one transaction at most (those queued while the last group ran).
 _GROUP_LIMIT = 64
+_POSTGRESQL_DECIDERS = 4
+"""Decider threads on PostgreSQL. A decision can wait there on one log-on's lock held by another
+node (a node hung in the middle of its own decision keeps it until its connection dies); the other
+threads keep deciding everybody else's calls meanwhile. SQLite has one writer: one thread."""
 BRIDGE_ERROR = "bridge_error"
 
 
@@ -170,7 +174,9 @@ class FastAgiServer:
         self._tickets = callable(getattr(service, "give_up", None))
         # Optional (stand-ins in tests lack it): BridgeService.authorize_group.
         group = getattr(service, "authorize_group", None)
-        self._group = _GroupDecider(group) if self._tickets and callable(group) else None
+        database = getattr(service, "database", None)
+        deciders = _POSTGRESQL_DECIDERS if getattr(database, "dialect", "") == "postgresql" else 1
+        self._group = _GroupDecider(group, deciders) if self._tickets and callable(group) else None
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
@@ -546,14 +552,21 @@ class _GroupDecider:
     (no polling: the thread sleeps in ``get``); the thread takes every call waiting, decides them
     in one transaction (:meth:`~forum_bridge.service.BridgeService.authorize_group`) and hands
     the answers back to the event loop in one wake-up. A lone call pays the same hop as before.
+
+    With ``threads`` > 1 (PostgreSQL) several such threads take from the one queue, so a decision
+    stuck on a lock holds up only the calls of its own group, not every call after it. Groups take
+    their log-on locks in one sorted statement, so two groups never wait on each other in a cycle.
     """
 
-    def __init__(self, decide: Callable[[list[CallQuestion], Callable[[list[Any]], None]], object]) -> None:
+    def __init__(
+        self, decide: Callable[[list[CallQuestion], Callable[[list[Any]], None]], object], threads: int = 1
+    ) -> None:
         self._decide = decide
+        self._count = max(1, threads)
         self._queue: queue.SimpleQueue[
             tuple[CallQuestion, asyncio.Future[Decision], asyncio.AbstractEventLoop] | None
         ] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self._start_lock = threading.Lock()
 
@@ -564,22 +577,27 @@ class _GroupDecider:
         if self._closed:
             future.set_exception(DecisionAbandoned("the hook is closing"))
             return future
-        if self._thread is None:
+        if not self._threads:
             with self._start_lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="forum-bridge-hook-db", daemon=True
-                    )
-                    self._thread.start()
+                if not self._threads:
+                    threads = [
+                        threading.Thread(target=self._run, name=f"forum-bridge-hook-db-{n}", daemon=True)
+                        for n in range(self._count)
+                    ]
+                    for thread in threads:
+                        thread.start()
+                    self._threads = threads
         self._queue.put((question, future, loop))
         return future
 
     def close(self) -> None:
         """Stop the thread once the calls queued before are decided (blocks; run it in a thread)."""
         self._closed = True
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(30.0)
+        threads = self._threads
+        for _thread in threads:
+            self._queue.put(None)  # one each: a thread takes one and stops after its group
+        for thread in threads:
+            thread.join(30.0)
 
     def _run(self) -> None:
         stop = False
