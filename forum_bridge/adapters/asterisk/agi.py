@@ -591,7 +591,7 @@ class _GroupDecider:
         return future
 
     def close(self) -> None:
-        """Stop the thread once the calls queued before are decided (blocks; run it in a thread)."""
+        """Stop the threads once the calls queued before are decided (blocks; run it in a thread)."""
         self._closed = True
         threads = self._threads
         for _thread in threads:
