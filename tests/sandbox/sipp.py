@@ -497,7 +497,7 @@ class SippPhone:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Remove the phone's temporary trace files (kept if ``FORUM_BRIDGE_KEEP_SIPP_TRACES=1``)."""
+        """Remove the phone's temporary trace files (kept if ``SIPP_KEEP_TRACES=1``)."""
         if not keep_traces_requested():
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -570,5 +570,9 @@ class SippPhone:
 
 
 def keep_traces_requested() -> bool:
-    """Whether ``FORUM_BRIDGE_KEEP_SIPP_TRACES`` asks to keep SIPp's trace files for diagnosis."""
-    return os.environ.get("FORUM_BRIDGE_KEEP_SIPP_TRACES", "") not in ("", "0")
+    """Whether ``SIPP_KEEP_TRACES`` asks to keep SIPp's trace files for diagnosis.
+
+    Not ``FORUM_BRIDGE_...``: the bridge reads every such variable as a configuration key and
+    refuses one it does not know, so the in-process CLI of the e2e tests would fail.
+    """
+    return os.environ.get("SIPP_KEEP_TRACES", "") not in ("", "0")
