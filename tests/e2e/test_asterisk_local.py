@@ -20,6 +20,7 @@ from tests.conftest import wait_until
 from tests.e2e.installation import by_logon, holders, installations
 from tests.e2e.test_asterisk_e2e import Installation
 from tests.sandbox import build_root
+from tests.sandbox.sipp import SippPhone
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.timeout(600)]
 
@@ -50,6 +51,16 @@ def astdb(inst: Installation, family: str) -> set[str]:
 
 def wait_astdb(inst: Installation, family: str, wanted: set[str]) -> None:
     wait_until(lambda: astdb(inst, family) == wanted, 10, f"{family} to hold {sorted(wanted)}")
+
+
+def licensed_desk(inst: Installation) -> SippPhone:
+    """21-desk registered, its first call taken its licence, and AstDB told so."""
+    desk = inst.phone("21-desk")
+    assert desk.register() == 200
+    inst.wait_status(lambda s: by_logon(s)["21-desk"]["state"] == "logged_on")
+    assert desk.call("600") == 200
+    wait_astdb(inst, "forum-bridge/licensed", {"21-desk"})
+    return desk
 
 
 def asked(inst: Installation, logon: str) -> int:
@@ -121,11 +132,7 @@ def test_a_call_right_after_the_log_off_is_refused_or_hung_up(
     make_installation: Callable[..., Installation],
 ) -> None:
     inst = make_installation(licences=1)
-    desk = inst.phone("21-desk")
-    assert desk.register() == 200
-    inst.wait_status(lambda s: by_logon(s)["21-desk"]["state"] == "logged_on")
-    assert desk.call("600") == 200
-    wait_astdb(inst, "forum-bridge/licensed", {"21-desk"})
+    desk = licensed_desk(inst)
     # No wait between the two: the entry may still be in AstDB when the INVITE arrives.
     assert desk.unregister() == 200
     result = desk.call("601", hold_seconds=5)
@@ -144,11 +151,7 @@ def test_a_stopped_bridge_withdraws_the_local_answer_and_a_hung_one_loses_it_wit
     make_installation: Callable[..., Installation],
 ) -> None:
     inst = make_installation(licences=1)
-    desk = inst.phone("21-desk")
-    assert desk.register() == 200
-    inst.wait_status(lambda s: by_logon(s)["21-desk"]["state"] == "logged_on")
-    assert desk.call("600") == 200
-    wait_astdb(inst, "forum-bridge/licensed", {"21-desk"})
+    desk = licensed_desk(inst)
     # Hung (SIGSTOP): nothing decides over AMI, but the heartbeat is fresh, so the dialplan answers.
     assert inst.bridge is not None
     inst.bridge.send_signal(signal.SIGSTOP)
