@@ -116,6 +116,13 @@ class Connection:
         """A cursor (statements run at once, rows are kept until fetched)."""
         return Cursor(self)
 
+    def text(self, sql: str, params: Sequence[Any] = ()) -> str | None:
+        """Run the SELECT ``sql`` (``%s`` placeholders); its first value as the server wrote it, or None.
+
+        For a result that is one text already (the status listing as JSON): no parsing here.
+        """
+        return self._run(_numbered(sql).encode("utf-8"), params)
+
     def rollback(self) -> None:
         """End the snapshot."""
         self._run(b"ROLLBACK", ())
@@ -146,6 +153,12 @@ class Connection:
             self._lib.PQclear(result)
 
 
+def _numbered(sql: str) -> str:
+    # DB-API's %s placeholders as libpq's $1, $2...
+    pieces = sql.split("%s")
+    return pieces[0] + "".join(f"${i}{piece}" for i, piece in enumerate(pieces[1:], 1))
+
+
 def _tuple(pairs: list[tuple[str, Any]]) -> tuple[Any, ...]:
     # A row's values in column order (names may repeat or be "?column?": they are not keys here).
     return tuple(value for _, value in pairs)
@@ -161,8 +174,7 @@ class Cursor:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         """Run the SELECT ``sql``; its rows come back as one JSON array of the rows, in order."""
-        pieces = sql.split("%s")
-        numbered = pieces[0] + "".join(f"${i}{piece}" for i, piece in enumerate(pieces[1:], 1))
+        numbered = _numbered(sql)
         # An aggregate over a subquery reads its rows in the order the subquery returns them, so
         # the statement's own ORDER BY holds in the array.
         # ``alias.*`` is the whole row even when a column has the alias's name.
