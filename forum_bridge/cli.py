@@ -19,7 +19,10 @@ from forum_bridge.config import Settings, load_settings, redact_url_secrets
 from forum_bridge.errors import ConfigError, ForumBridgeError
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from forum_bridge.service import BridgeService
+    from forum_bridge.store.status_query import Reader
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,16 +66,14 @@ class Context:
         ``store.status_query.subscriber_items``): with 10,000 of them, decoding their rows and
         encoding them again was most of the command's time. The text is the same.
         """
-        from forum_bridge.store.status_query import open_reader, status_document, subscriber_items, utcnow
+        from forum_bridge.store.status_query import open_reader, utcnow
 
         settings = self.settings
         with open_reader(
             settings.database_url, lambda text: redact_url_secrets(text, settings.database_url)
         ) as reader:
             if reader is not None:
-                doc = status_document(reader, node=settings.node_name, now=utcnow(), listed=False)
-                items = subscriber_items(reader, ",\n" + _pad(2))
-                return _readable_json(doc, 0, {"subscribers": items})
+                return status_text(reader, settings.node_name, utcnow())
         return _readable_json(self.reader().status(), 0)
 
     def service(self, *, started: bool = True) -> BridgeService:
@@ -184,6 +185,17 @@ def _readable_json(value: Any, level: int, encoded: dict[str, str] | None = None
     if isinstance(value, list) and value and level < 2:
         return "[\n" + ",\n".join([pad + _encode(v) for v in value]) + "\n" + "  " * level + "]"
     return _encode(value)
+
+
+def status_text(reader: Reader, node: str, now: datetime) -> str:
+    """The status document read through ``reader`` at ``now``, as :func:`print_json` prints it.
+
+    The subscribers arrive encoded by the database and are spliced in as they are.
+    """
+    from forum_bridge.store.status_query import status_document, subscriber_items
+
+    doc = status_document(reader, node=node, now=now, listed=False)
+    return _readable_json(doc, 0, {"subscribers": subscriber_items(reader, ",\n" + _pad(2))})
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -441,7 +441,10 @@ def subscriber_items(reader: Reader, separator: str) -> str:
         + " || '}'"
     )  # fmt: skip
     if reader.dialect == "sqlite":
-        rows = reader.rows("SELECT " + item + " FROM subscribers s" + latest + " ORDER BY s.logon")
+        # Named: a driver's message names the column (undecodable text), never the statement.
+        rows = reader.rows(
+            "SELECT " + item + " AS subscriber FROM subscribers s" + latest + " ORDER BY s.logon"
+        )
         return separator.join([row[0] for row in rows])
     listing = prefix + "SELECT string_agg(" + item + ", ? ORDER BY s.logon) FROM subscribers s" + latest
     text = reader.text(listing, [separator])
