@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from forum_bridge.errors import StoreError
@@ -31,16 +30,18 @@ class PqError(StoreError):
     """The server or libpq refused a connection or a statement (the message is libpq's)."""
 
 
-def _candidates() -> list[str]:
-    names = ["libpq.so.5", "libpq.5.dylib", "libpq.so"]
+def _candidates() -> Iterator[str]:
+    yield from ("libpq.so.5", "libpq.5.dylib", "libpq.so")
     # psycopg's binary wheel carries its own copy beside the package (found without importing it).
+    # Looked for only when the system has none: importing importlib.util and pathlib costs more
+    # than loading the library.
     import importlib.util
+    from pathlib import Path
 
     spec = importlib.util.find_spec("psycopg_binary")
     if spec is not None and spec.origin:
         libs = Path(spec.origin).parent.parent / "psycopg_binary.libs"
-        names += sorted(str(p) for p in libs.glob("libpq*.so*"))
-    return names
+        yield from sorted(str(p) for p in libs.glob("libpq*.so*"))
 
 
 def _load() -> ctypes.CDLL | None:
