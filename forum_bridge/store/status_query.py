@@ -415,10 +415,14 @@ def subscriber_items(reader: Reader, separator: str) -> str:
         )
         prefix = ""
     else:
-        # Registrations grouped once (a hash join) rather than looked up per subscriber.
+        # Registrations grouped once (a hash join) rather than looked up per subscriber. Sorted
+        # once before grouping: an ORDER BY inside the aggregates sorted each log-on's rows apart,
+        # two sorts per subscriber, a third of the statement's time; the aggregates read the rows
+        # in the order the subquery returns them (as json_agg does in store.libpq).
         prefix = (
-            "WITH regs AS (SELECT logon, json_agg(contact ORDER BY last_seen DESC, id)::text AS contacts,"
-            " (array_agg(id ORDER BY last_seen DESC, id))[1] AS latest FROM registrations GROUP BY logon) "
+            "WITH regs AS (SELECT logon, json_agg(contact)::text AS contacts, (array_agg(id))[1] AS latest"
+            " FROM (SELECT logon, contact, id FROM registrations ORDER BY logon, last_seen DESC, id) newest"
+            " GROUP BY logon) "
         )
         latest = " LEFT JOIN regs g ON g.logon = s.logon LEFT JOIN registrations r ON r.id = g.latest"
         contacts = "coalesce(g.contacts, '[]')"
