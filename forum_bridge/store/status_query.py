@@ -408,10 +408,14 @@ def subscriber_items(reader: Reader, separator: str) -> str:
             " LEFT JOIN registrations r ON r.id = (SELECT x.id FROM registrations x"
             " WHERE x.logon = s.logon ORDER BY x.last_seen DESC, x.id LIMIT 1)"
         )
-        # One aggregate over an ordered subquery reads the rows in that order.
+        # One aggregate over an ordered subquery reads the rows in that order. Most log-ons have
+        # one registration, the latest: its list is written without that subquery's sort.
         contacts = (
-            "coalesce((SELECT '[' || group_concat(c, ', ') || ']' FROM (SELECT json_quote(x.contact) AS c"
-            " FROM registrations x WHERE x.logon = s.logon ORDER BY x.last_seen DESC, x.id)), '[]')"
+            "CASE WHEN r.id IS NULL THEN '[]'"
+            " WHEN NOT EXISTS (SELECT 1 FROM registrations x WHERE x.logon = s.logon AND x.id <> r.id)"
+            " THEN '[' || json_quote(r.contact) || ']'"
+            " ELSE (SELECT '[' || group_concat(c, ', ') || ']' FROM (SELECT json_quote(x.contact) AS c"
+            " FROM registrations x WHERE x.logon = s.logon ORDER BY x.last_seen DESC, x.id)) END"
         )
         prefix = ""
     else:
