@@ -254,3 +254,70 @@ def test_text_sqlite_cannot_decode_fails_the_same_way(
         assert "\n" not in str(refused)
     assert "column 'subscriber'" in str(new.value) and "SELECT" not in str(new.value)
     assert "json_quote" not in str(new.value)
+
+
+# Runs the command in a fresh interpreter (no configuration file) and lists what it imported.
+IMPORTS_PROBE = """
+import io, json, sys
+from contextlib import redirect_stdout
+from forum_bridge.cli import main
+with redirect_stdout(io.StringIO()) as out:
+    try:
+        main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+print(json.dumps({"code": code, "printed": len(out.getvalue()), "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("args", [("status", "--json"), ("--help",)])
+def test_status_and_help_import_only_what_they_use(
+    make_settings: SettingsFactory,
+    make_service: Callable[[Settings], BridgeService],
+    database_url: str,
+    args: tuple[str, ...],
+) -> None:
+    populated(make_settings, make_service, database_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORUM_BRIDGE_")}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTS_PROBE, "--database", database_url, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["code"] == 0 and result["printed"] > 0
+    modules = set(result["modules"])
+    # The rest of the bridge, the ORM and the event loop are not needed to print the status.
+    for unused in (
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "asyncio",
+        "forum_bridge.service",
+        "forum_bridge.store.database",
+        "forum_bridge.core.events",
+        "forum_bridge.core.rules",
+        "tomllib",
+        "socket",
+    ):
+        assert unused not in modules, f"{' '.join(args)} imported {unused}"
+    ours = {m for m in modules if m.startswith("forum_bridge")}
+    if args[0] == "status":
+        reader = {"forum_bridge.store.libpq"} if database_url.startswith("postgresql") else set()
+        assert ours == {
+            "forum_bridge",
+            "forum_bridge.cli",
+            "forum_bridge.clocks",
+            "forum_bridge.config",
+            "forum_bridge.core",
+            "forum_bridge.core.emergency",
+            "forum_bridge.core.names",
+            "forum_bridge.errors",
+            "forum_bridge.store",
+            "forum_bridge.store.status_query",
+            *reader,
+        }
