@@ -5,7 +5,9 @@ more than everything else ``status --json`` does with 10,000 subscribers. The st
 only to send a few SELECTs in one read-only snapshot, so this module loads the client library
 psycopg itself is built on (``libpq``, through :mod:`ctypes`) and asks the server to return each
 result as one JSON document (``json_agg``), which :func:`json.loads` turns into rows in one call:
-booleans, numbers, text and NULL arrive as Python values without a converter per column.
+booleans, numbers, text and NULL arrive as Python values without a converter per column. A
+statement whose one value is text already (the subscriber listing ``status --json`` prints, see
+:meth:`Connection.text`) comes back as that text, unparsed.
 
 When libpq cannot be found, :func:`connect` returns None and the caller uses psycopg.
 """
