@@ -437,7 +437,7 @@ def subscriber_items(reader: Reader, separator: str) -> str:
         + """ || ', "state": ' || CASE WHEN s.last_logon_failed THEN '"logon_failed"'"""
         + """ WHEN r.id IS NOT NULL THEN '"logged_on"' ELSE '"logged_off"' END"""
         + """ || ', "licensed": ' || CASE WHEN s.logon IN"""
-        + """ (SELECT logon FROM licences WHERE logon IS NOT NULL) THEN 'true' ELSE 'false' END"""
+        + """ (SELECT logon FROM licences WHERE logon <> '') THEN 'true' ELSE 'false' END"""
         + """ || ', "reserved": ' || CASE WHEN s.reserved THEN 'true' ELSE 'false' END"""
         + """ || ', "last_seen": ' || """ + q(reader.iso("r.last_seen"))
         + """ || ', "contact": ' || """ + q("r.contact")
