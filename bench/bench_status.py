@@ -85,6 +85,19 @@ def cli_seconds(url: str, *args: str) -> float:
     return time.perf_counter() - started
 
 
+def check_cli_output(url: str, count: int) -> None:
+    """``status --json`` prints every subscriber, logged on, as valid JSON (a smoke test, untimed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORUM_BRIDGE_")}
+    env["FORUM_BRIDGE_LICENCES_COUNT"] = "100"
+    command = [sys.executable, "-m", "forum_bridge", "--database", url, "status", "--json"]
+    done = subprocess.run(command, check=True, env=env, cwd=ROOT, capture_output=True)
+    doc = json.loads(done.stdout)
+    subscribers = doc["subscribers"]
+    assert len(subscribers) == count == doc["summary"]["logged_on"], (len(subscribers), doc["summary"])
+    assert all(s["state"] == "logged_on" and s["contacts"] == [s["contact"]] for s in subscribers)
+    assert sum(s["licensed"] for s in subscribers) == doc["licences"]["used"] == 50
+
+
 def in_process(url: str, runs: int) -> dict[str, list[float]]:
     """Status document, page and metrics inside one process, as the running bridge serves them."""
     from forum_bridge.config import load_settings
@@ -149,6 +162,7 @@ def emit(
 def measure(name: str, url: str, count: int, runs: int, full: bool) -> None:
     """Prepare ``url`` and print every figure for it."""
     prepare(url, count)
+    check_cli_output(url, count)
     floor = [cli_seconds(url, "--help") for _ in range(runs)]
     cli = [cli_seconds(url, "status", "--json") for _ in range(runs)]
     inside = in_process(url, runs)

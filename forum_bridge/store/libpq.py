@@ -5,7 +5,9 @@ more than everything else ``status --json`` does with 10,000 subscribers. The st
 only to send a few SELECTs in one read-only snapshot, so this module loads the client library
 psycopg itself is built on (``libpq``, through :mod:`ctypes`) and asks the server to return each
 result as one JSON document (``json_agg``), which :func:`json.loads` turns into rows in one call:
-booleans, numbers, text and NULL arrive as Python values without a converter per column.
+booleans, numbers, text and NULL arrive as Python values without a converter per column. A
+statement whose one value is text already (the subscriber listing ``status --json`` prints, see
+:meth:`Connection.text`) comes back as that text, unparsed.
 
 When libpq cannot be found, :func:`connect` returns None and the caller uses psycopg.
 """
@@ -14,9 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from forum_bridge.errors import StoreError
@@ -31,16 +32,18 @@ class PqError(StoreError):
     """The server or libpq refused a connection or a statement (the message is libpq's)."""
 
 
-def _candidates() -> list[str]:
-    names = ["libpq.so.5", "libpq.5.dylib", "libpq.so"]
+def _candidates() -> Iterator[str]:
+    yield from ("libpq.so.5", "libpq.5.dylib", "libpq.so")
     # psycopg's binary wheel carries its own copy beside the package (found without importing it).
+    # Looked for only when the system has none: importing importlib.util and pathlib costs more
+    # than loading the library.
     import importlib.util
+    from pathlib import Path
 
     spec = importlib.util.find_spec("psycopg_binary")
     if spec is not None and spec.origin:
         libs = Path(spec.origin).parent.parent / "psycopg_binary.libs"
-        names += sorted(str(p) for p in libs.glob("libpq*.so*"))
-    return names
+        yield from sorted(str(p) for p in libs.glob("libpq*.so*"))
 
 
 def _load() -> ctypes.CDLL | None:
@@ -116,6 +119,13 @@ class Connection:
         """A cursor (statements run at once, rows are kept until fetched)."""
         return Cursor(self)
 
+    def text(self, sql: str, params: Sequence[Any] = ()) -> str | None:
+        """Run the SELECT ``sql`` (``%s`` placeholders); its first value as the server wrote it, or None.
+
+        For a result that is one text already (the status listing as JSON): no parsing here.
+        """
+        return self._run(_numbered(sql).encode("utf-8"), params)
+
     def rollback(self) -> None:
         """End the snapshot."""
         self._run(b"ROLLBACK", ())
@@ -146,6 +156,12 @@ class Connection:
             self._lib.PQclear(result)
 
 
+def _numbered(sql: str) -> str:
+    # DB-API's %s placeholders as libpq's $1, $2...
+    pieces = sql.split("%s")
+    return pieces[0] + "".join(f"${i}{piece}" for i, piece in enumerate(pieces[1:], 1))
+
+
 def _tuple(pairs: list[tuple[str, Any]]) -> tuple[Any, ...]:
     # A row's values in column order (names may repeat or be "?column?": they are not keys here).
     return tuple(value for _, value in pairs)
@@ -161,8 +177,7 @@ class Cursor:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         """Run the SELECT ``sql``; its rows come back as one JSON array of the rows, in order."""
-        pieces = sql.split("%s")
-        numbered = pieces[0] + "".join(f"${i}{piece}" for i, piece in enumerate(pieces[1:], 1))
+        numbered = _numbered(sql)
         # An aggregate over a subquery reads its rows in the order the subquery returns them, so
         # the statement's own ORDER BY holds in the array.
         # ``alias.*`` is the whole row even when a column has the alias's name.

@@ -37,6 +37,7 @@ __all__ = [
     "counts",
     "open_reader",
     "status_document",
+    "subscriber_items",
     "utcnow",
 ]
 
@@ -125,6 +126,33 @@ class Reader:
                 cursor.close()
         except self._errors as exc:
             raise StoreError(f"database error: {self._redact(first_line(exc))}") from exc
+
+    def text(self, sql: str, params: Sequence[Any] = ()) -> str | None:
+        """The first column of the first row of ``sql``, a text (None when there is no row or it is NULL).
+
+        On the libpq connection it arrives as the server wrote it, without the JSON wrapping
+        :meth:`rows` uses, so a document of megabytes is not parsed again.
+        """
+        direct = getattr(self._connection, "text", None)
+        if direct is None:
+            found = self.rows(sql, params)
+            return None if not found or found[0][0] is None else str(found[0][0])
+        try:
+            value: str | None = direct(sql.replace("?", "%s"), params)
+        except self._errors as exc:
+            raise StoreError(f"database error: {self._redact(first_line(exc))}") from exc
+        return value
+
+    def json_text(self, expression: str) -> str:
+        """An SQL expression: ``expression`` (text or NULL) as a JSON string or ``null``, as Python writes it.
+
+        Both databases escape ``"``, ``\\`` and control characters as :mod:`json` does with
+        ``ensure_ascii=False`` (short forms for ``\\b \\f \\n \\r \\t``, ``\\u00xx`` for the rest) and
+        pass every other character through.
+        """
+        if self.dialect == "sqlite":
+            return f"json_quote({expression})"
+        return f"coalesce(to_json({expression})::text, 'null')"
 
     def iso(self, column: str) -> str:
         """An SQL expression formatting ``column`` (a stored UTC time) as :func:`iso` does."""
@@ -223,11 +251,13 @@ def status_document(
     search: str = "",
     offset: int = 0,
     limit: int | None = None,
+    listed: bool = True,
 ) -> dict[str, Any]:
     """The status document (README, "Command line"): every field the CLI, page and JSON show.
 
     ``subscribers`` lists every subscriber by log-on name, unless ``search`` (a part of a log-on or
-    call number) or ``limit`` asks for one page of them from ``offset``.
+    call number) or ``limit`` asks for one page of them from ``offset``. Without ``listed`` it is
+    left empty (and not read) for a caller that has the database encode it (:func:`subscriber_items`).
     """
     search = search.strip()
     offset = max(offset, 0)
@@ -249,13 +279,13 @@ def status_document(
     if paged:
         listing += " LIMIT ? OFFSET ?"
         params += [(-1 if reader.dialect == "sqlite" else None) if limit is None else limit, offset]
-    subscribers = {row[0]: row for row in reader.rows(listing, params)}
+    subscribers = {row[0]: row for row in reader.rows(listing, params)} if listed else {}
 
     registered = (
         "SELECT logon, contact, user_agent, source, node, " + reader.iso("last_seen") + " FROM registrations"
     )
     reg_params: list[Any] = []
-    if paged:
+    if paged or not listed:
         # This page's subscribers and the unmanaged endpoints, not every registration.
         registered += f" WHERE logon IN ({_marks(len(subscribers))})"
         registered += " OR logon NOT IN (SELECT logon FROM subscribers)"
@@ -362,6 +392,71 @@ def status_document(
         ],
         "usage_history": history,
     }
+
+
+def subscriber_items(reader: Reader, separator: str) -> str:
+    """The status document's ``subscribers``, each encoded as JSON by the database, joined by ``separator``.
+
+    The same objects as :func:`status_document` lists (every subscriber, by log-on name), written
+    as ``json.JSONEncoder(ensure_ascii=False)`` writes them (``", "`` and ``": "`` between items and
+    keys), so that ``status --json`` prints 10,000 subscribers without building and encoding 10,000
+    dicts in Python. Empty text when there is no subscriber.
+    """
+    q = reader.json_text
+    if reader.dialect == "sqlite":
+        latest = (
+            " LEFT JOIN registrations r ON r.id = (SELECT x.id FROM registrations x"
+            " WHERE x.logon = s.logon ORDER BY x.last_seen DESC, x.id LIMIT 1)"
+        )
+        # One aggregate over an ordered subquery reads the rows in that order. Most log-ons have
+        # one registration, the latest: its list is written without that subquery's sort.
+        contacts = (
+            "CASE WHEN r.id IS NULL THEN '[]'"
+            " WHEN NOT EXISTS (SELECT 1 FROM registrations x WHERE x.logon = s.logon AND x.id <> r.id)"
+            " THEN '[' || json_quote(r.contact) || ']'"
+            " ELSE (SELECT '[' || group_concat(c, ', ') || ']' FROM (SELECT json_quote(x.contact) AS c"
+            " FROM registrations x WHERE x.logon = s.logon ORDER BY x.last_seen DESC, x.id)) END"
+        )
+        prefix = ""
+    else:
+        # Registrations grouped once (a hash join) rather than looked up per subscriber. Sorted
+        # once before grouping: an ORDER BY inside the aggregates sorted each log-on's rows apart,
+        # two sorts per subscriber, a third of the statement's time; the aggregates read the rows
+        # in the order the subquery returns them (as json_agg does in store.libpq).
+        prefix = (
+            "WITH regs AS (SELECT logon, json_agg(contact)::text AS contacts, (array_agg(id))[1] AS latest"
+            " FROM (SELECT logon, contact, id FROM registrations ORDER BY logon, last_seen DESC, id) newest"
+            " GROUP BY logon) "
+        )
+        latest = " LEFT JOIN regs g ON g.logon = s.logon LEFT JOIN registrations r ON r.id = g.latest"
+        contacts = "coalesce(g.contacts, '[]')"
+    item = (
+        """'{"logon": ' || """ + q("s.logon")
+        + """ || ', "number": ' || """ + q("s.number")
+        + """ || ', "profile": ' || """ + q("s.profile")
+        + """ || ', "state": ' || CASE WHEN s.last_logon_failed THEN '"logon_failed"'"""
+        + """ WHEN r.id IS NOT NULL THEN '"logged_on"' ELSE '"logged_off"' END"""
+        + """ || ', "licensed": ' || CASE WHEN s.logon IN"""
+        + """ (SELECT logon FROM licences WHERE logon <> '') THEN 'true' ELSE 'false' END"""
+        + """ || ', "reserved": ' || CASE WHEN s.reserved THEN 'true' ELSE 'false' END"""
+        + """ || ', "last_seen": ' || """ + q(reader.iso("r.last_seen"))
+        + """ || ', "contact": ' || """ + q("r.contact")
+        + """ || ', "contacts": ' || """ + contacts
+        + """ || ', "user_agent": ' || """ + q("r.user_agent")
+        + """ || ', "source": ' || """ + q("r.source")
+        + """ || ', "node": ' || """ + q("r.node")
+        + """ || ', "last_failure": ' || """ + q(reader.iso("s.last_failure_at"))
+        + " || '}'"
+    )  # fmt: skip
+    if reader.dialect == "sqlite":
+        # Named: a driver's message names the column (undecodable text), never the statement.
+        rows = reader.rows(
+            "SELECT " + item + " AS subscriber FROM subscribers s" + latest + " ORDER BY s.logon"
+        )
+        return separator.join([row[0] for row in rows])
+    listing = prefix + "SELECT string_agg(" + item + ", ? ORDER BY s.logon) FROM subscribers s" + latest
+    text = reader.text(listing, [separator])
+    return text or ""
 
 
 def _sqlite_path(url: str) -> str | None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
+from forum_bridge.cli import status_text
 from forum_bridge.config import Settings
 from forum_bridge.core import LoggedOn
 from forum_bridge.errors import StoreError
@@ -96,6 +97,7 @@ def test_without_libpq_the_status_is_read_through_psycopg(
     service.apply(LoggedOn("21-desk", service.clock(), contact="sip:21-desk@192.0.2.21:5060"))
     now = service.clock()
     documents = []
+    texts: list[str] = []
     for found in (True, False):
         if not found:
             monkeypatch.setattr(libpq, "_load", lambda: None)
@@ -103,5 +105,7 @@ def test_without_libpq_the_status_is_read_through_psycopg(
             assert reader is not None
             assert isinstance(reader._connection, libpq.Connection) is found
             documents.append(status_document(reader, node="pbx1", now=now))
+            texts.append(status_text(reader, "pbx1", now))
     assert documents[0] == documents[1]
+    assert texts[0] == texts[1]  # status --json's text, the listing written by the server
     assert [s["state"] for s in documents[0]["subscribers"]] == ["logged_on", "logged_off"]
