@@ -125,9 +125,10 @@ class KeepaliveClock:
         """A keepalive of the log-on, received at ``at``: it refreshes all of its contacts here."""
         self._logon_seen[stored(RegistrationRow.logon, logon)] = (self.mono_at(at), at)
 
-    def contact_present(self, logon: str, contact: str, mono: float, at: datetime) -> None:
-        """The PBX shows the contact now (a resync, which stored ``at``): refreshed at ``mono``."""
-        self._seen(seen_key(logon, contact), mono, at)
+    def contact_present(self, logon: str, contact: str, mono: float, at: datetime | None = None) -> None:
+        """The PBX shows the contact now (a resync, which stored ``at``, default the clock): refreshed
+        at ``mono``."""
+        self._seen(seen_key(logon, contact), mono, self.clock() if at is None else at)
 
     def forget(self, logon: str, contact: str) -> None:
         """The contact (keyed as stored) is logged off: nothing to time any more."""
