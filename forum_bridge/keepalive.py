@@ -112,6 +112,7 @@ class KeepaliveClock:
         self._due: list[tuple[float, str, str]] = []
         self._queued: set[tuple[str, str]] = set()
         self._limits: dict[str | None, float] = {}
+        self._shortest = 0.0  # the shortest of the limits (0 until the first sweep reads them)
         self._full_pass_at: float | None = None  # None: the next sweep reads every contact
         self._peers = PeerNodes(database, settings, log_off)
 
@@ -156,10 +157,13 @@ class KeepaliveClock:
         return self.monotonic() - min(max(waited, 0.0), _MAX_RECEIPT_LAG)
 
     def _seen(self, key: tuple[str, str], mono: float, at: datetime) -> None:
+        # Once per event of a storm: kept to a few dictionary and heap operations.
         self._contact_seen[key] = (mono, at)
         if key not in self._queued:
-            # The log-on's profile may not be known yet: look first after the shortest limit.
-            self._queue(key, mono + self._limit_of(key[0]))
+            # Looked at first after the shortest limit (the profile may not be known yet); the
+            # queue moves it on, in memory, when its own deadline is later.
+            self._queued.add(key)
+            heapq.heappush(self._due, (mono + self._shortest, key[0], key[1]))
 
     def _queue(self, key: tuple[str, str], when: float) -> None:
         self._queued.add(key)
@@ -168,7 +172,7 @@ class KeepaliveClock:
     def _limit_of(self, logon: str) -> float:
         if logon in self._profile_of and self._limits:
             return self._limit(self._profile_of[logon])
-        return min(self._limits.values(), default=0.0)
+        return self._shortest
 
     def _limit(self, profile: str | None) -> float:
         limit = self._limits.get(profile)
@@ -255,6 +259,7 @@ class KeepaliveClock:
         limits[None] = float(keepalive.get(self.settings.default_profile, 120) + grace)
         shortened = any(limits.get(name, 0.0) < old for name, old in self._limits.items())
         self._limits = limits
+        self._shortest = min(limits.values())
         if shortened:
             self._due = [(self._refresh(key)[0] + self._limit_of(key[0]), *key) for key in self._contact_seen]
             heapq.heapify(self._due)
