@@ -1,9 +1,10 @@
-"""An index on registrations by node and last refresh, for the keepalive sweep and its backlog.
+"""An index on registrations by node, for the keepalive sweep's reads of one node's contacts.
 
-The sweep's periodic full read and the overdue count (``/metrics``) select one node's contacts,
-the count by ``last_seen`` too; with 10,000 phones a node's rows are found through this index
-instead of the whole table. The sweep's confirming read (by node and log-on) uses the unique
-(node, logon, contact) index that exists already.
+The sweep's periodic full read, its confirming read and the overdue count (``/metrics``) select
+one node's contacts. The index holds ``node`` only: a ``last_seen`` in it would make every
+keepalive's update of that column an index update too (on PostgreSQL, no more in-place "HOT"
+updates), thousands a minute with 10,000 phones, to speed up a count taken per scrape. The
+confirming read by node and log-on can also use the unique (node, logon, contact) index.
 
 Revision ID: 0005
 Revises: 0004
@@ -21,10 +22,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Create ``ix_registrations_node_last_seen`` (the rows stay as they are)."""
-    op.create_index("ix_registrations_node_last_seen", "registrations", ["node", "last_seen"])
+    """Create ``ix_registrations_node`` (the rows stay as they are)."""
+    op.create_index("ix_registrations_node", "registrations", ["node"])
 
 
 def downgrade() -> None:
     """Drop the index again."""
-    op.drop_index("ix_registrations_node_last_seen", table_name="registrations")
+    op.drop_index("ix_registrations_node", table_name="registrations")
