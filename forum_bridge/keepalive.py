@@ -9,6 +9,7 @@ this node; another node's contacts expire here only once its heartbeat has stood
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -28,6 +29,8 @@ from forum_bridge.store.models import ProfileRow, RegistrationRow, stored
 service_log = logging.getLogger("forum_bridge.service")
 
 _MAX_RECEIPT_LAG = 300.0  # seconds an event may wait between receipt and apply, for keepalive timing
+# The slow safety net of the sweep: how often it reads every contact of the node (monotonic seconds).
+FULL_PASS_SECONDS = 30.0
 
 
 class LogOff(Protocol):
@@ -71,7 +74,15 @@ def keepalive_limits(session: Session, settings: Settings) -> Callable[[str | No
 
 
 class KeepaliveClock:
-    """When each contact of this node was last refreshed, and the sweep that logs off the silent."""
+    """When each contact of this node was last refreshed, and the sweep that logs off the silent.
+
+    The deadlines live in memory, fed by what this process applies (log-ons, keepalives, resyncs):
+    a sweep reads only the contacts whose deadline has come, to confirm them against the database
+    before logging them off (another process, node or the CLI may have refreshed or removed the
+    row). Every :data:`FULL_PASS_SECONDS`, at the first sweep, after a resync and after a failed
+    sweep, one full pass reads every contact of the node instead, as a safety net: it finds the
+    contacts this process never saw and the log-ons whose profile changed.
+    """
 
     def __init__(
         self,
@@ -88,29 +99,45 @@ class KeepaliveClock:
         self.clock = clock
         self.monotonic = monotonic
         self._log_off = log_off
-        # (logon, contact) of this node -> last refresh; logon -> last keepalive (which refreshes
-        # all of its contacts here). Only contacts in the database are kept.
-        self._contact_seen: dict[tuple[str, str], float] = {}
-        self._logon_seen: dict[str, float] = {}
+        # (logon, contact) of this node -> (monotonic time of the last refresh, the wall time that
+        # refresh stored as last_seen); logon -> the same for its last keepalive (which refreshes
+        # all of its contacts here). A stored last_seen that differs was written by someone else.
+        self._contact_seen: dict[tuple[str, str], tuple[float, datetime]] = {}
+        self._logon_seen: dict[str, tuple[float, datetime]] = {}
+        # Log-on -> its profile as last read (None: not provisioned); missing: not read yet.
+        self._profile_of: dict[str, str | None] = {}
+        # One entry per timed contact: (when to look at it next, logon, contact). The moment is
+        # never later than its deadline, so a refresh only needs the dicts above; the entry is
+        # moved on when it comes due and the contact turns out refreshed.
+        self._due: list[tuple[float, str, str]] = []
+        self._queued: set[tuple[str, str]] = set()
+        self._limits: dict[str | None, float] = {}
+        self._shortest = 0.0  # the shortest of the limits (0 until the first sweep reads them)
+        self._full_pass_at: float | None = None  # None: the next sweep reads every contact
         self._peers = PeerNodes(database, settings, log_off)
 
     # --- refreshes, noted as events are applied ---------------------------------------------------
 
     def contact_refreshed(self, logon: str, contact: str, at: datetime) -> None:
-        """A log-on (REGISTER) of the contact, received at ``at``."""
-        self._contact_seen[seen_key(logon, contact)] = self.mono_at(at)
+        """A log-on (REGISTER) of the contact, received at ``at`` (which it stored as last_seen)."""
+        self._seen(seen_key(logon, contact), self.mono_at(at), at)
 
     def logon_refreshed(self, logon: str, at: datetime) -> None:
         """A keepalive of the log-on, received at ``at``: it refreshes all of its contacts here."""
-        self._logon_seen[stored(RegistrationRow.logon, logon)] = self.mono_at(at)
+        self._logon_seen[stored(RegistrationRow.logon, logon)] = (self.mono_at(at), at)
 
-    def contact_present(self, logon: str, contact: str, mono: float) -> None:
-        """The PBX shows the contact now (a resync): it counts as refreshed at ``mono``."""
-        self._contact_seen[seen_key(logon, contact)] = mono
+    def contact_present(self, logon: str, contact: str, mono: float, at: datetime | None = None) -> None:
+        """The PBX shows the contact now (a resync, which stored ``at``, default the clock): refreshed
+        at ``mono``."""
+        self._seen(seen_key(logon, contact), mono, self.clock() if at is None else at)
 
     def forget(self, logon: str, contact: str) -> None:
         """The contact (keyed as stored) is logged off: nothing to time any more."""
         self._contact_seen.pop((logon, contact), None)
+
+    def resynced(self) -> None:
+        """The node's registrations were brought in line with the PBX: read them all next sweep."""
+        self._full_pass_at = None
 
     def batch_applied(self, events: Sequence[Event], outcomes: Sequence[Refreshed]) -> None:
         """Note the registrations a batch of events refreshed, as applying each one would."""
@@ -129,6 +156,28 @@ class KeepaliveClock:
         waited = (self.clock() - at).total_seconds()
         return self.monotonic() - min(max(waited, 0.0), _MAX_RECEIPT_LAG)
 
+    def _seen(self, key: tuple[str, str], mono: float, at: datetime) -> None:
+        # Once per event of a storm: kept to a few dictionary and heap operations.
+        self._contact_seen[key] = (mono, at)
+        if key not in self._queued:
+            # Looked at first after the shortest limit (the profile may not be known yet); the
+            # queue moves it on, in memory, when its own deadline is later.
+            self._queued.add(key)
+            heapq.heappush(self._due, (mono + self._shortest, key[0], key[1]))
+
+    def _queue(self, key: tuple[str, str], when: float) -> None:
+        self._queued.add(key)
+        heapq.heappush(self._due, (when, *key))
+
+    def _limit_of(self, logon: str) -> float:
+        if logon in self._profile_of and self._limits:
+            return self._limit(self._profile_of[logon])
+        return self._shortest
+
+    def _limit(self, profile: str | None) -> float:
+        limit = self._limits.get(profile)
+        return limit if limit is not None else self._limits[None]
+
     # --- the sweep -------------------------------------------------------------------------------
 
     def expire(self, now: datetime | None = None) -> list[str]:
@@ -140,38 +189,55 @@ class KeepaliveClock:
 
         Also counts one heartbeat of this node. This node's contacts are timed on the monotonic
         clock (a contact not refreshed since this process started counts from its stored
-        ``last_seen`` once). Contacts of another node are left to that node while its heartbeat
-        moves; once it has not moved for ``node.dead_after`` seconds, they expire here by their
-        own keepalive interval counted from that node's last heartbeat, with its calls.
+        ``last_seen`` once, and so does one whose stored ``last_seen`` another process moved).
+        Contacts of another node are left to that node while its heartbeat moves; once it has not
+        moved for ``node.dead_after`` seconds, they expire here by their own keepalive interval
+        counted from that node's last heartbeat, with its calls.
         """
         wall = self.clock()
         now = wall if now is None else min(now, wall)
         # Silence is measured only up to the moment the adapter's events are applied.
         mono = self.monotonic() - (wall - now).total_seconds()
         freed: list[str] = []
-        with self.database.transaction() as session:
-            # The sweep runs every few seconds: it also catches pool changes made by one-shot
-            # commands (reset, reserve), which do not watch the pool themselves.
-            ops.mark_pool_changed(session)
-            ops.heartbeat(session, self.node, now)
-            beats = ops.node_beats(session)
-            limit = keepalive_limits(session, self.settings)
-            rows = ops.node_registrations(session, self.node, known=self._contact_seen)
-            self._forget_unknown_contacts(rows)
-            for row in rows:
-                silent = mono - self._last_refresh(row, now, mono, limit(row.profile))
-                if silent > limit(row.profile):
-                    service_log.info(
-                        "missed keepalive logon=%s contact=%s last_seen=%s silent=%.0fs node=%s",
-                        row.logon,
-                        row.contact,
-                        iso(row.last_seen),
-                        silent,
-                        self.node,
-                    )
-                    self.forget(row.logon, row.contact)
-                    if self._log_off(session, row.logon, row.contact, now, "keepalive"):
-                        freed.append(row.logon)
+        try:
+            with self.database.transaction() as session:
+                # The sweep runs every few seconds: it also catches pool changes made by one-shot
+                # commands (reset, reserve), which do not watch the pool themselves.
+                ops.mark_pool_changed(session)
+                ops.heartbeat(session, self.node, now)
+                beats = ops.node_beats(session)
+                self._read_limits(session)
+                full = self._full_pass_at is None or self.monotonic() >= self._full_pass_at
+                if full:
+                    rows = ops.node_registrations(session, self.node)
+                    self._forget_unknown_contacts(rows)
+                    self._due, self._queued = [], set()
+                else:
+                    due = self._come_due(mono)
+                    rows = ops.registrations_of(session, self.node, due)
+                    # Logged off meanwhile (by this process, another one, or the CLI): forget them.
+                    for key in set(due).difference((row.logon, row.contact) for row in rows):
+                        self._contact_seen.pop(key, None)
+                for row in rows:
+                    silent = mono - self._judge(row, now, mono)
+                    if silent > self._limit(row.profile):
+                        service_log.info(
+                            "missed keepalive logon=%s contact=%s last_seen=%s silent=%.0fs node=%s",
+                            row.logon,
+                            row.contact,
+                            iso(row.last_seen),
+                            silent,
+                            self.node,
+                        )
+                        self.forget(row.logon, row.contact)
+                        if self._log_off(session, row.logon, row.contact, now, "keepalive"):
+                            freed.append(row.logon)
+        except BaseException:
+            # Deadlines taken off the queue for this sweep are lost with it: read everything next time.
+            self._full_pass_at = None
+            raise
+        if full:
+            self._full_pass_at = self.monotonic() + FULL_PASS_SECONDS
         freed += self._peers.expire(beats, now, mono)
         return freed
 
@@ -183,18 +249,63 @@ class KeepaliveClock:
                 session, self.node, now, self.settings.default_profile, self.settings.keepalive_grace
             )
 
-    def _last_refresh(self, row: ops.NodeContact, now: datetime, mono: float, limit: float) -> float:
+    def _read_limits(self, session: Session) -> None:
+        """The profiles' limits (one small read a sweep); a shortened one re-times every contact."""
+        keepalive: dict[str, int] = dict(
+            session.execute(select(ProfileRow.name, ProfileRow.keepalive_seconds)).all()
+        )
+        grace = self.settings.keepalive_grace
+        limits: dict[str | None, float] = {name: float(s + grace) for name, s in keepalive.items()}
+        limits[None] = float(keepalive.get(self.settings.default_profile, 120) + grace)
+        shortened = any(limits.get(name, 0.0) < old for name, old in self._limits.items())
+        self._limits = limits
+        self._shortest = min(limits.values())
+        if shortened:
+            self._due = [(self._refresh(key)[0] + self._limit_of(key[0]), *key) for key in self._contact_seen]
+            heapq.heapify(self._due)
+            self._queued = set(self._contact_seen)
+
+    def _come_due(self, mono: float) -> list[tuple[str, str]]:
+        """Take off the queue every contact whose deadline has come; requeue the refreshed ones."""
+        due: list[tuple[str, str]] = []
+        while self._due and self._due[0][0] < mono:
+            _, logon, contact = heapq.heappop(self._due)
+            key = (logon, contact)
+            if key not in self._contact_seen:
+                self._queued.discard(key)
+                continue
+            deadline = self._refresh(key)[0] + self._limit_of(logon)
+            if deadline < mono:
+                self._queued.discard(key)  # queued again by _judge unless it expires
+                due.append(key)
+            else:
+                heapq.heappush(self._due, (deadline, logon, contact))
+        return due
+
+    def _refresh(self, key: tuple[str, str]) -> tuple[float, datetime]:
+        """The contact's last refresh here: (monotonic time, the last_seen it stored)."""
+        seen = self._contact_seen[key]
+        keepalive = self._logon_seen.get(key[0])
+        return seen if keepalive is None or keepalive[0] < seen[0] else keepalive
+
+    def _judge(self, row: ops.NodeContact, now: datetime, mono: float) -> float:
+        """The contact's last refresh (monotonic), counting what the database shows of it."""
         key = (row.logon, row.contact)
-        seen = self._contact_seen.get(key)
-        if seen is None:
-            # Not refreshed since this process started: the stored wall time is all there is. Read
-            # it once, clamped (a clock that stepped back must not keep the contact for ever).
-            assert row.last_seen is not None  # read for every contact missing from _contact_seen
+        self._profile_of[row.logon] = row.profile
+        limit = self._limit(row.profile)
+        assert row.last_seen is not None  # both reads of the sweep give it
+        known = self._contact_seen.get(key)
+        if known is None or row.last_seen != self._refresh(key)[1]:
+            # Not refreshed here since this process started, or stored since by someone else: the
+            # stored wall time is all there is. Read it once, clamped (a clock that stepped back
+            # must not keep the contact for ever); it never moves a refresh seen here earlier.
             elapsed = (now - row.last_seen).total_seconds()
             seen = mono - min(max(elapsed, 0.0), limit + 1.0)
-            self._contact_seen[key] = seen
-        keepalive = self._logon_seen.get(row.logon)
-        return seen if keepalive is None else max(seen, keepalive)
+            self._contact_seen[key] = (seen if known is None else max(seen, known[0]), row.last_seen)
+        refreshed = self._refresh(key)[0]
+        if key not in self._queued and mono - refreshed <= limit:
+            self._queue(key, refreshed + limit)
+        return refreshed
 
     def _forget_unknown_contacts(self, rows: Sequence[ops.NodeContact]) -> None:
         contacts = {(row.logon, row.contact) for row in rows}
@@ -203,6 +314,8 @@ class KeepaliveClock:
             self._contact_seen.pop(key, None)
         for logon in [k for k in self._logon_seen if k not in logons]:
             self._logon_seen.pop(logon, None)
+        for logon in [k for k in self._profile_of if k not in logons]:
+            self._profile_of.pop(logon, None)
 
 
 class PeerNodes:

@@ -83,15 +83,16 @@ class Resync:
             for logon, contact in sorted(known & set(wanted)):
                 # The PBX still holds the contact, so the phone refreshed it while we were away.
                 ops.touch_registrations(session, self.node, logon, now, contact)
-                self.keepalive.contact_present(logon, contact, mono)
+                self.keepalive.contact_present(logon, contact, mono, now)
             for key in sorted(set(wanted) - known):
                 r = wanted[key]
                 ops.add_registration(session, self.node, r.logon, r.contact, r.source, r.user_agent, now)
-                self.keepalive.contact_present(*key, mono)
+                self.keepalive.contact_present(*key, mono, now)
                 report.logged_on.append(r.logon)
             report.calls_dropped = ops.replace_calls(session, self.node, [c.channel for c in calls])
             for call in calls:
                 ops.add_call(session, self.node, call.channel, call.logon, call.number, call.direction, now)
+        self.keepalive.resynced()
         service_log.info(
             "resync node=%s registrations=%d logged_on=%d logged_off=%d released=%d calls=%d",
             self.node,

@@ -177,6 +177,8 @@ class RegistrationRow(Base):
     __tablename__ = "registrations"
     __table_args__ = (
         UniqueConstraint("node", "logon", "contact", name="uq_registrations_node_logon_contact"),
+        # The keepalive sweep's reads and the overdue count select one node's contacts (migration 0005).
+        Index("ix_registrations_node", "node"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Collection, Container, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -898,6 +898,50 @@ def node_registrations(
         .where(mine)
     )
     return [NodeContact(logon, contact, seen, profile) for logon, contact, seen, profile in timed]
+
+
+# Log-ons per statement when the keepalive sweep confirms the contacts that came due: bounded
+# statements (bind parameters) even when a whole storm's first deadlines come at once.
+_CONFIRM_LOGONS = 500
+
+
+def registrations_of(session: Session, node: str, keys: Collection[tuple[str, str]]) -> list[NodeContact]:
+    """The contacts among ``keys`` (log-on, contact) that ``node`` still has, as stored now.
+
+    What the keepalive sweep confirms before it logs a contact off: only the contacts whose
+    deadline came (usually none), each with its ``last_seen`` and its log-on's profile, read by
+    log-on through the (node, logon, contact) index, a few hundred log-ons a statement.
+    """
+    if not keys:
+        return []
+    wanted = set(keys)
+    logons = sorted({logon for logon, _ in wanted})
+    registrations = cast(Table, RegistrationRow.__table__)
+    subscribers = cast(Table, SubscriberRow.__table__)
+    joined = registrations.outerjoin(subscribers, subscribers.c.logon == registrations.c.logon)
+    session.flush()  # Core statements below: the ORM's pending changes first, as its own reads do
+    connection = session.connection()
+    found: list[NodeContact] = []
+    for start in range(0, len(logons), _CONFIRM_LOGONS):
+        rows = connection.execute(
+            select(
+                registrations.c.logon,
+                registrations.c.contact,
+                registrations.c.last_seen,
+                subscribers.c.profile,
+            )
+            .select_from(joined)
+            .where(
+                registrations.c.node == node,
+                registrations.c.logon.in_(logons[start : start + _CONFIRM_LOGONS]),
+            )
+        )
+        found += [
+            NodeContact(logon, contact, seen, profile)
+            for logon, contact, seen, profile in rows
+            if (logon, contact) in wanted
+        ]
+    return found
 
 
 # --- calls ------------------------------------------------------------------------------------

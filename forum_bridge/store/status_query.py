@@ -41,7 +41,7 @@ __all__ = [
     "utcnow",
 ]
 
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 """The Alembic revision this code needs (``migrations/versions``); ``store.database`` checks it too."""
 
 SUMMARY_KIND = "logon_failed_summary"

@@ -133,3 +133,44 @@ def test_licence_pool_migration_counts_the_pool_as_it_is(database_url: str) -> N
         assert db.current_revision() == HEAD_REVISION
     finally:
         db.dispose()
+
+
+def test_registrations_index_migration_keeps_every_registration(database_url: str) -> None:
+    """0005 indexes registrations by node (the keepalive sweep); both ways keep every row."""
+    db = Database(database_url)
+    try:
+        db.upgrade("0004")
+        with db.engine.begin() as connection:
+            for node, logon in (("pbx1", "21-desk"), ("pbx1", "22-desk"), ("pbx2", "21-desk")):
+                connection.execute(
+                    text(
+                        "INSERT INTO registrations (node, logon, contact, source, user_agent, registered_at,"
+                        " last_seen) VALUES (:node, :logon, :contact, '', '', '2026-11-24 08:00:00',"
+                        " '2026-11-24 08:01:00')"
+                    ),
+                    {"node": node, "logon": logon, "contact": f"sip:{logon}"},
+                )
+        rows = "SELECT node, logon, contact FROM registrations ORDER BY node, logon"
+        expected = [
+            ("pbx1", "21-desk", "sip:21-desk"),
+            ("pbx1", "22-desk", "sip:22-desk"),
+            ("pbx2", "21-desk", "sip:21-desk"),
+        ]
+        db.upgrade("0005")
+        assert "ix_registrations_node" in _indexes(db, "registrations")
+        with db.engine.begin() as connection:
+            assert connection.execute(text(rows)).all() == expected
+        db.downgrade("0004")
+        assert "ix_registrations_node" not in _indexes(db, "registrations")
+        with db.engine.begin() as connection:
+            assert connection.execute(text(rows)).all() == expected
+        db.upgrade()
+        assert db.current_revision() == HEAD_REVISION
+    finally:
+        db.dispose()
+
+
+def _indexes(db: Database, table: str) -> set[str]:
+    from sqlalchemy import inspect
+
+    return {str(index["name"]) for index in inspect(db.engine).get_indexes(table)}

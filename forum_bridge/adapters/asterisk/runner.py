@@ -29,9 +29,9 @@ __all__ = ["KEEPALIVE_SWEEP_SECONDS", "Bridge", "run", "serve"]
 log = logging.getLogger(__name__)
 
 KEEPALIVE_SWEEP_SECONDS = 1.0
-# While a backlog of AMI frames waits (a registration storm), the sweep, which reads every contact
-# of this node, runs at most this often: it shares the one database thread with the backlog, and
-# what it judges is only as of the oldest frame still queued anyway.
+# While a backlog of AMI frames waits (a registration storm), the sweep runs at most this often: it
+# shares the one database thread with the backlog (and its periodic full pass reads every contact
+# of this node), and what it judges is only as of the oldest frame still queued anyway.
 BACKLOG_SWEEP_SECONDS = 3.0
 # session.info key: this transaction changed the licence pool; tell the licensed set once committed.
 _LICENCES_CHANGED = "forum_bridge.asterisk.licences_changed"
