@@ -129,7 +129,8 @@ def _send_deferred_writes(engine: Engine) -> None:
         write_behind.send(connection)
 
     @event.listens_for(engine, "reset")
-    def _on_reset(_dbapi_connection: Any, record: Any, *_args: Any) -> None:
+    def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
+        record = connection_record
         record.info.pop(write_behind.QUEUE, None)
 
     @event.listens_for(engine, "before_cursor_execute")
