@@ -144,6 +144,7 @@ def pgbench_floor(url: str, seconds: float) -> float | None:
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True)
     if not candidates:
         return None
+    url = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)  # libpq's form, for pgbench
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
         script.write(pgbench_script())
     try:
