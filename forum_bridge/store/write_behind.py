@@ -42,12 +42,25 @@ def psycopg_style(statement: TextClause) -> str:
     return sql
 
 
+# (statement, dialect) -> the statement, each parameter's bind processor (or None); made once,
+# since building a type's processor costs more than running it.
+_PROCESSORS: dict[tuple[int, str], tuple[TextClause, dict[str, Any]]] = {}
+
+
 def bound(connection: Connection, statement: TextClause, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` as ``statement``'s bound types store them (e.g. fitted to the column's length)."""
+    dialect = connection.dialect
+    key = (id(statement), dialect.name)
+    known = _PROCESSORS.get(key)
+    if known is None or known[0] is not statement:
+        processors = {
+            name: parameter.type.bind_processor(dialect) for name, parameter in statement._bindparams.items()
+        }
+        known = _PROCESSORS[key] = (statement, processors)
+    processors = known[1]
     result: dict[str, Any] = {}
     for name, value in values.items():
-        parameter = statement._bindparams.get(name)
-        process = parameter.type.bind_processor(connection.dialect) if parameter is not None else None
+        process = processors.get(name)
         result[name] = process(value) if process is not None else value
     return result
 
