@@ -16,8 +16,14 @@ beside it for comparison.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import _common
@@ -90,8 +96,96 @@ def replay(url: str) -> tuple[int, int]:
     return acquired, twice
 
 
-def one_run(url: str, seconds: float) -> tuple[float, int]:
-    """(operations per second over all processes, licences held twice) on a fresh database."""
+def pgbench_script() -> str:
+    """pgbench's script: one acquisition and one release of a client's own log-on, as the bridge
+    sends them (the same statement texts, taken from forum_bridge.store.operations)."""
+    from forum_bridge.store import operations as ops
+
+    values = {
+        "logon": "('u' || :n)",
+        "node": "('node' || :client_id)",
+        "channel": "''",
+        "at": "now()",
+        "number": "'600'",
+        "reason": "'outbound'",
+        "freed": "1",
+        "reserved": "0",
+        "kind": "'release'",
+        "actor": "''",
+        "detail": "'slot'",
+    }
+
+    def sql(statement: Any) -> str:
+        return re.sub(r"(?<!:):(\w+)", lambda m: values[m.group(1)], str(statement)) + ";"
+
+    return "\n".join(
+        [
+            f"\\set n :client_id * {LOGONS_PER_PROCESS} + random(0, {LOGONS_PER_PROCESS - 1})",
+            "BEGIN;",
+            sql(ops._LOCK),
+            sql(ops._FACTS),
+            sql(ops._TAKE_AND_CLAIM_AUDITED),
+            "COMMIT;",
+            "BEGIN;",
+            ops._SHARE_PG + ";",
+            sql(ops._FREE_PG),
+            sql(ops._AUDIT),
+            sql(ops._GIVE_WITH_USAGE),
+            "COMMIT;",
+            "",
+        ]
+    )
+
+
+def pgbench_floor(url: str, seconds: float) -> float | None:
+    """Operations per second of the same transactions sent by pgbench (4 clients, no Python), on
+    the database as a run leaves it; None without pgbench. Commits as the bridge's do
+    (``synchronous_commit = off``), so this is what the server and the disk allow."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True)
+    if not candidates:
+        return None
+    url = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)  # libpq's form, for pgbench
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(pgbench_script())
+    try:
+        environ = {
+            **os.environ,
+            "PGOPTIONS": "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
+        }
+        done = subprocess.run(
+            [
+                str(candidates[0]),
+                "-n",
+                "-M",
+                "extended",
+                "-c",
+                str(PROCESSES),
+                "-j",
+                str(PROCESSES),
+                "-T",
+                str(max(1, round(seconds))),
+                "-f",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 120,
+            env=environ,
+            check=False,
+        )
+    finally:
+        os.unlink(script.name)
+    found = re.search(r"tps = ([0-9.]+)", done.stdout)
+    failed = re.search(r"number of failed transactions: ([1-9][0-9]*)", done.stdout)
+    if done.returncode != 0 or found is None or failed:
+        raise SystemExit(f"pgbench failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+    return 2 * float(found.group(1))  # each of its transactions is one acquisition and one release
+
+
+def one_run(url: str, seconds: float, *, floor: bool = False) -> tuple[float, int, float | None]:
+    """(operations per second over all processes, licences held twice, pgbench's operations per
+    second on the same database afterwards if ``floor``) on a fresh database."""
     service = _common.provision(
         url, subscribers=PROCESSES * LOGONS_PER_PROCESS, licences=LICENCES, node="setup"
     )
@@ -118,7 +212,7 @@ def one_run(url: str, seconds: float) -> tuple[float, int]:
         raise SystemExit(f"a pool worker failed: exit codes {[p.exitcode for p in procs]}")
     total = sum(ops for _index, ops, _denied in answers)
     _acquired, twice = replay(url)
-    return total / seconds, twice
+    return total / seconds, twice, pgbench_floor(url, seconds) if floor else None
 
 
 def main() -> int:
@@ -128,20 +222,30 @@ def main() -> int:
     failed = False
     for name, url in _common.databases(args):
         rates: list[float] = []
+        floors: list[float] = []
         doubles = 0
+        postgres = name == "postgresql"
         for run in range(args.runs):
             with _common.database_for_run(url) as db_url:
-                rate, twice = one_run(db_url, seconds)
+                rate, twice, floor = one_run(db_url, seconds, floor=postgres)
             rates.append(rate)
             doubles += twice
-            _common.say(f"{name} run {run + 1}: {rate:.0f} operations/s, licences held twice: {twice}")
-        postgres = name == "postgresql"
+            if floor is not None:
+                floors.append(floor)
+            _common.say(
+                f"{name} run {run + 1}: {rate:.0f} operations/s, licences held twice: {twice}"
+                + (f"; pgbench, the same transactions: {floor:.0f} operations/s" if floor else "")
+            )
         _common.emit(
             f"pool_operations_per_s_4_processes_{name}",
             "operations/s",
             rates,
-            floor=None,
-            floor_note="no floor measured; each operation is one committed transaction",
+            floor=statistics.median(floors) if floors else None,
+            floor_note=(
+                "the same transactions from pgbench, 4 clients, same database, after each run"
+                if floors
+                else "no floor measured; each operation is one committed transaction"
+            ),
             target=">= 2000/s" if postgres else "- (PostgreSQL is the shared pool)",
             met=(lambda median: median >= 2000) if postgres else None,
         )

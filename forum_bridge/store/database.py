@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from forum_bridge.config import redact_url_secrets
 from forum_bridge.errors import ConfigError, SchemaError, StoreError
+from forum_bridge.store import write_behind
 from forum_bridge.store.status_query import HEAD_REVISION, Reader
 
 __all__ = ["HEAD_REVISION", "Database", "make_engine", "migrations_dir"]
@@ -107,7 +108,35 @@ def make_engine(url: str) -> Engine:
         },
     )
     _ping_idle_connections(engine)
+    _send_deferred_writes(engine)
     return engine
+
+
+def _send_deferred_writes(engine: Engine) -> None:
+    """Deferred writes (forum_bridge.store.write_behind) travel with the COMMIT, and never after a
+    later statement or savepoint; a rollback drops them."""
+
+    @event.listens_for(engine, "commit")
+    def _on_commit(connection: Any) -> None:
+        write_behind.commit(connection)
+
+    @event.listens_for(engine, "rollback")
+    def _on_rollback(connection: Any) -> None:
+        write_behind.drop(connection)
+
+    @event.listens_for(engine, "savepoint")
+    def _on_savepoint(connection: Any, _name: Any) -> None:
+        write_behind.send(connection)
+
+    @event.listens_for(engine, "reset")
+    def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
+        record = connection_record
+        record.info.pop(write_behind.QUEUE, None)
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _on_statement(connection: Any, *_args: Any) -> None:
+        if write_behind.pending(connection):
+            write_behind.send(connection)
 
 
 _PING_AFTER_IDLE = 1.0  # seconds a pooled connection may rest before it is checked on checkout

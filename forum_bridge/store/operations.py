@@ -22,19 +22,19 @@ writers.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Collection, Container, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, TextClause, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, CursorResult
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from forum_bridge.core.rules import Decision, LogonState, Reason
 from forum_bridge.errors import ConfigError, InvalidInputError, NotFoundError
+from forum_bridge.store import write_behind
 from forum_bridge.store.models import (
     AuditRow,
     Bounded,
@@ -96,8 +96,10 @@ def audit(
     actor: str = "",
     detail: str = "",
 ) -> None:
-    """Append one line to the audit log (written at once, without the ORM's unit of work)."""
-    session.connection().execute(
+    """Append one line to the audit log (without the ORM's unit of work; on PostgreSQL it travels
+    with the transaction's next round trip, see :mod:`forum_bridge.store.write_behind`)."""
+    write_behind.defer(
+        session.connection(),
         _AUDIT,
         {
             "at": at,
@@ -316,7 +318,9 @@ def flush_pool(session: Session) -> None:
     connection = session.connection()
     values = {"freed": freed, "reserved": reserved}
     if connection.dialect.name == "postgresql":
-        _pool_row(session, connection.execute(_GIVE_WITH_USAGE, {**values, "at": at}).one())
+        # With the transaction's deferred writes (a release's audit line) in one round trip.
+        given = _bound(connection, _GIVE_WITH_USAGE, {**values, "at": at})
+        _pool_row(session, _one_round_trip(connection, [(_GIVE_WITH_USAGE_PG, given)]))
         return
     counts = _pool_row(session, connection.execute(_GIVE, values).one())
     connection.execute(_USAGE, {"at": at, "used": counts.used, "total": counts.total})
@@ -447,10 +451,10 @@ def _claim_free(
     if connection.dialect.name == "postgresql":
         for _attempt in range(3):
             values = {"logon": logon, "at": at, "node": node}
-            if call is None:
-                row = connection.execute(_TAKE_AND_CLAIM, values).first()
-            else:
-                row = connection.execute(_TAKE_AND_CLAIM_AUDITED, {**values, **call}).first()
+            statement = _TAKE_AND_CLAIM if call is None else _TAKE_AND_CLAIM_AUDITED
+            values = _bound(connection, statement, values if call is None else {**values, **call})
+            # With the group's earlier deferred writes, if any, in one round trip.
+            row = _one_round_trip(connection, [(_psycopg_style(statement), values)])
             if row is None:
                 return None  # no room: the pool's row says so, and nothing was changed
             *pool, reserved, slot = row
@@ -512,7 +516,8 @@ def release(
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         if session.info.get(_POOL_HELD):
-            row = connection.execute(_FREE_PG, {"logon": logon}).first()
+            freeing = _bound(connection, _FREE_PG, {"logon": logon})
+            row = _one_round_trip(connection, [(_FREE_PG_SQL, freeing)])
         else:
             # The pool lock shared (as share_pool takes it), then the release, in one round trip.
             row = _one_round_trip(
@@ -1061,48 +1066,20 @@ _LOCK = text(
 )
 
 
-def _psycopg_style(statement: TextClause) -> str:
-    """``statement``'s SQL with psycopg's own parameter style, for its pipeline mode."""
-    return re.sub(r"(?<!:):(\w+)", r"%(\1)s", str(statement))
-
-
+_psycopg_style = write_behind.psycopg_style
+_bound = write_behind.bound
 _LOCK_PG = _psycopg_style(_LOCK)
 _FACTS_PG = _psycopg_style(_FACTS)
 
 
-def _bound(connection: Connection, statement: TextClause, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` as ``statement``'s bound types store them (e.g. fitted to the column's length)."""
-    bound: dict[str, Any] = {}
-    for name, value in values.items():
-        parameter = statement._bindparams.get(name)
-        process = parameter.type.bind_processor(connection.dialect) if parameter is not None else None
-        bound[name] = process(value) if process is not None else value
-    return bound
-
-
 def _one_round_trip(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> Any:
-    """PostgreSQL: run ``statements`` in order, sent together (with the BEGIN the driver opens the
-    transaction with) in psycopg's pipeline mode; the first row of the last one, or None.
+    """PostgreSQL: the deferred writes, then ``statements``, in one pipelined round trip (with the
+    BEGIN the driver opens the transaction with); the first row of the last one, or None.
 
-    The server still runs them one after the other, each with its own snapshot, so a statement
-    after a lock sees what was committed before the lock was granted. One round trip instead of
-    one per statement; each is two context switches on a host the server shares.
+    One round trip instead of one per statement; each is two context switches on a host the
+    server shares.
     """
-    dialect = connection.dialect
-    raw: Any = connection.connection.dbapi_connection
-    try:
-        cursors = [raw.cursor() for _statement in statements]
-        try:
-            with raw.pipeline():
-                for cursor, (sql, values) in zip(cursors, statements, strict=True):
-                    cursor.execute(sql, values)
-            return cursors[-1].fetchone()
-        finally:
-            for cursor in cursors:
-                cursor.close()
-    except dialect.loaded_dbapi.Error as exc:
-        # Mapped like any statement's error, so the transaction's caller sees a StoreError.
-        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+    return write_behind.pipeline(connection, write_behind.with_deferred(connection, statements))
 
 
 def _locked_facts(connection: Connection, logon: str, node: str, channel: str) -> Any:
@@ -1159,6 +1136,10 @@ def decision_facts(
     if connection.dialect.name == "postgresql" and not locked:
         row = _locked_facts(connection, logon, node, channel)
         session.info.setdefault(_POOL_HELD, "shared")
+    elif connection.dialect.name == "postgresql":
+        # A group's later decision: the earlier ones' deferred writes travel with this read.
+        values = _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
+        row = _one_round_trip(connection, [(_FACTS_PG, values)])
     else:
         row = connection.execute(_FACTS, {"logon": logon, "node": node, "channel": channel}).one()
     managed, failed, reserved, registered, held, allowed, reason = row
@@ -1182,8 +1163,12 @@ def record_call_decision(
     at: datetime,
     decision: Decision,
 ) -> None:
-    """Store the decision on a call leg under its channel (the leg row is made if it is new)."""
-    session.connection().execute(
+    """Store the decision on a call leg under its channel (the leg row is made if it is new).
+
+    On PostgreSQL the write travels with the transaction's next round trip, usually its COMMIT.
+    """
+    write_behind.defer(
+        session.connection(),
         _CALL,
         {
             "node": node,
@@ -1233,3 +1218,4 @@ def lock_node(session: Session, node: str) -> bool:
 # release()'s round trip on PostgreSQL (see _one_round_trip).
 _SHARE_PG = f"SELECT pg_advisory_xact_lock_shared({_POOL_LOCK_KEY})"
 _FREE_PG_SQL = _psycopg_style(_FREE_PG)
+_GIVE_WITH_USAGE_PG = _psycopg_style(_GIVE_WITH_USAGE)
