@@ -11,6 +11,7 @@ Nothing is mounted into the chroot: Asterisk 22 starts without ``/proc``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
@@ -80,6 +81,14 @@ class SandboxBuildError(SandboxError):
 
 _STABLE_LOW = 20000
 """Test ports are picked from here up to the kernel's ephemeral range (see :func:`_stable_port`)."""
+_TRANSIENT_LOW = 28000
+"""Ports held only while one SIPp run lasts (media, control) come from here up, the ports of
+phones, PBXs and bridges (which are picked first and bound later, often more than once) from below:
+a SIPp run started in between can then never take a phone's port."""
+_RECENT_PORTS = 2000
+# The ports handed out lately by this process: a port picked but not bound yet looks free, so
+# without this two phones made one after the other could be given the same one.
+_recent: collections.deque[int] = collections.deque(maxlen=_RECENT_PORTS)
 
 
 def _ephemeral_low() -> int:
@@ -91,23 +100,33 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
-def _stable_port(kind: socket.SocketKind) -> int:
+def _stable_port(kind: socket.SocketKind, *, transient: bool = False) -> int:
     """A port on 127.0.0.1 that is free now and that the kernel will not hand out by itself.
 
     Phones, PBXs and the bridge keep their port across runs and restarts (a phone registers
     with one SIPp run and answers with the next). A port from ``bind(0)`` lies in the ephemeral
     range, where any outgoing connection or other ``bind(0)`` may take it in between; a port
-    below that range is only ever taken by someone who asks for it by number.
+    below that range is only ever taken by someone who asks for it by number. ``transient``
+    ports (held by one SIPp run) come from a range of their own, and no port handed out lately
+    is handed out again.
     """
     high = _ephemeral_low()
-    if high - _STABLE_LOW < 1000:  # an unusual kernel set-up: fall back to bind(0)
+    low = _TRANSIENT_LOW if transient else _STABLE_LOW
+    if not transient:
+        high = min(high, _TRANSIENT_LOW)
+    if high - low < 1000:  # an unusual kernel set-up: fall back to bind(0)
         return _bound_port(kind, 0)
     for _ in range(200):
+        port = low + secrets.randbelow(high - low)
+        if port in _recent:
+            continue
         try:
-            return _bound_port(kind, _STABLE_LOW + secrets.randbelow(high - _STABLE_LOW))
+            _bound_port(kind, port)
         except OSError:
             continue
-    raise SandboxError(f"no free port on 127.0.0.1 from {_STABLE_LOW} to {high - 1}")
+        _recent.append(port)
+        return port
+    raise SandboxError(f"no free port on 127.0.0.1 from {low} to {high - 1}")
 
 
 def _bound_port(kind: socket.SocketKind, port: int) -> int:
@@ -125,6 +144,12 @@ def free_tcp_port() -> int:
 def free_udp_port() -> int:
     """Return a UDP port on 127.0.0.1 that is free now, outside the ephemeral range."""
     return _stable_port(socket.SOCK_DGRAM)
+
+
+def free_transient_udp_port() -> int:
+    """Return a UDP port on 127.0.0.1 for one SIPp run's media or control socket (see
+    :data:`_TRANSIENT_LOW`)."""
+    return _stable_port(socket.SOCK_DGRAM, transient=True)
 
 
 # --------------------------------------------------------------------------------------------

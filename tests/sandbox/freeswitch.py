@@ -240,9 +240,10 @@ class FreeSwitchSandbox(PbxProcess):
         self._sip_port = free_sip_port()
         self._esl_port = free_tcp_port()
         self._esl_password = secrets.token_hex(16)
-        # An even start below the kernel's ephemeral ports (where SIPp's media ports come from) and
-        # apart from the Asterisk sandbox's range, so a call's RTP port is almost never taken.
-        self._rtp_start = 16384 + 2 * secrets.randbelow(7000)
+        # An even start below every port the test helpers hand out (phones, PBXs and SIPp's media
+        # from 20000 up) and apart from the Asterisk sandbox's range: FreeSWITCH binds its RTP
+        # ports while calls are set up, and a phone's port picked earlier must still be free.
+        self._rtp_start = 10000 + 2 * secrets.randbelow(4900)
         self._start_timeout = start_timeout
         self._removed = False
 

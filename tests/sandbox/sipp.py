@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from tests.sandbox.asterisk import free_udp_port
+from tests.sandbox.asterisk import free_transient_udp_port, free_udp_port
 from tests.sandbox.process import die_with_parent_preexec
 
 __all__ = [
@@ -210,7 +210,7 @@ def _udp_port_bound(port: int) -> bool:
 def _free_media_port() -> int:
     """An even UDP port p on 127.0.0.1 with p and p+2 free (SIPp binds audio and video)."""
     for _ in range(50):
-        port = free_udp_port()
+        port = free_transient_udp_port()
         if port % 2 or port + 2 > 65535:
             continue
         with contextlib.ExitStack() as stack:
@@ -548,7 +548,7 @@ class SippPhone:
             "-mp", str(_free_media_port()),
             # SIPp's remote-control socket would otherwise listen on 0.0.0.0:8888.
             "-ci", _HOST,
-            "-cp", str(free_udp_port()),
+            "-cp", str(free_transient_udp_port()),
             "-m", "1",
             "-l", "1",
             "-nostdin",
