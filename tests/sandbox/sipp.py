@@ -71,6 +71,10 @@ class SipMessage:
         return self.status is None
 
 
+# A line of SIPp's error log: date, time and Unix time, then the message.
+_LOGGED_ERROR = re.compile(r"^\d{4}-\d\d-\d\d\s+[\d:.]+\s+[\d.]+:\s*(.+)$")
+
+
 class SippResult(int):
     """The final SIP status code of one SIPp run (``0``: no final answer), with the evidence.
 
@@ -124,11 +128,21 @@ class SippResult(int):
         """Whether the PBX cancelled an incoming call before it was answered."""
         return any(m.direction == "received" and m.method == "CANCEL" and m.is_request for m in self.messages)
 
+    @property
+    def first_error(self) -> str:
+        """SIPp's first logged error without its time stamps ("" if none), e.g. a failed bind."""
+        for line in self.error_tail.splitlines():
+            found = _LOGGED_ERROR.match(line)
+            if found:
+                return found.group(1)
+        return ""
+
     def __repr__(self) -> str:
-        text = (
-            f"SippResult(status={int(self)}, scenario={self.scenario!r}, "
-            f"exit_code={self.exit_code}, elapsed={self.elapsed:.3f}s"
-        )
+        # The first error comes first: pytest shortens a long repr in the middle.
+        text = f"SippResult(status={int(self)}, exit_code={self.exit_code}, elapsed={self.elapsed:.3f}s"
+        if self.first_error:
+            text += f", first_error={self.first_error!r}"
+        text += f", scenario={self.scenario!r}"
         if self.error_tail:
             text += f", errors=\n{self.error_tail}\n"
         return text + ")"
