@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ from forum_bridge.adapters.asterisk import ami as ami_module
 from forum_bridge.adapters.asterisk.ami import EVENT_CLASSES, AmiListener
 from forum_bridge.config import Settings
 from forum_bridge.core.events import Direction
+from forum_bridge.core.rules import Decision, Reason
+from forum_bridge.decision_gate import DecisionTicket
 from forum_bridge.errors import PbxConnectionError, StoreError
 from forum_bridge.service import BridgeService
 from tests.asterisk.aio import run
@@ -186,6 +189,23 @@ def test_database_errors_follow_the_fail_mode_but_emergency_calls_run(
     assert [h["Channel"] for h in fake.hangups] == [normal["Channel"]]
     # Not decided (the database failed): 503 like the dialplan's fail mode, not 403.
     assert [h["Cause"] for h in fake.hangups] == ["34"]
+
+
+def test_a_leg_the_hook_gave_up_on_is_hung_up_as_undecided_not_denied(ami: AmiRig) -> None:
+    # The hook answered the fail mode (closed) before the leg's Newchannel was applied: that
+    # answer stands for the leg, and its hang-up must be the fail mode's 503, not a denial's 403.
+    service = ami.setup("21-desk", registered=True)
+    fake, call = ami.fake, new_channel("21-desk", "600")
+    ticket = DecisionTicket(time.monotonic() + 5, call["Channel"])
+    assert service.give_up(ticket, Decision(False, Reason.BRIDGE_ERROR))
+
+    async def scenario(listener: AmiListener) -> None:
+        await ami.send(call)
+        await fake.wait_until(lambda: len(fake.hangups) >= 1)
+
+    ami.listen(scenario)
+    assert [(h["Channel"], h["Cause"]) for h in fake.hangups] == [(call["Channel"], "34")]
+    assert ami.holders() == []
 
 
 def test_reconnect_is_logged_once_when_asterisk_goes_and_once_when_it_is_back(

@@ -1113,8 +1113,10 @@ class AmiListener:
                 self._unknown_logons.setdefault(event.logon, frame.arrived)
                 self._schedule_unknown_resync()
             if outcome.hangup and isinstance(event, CallStarted) and not self._spare_emergency_call(event):
-                # No decision means the database failed: 503 like the dialplan's fail mode, not 403.
-                cause = HANGUP_CAUSE_REJECTED if outcome.decision is not None else HANGUP_CAUSE_UNAVAILABLE
+                # No decision, or the fail-mode answer the hook gave up with (bridge_error): the
+                # database failed, so 503 like the dialplan's fail mode, not a denial's 403.
+                undecided = outcome.decision is None or outcome.decision.undecided
+                cause = HANGUP_CAUSE_UNAVAILABLE if undecided else HANGUP_CAUSE_REJECTED
                 self._spawn(self.hangup(event.channel, cause))
 
     def _apply_frames(self, frames: list[_Frame]) -> list[tuple[Event, Outcome] | None]:
