@@ -138,6 +138,7 @@ class BridgeService:
         self.node = settings.node_name
         self._listeners: list[Callable[[CallRecord], None]] = []
         self._failure_listeners: list[Callable[[], None]] = []
+        self._failed_decisions = 0
         # Off for one-shot commands: their log goes nowhere, so a crossing they made is left for a
         # running bridge to find (its keepalive sweep looks at the pool every second).
         self._pool_watch = (
@@ -186,7 +187,13 @@ class BridgeService:
         """Call ``listener`` whenever a call could not be decided because the database failed."""
         self._failure_listeners.append(listener)
 
+    @property
+    def failed_decisions(self) -> int:
+        """How many call decisions found the database failing so far (emergency calls included)."""
+        return self._failed_decisions
+
     def _decision_failed(self) -> None:
+        self._failed_decisions += 1
         for listener in self._failure_listeners:
             try:
                 listener()

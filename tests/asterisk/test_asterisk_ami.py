@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -206,6 +207,36 @@ def test_a_leg_the_hook_gave_up_on_is_hung_up_as_undecided_not_denied(ami: AmiRi
     ami.listen(scenario)
     assert [(h["Channel"], h["Cause"]) for h in fake.hangups] == [(call["Channel"], "34")]
     assert ami.holders() == []
+
+
+def test_an_emergency_call_let_through_without_the_database_does_not_count_as_it_being_back(
+    ami: AmiRig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=AMI_LOGGER)
+    service = ami.setup("21-desk", registered=True)
+    database = service.database
+
+    @contextlib.contextmanager
+    def broken(*_args: Any, **_kwargs: Any) -> Iterator[Any]:
+        raise StoreError("database error: connection refused")
+        yield
+
+    async def scenario(listener: AmiListener) -> None:
+        with monkeypatch.context() as patched:
+            patched.setattr(database, "begin", broken)
+            patched.setattr(database, "transaction", broken)
+            await ami.send(contact_status("21-desk", "Reachable"))
+            await ami.wait(lambda: listener._db_failing)
+            # Let through (emergency calls come first), but the database is still down.
+            await ami.send(new_channel("21-desk", "112"))
+            assert listener._db_failing
+        await ami.send(contact_status("21-desk", "Reachable"))
+        await ami.wait(lambda: not listener._db_failing)
+
+    ami.listen(scenario)
+    assert ami.fake.hangups == []
+    back = [r for r in caplog.records if r.getMessage() == "database is back"]
+    assert len(back) == 1
 
 
 def test_reconnect_is_logged_once_when_asterisk_goes_and_once_when_it_is_back(

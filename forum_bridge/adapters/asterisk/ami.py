@@ -1180,6 +1180,7 @@ class AmiListener:
             and decisions.take_rung(event.logon)
         ):
             enforce = False  # the hook let this log-on ring just now; only record the leg
+        failed_before = self._service.failed_decisions
         try:
             outcome = self._service.apply(event, enforce=enforce)
         except StoreError as exc:
@@ -1189,7 +1190,10 @@ class AmiListener:
             return event, Outcome()
         if enforce and decisions is not None and isinstance(event, CallStarted) and outcome.decision:
             decisions.record_call(event.channel, outcome.decision)
-        self._database_ok()
+        if self._service.failed_decisions == failed_before:
+            # An emergency call is let through when the database fails: that says nothing of
+            # the database being back, and a resync now would only fail again.
+            self._database_ok()
         return event, outcome
 
     def _spare_emergency_call(self, event: CallStarted) -> bool:
