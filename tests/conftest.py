@@ -202,3 +202,12 @@ def make_service(clock: FakeClock) -> Iterator[Callable[[Settings], BridgeServic
     yield build
     for database in made:
         database.dispose()
+
+
+@pytest.fixture
+def databases() -> Iterator[list[Database]]:
+    """A list the test appends the databases it opens to; each is disposed of afterwards."""
+    made: list[Database] = []
+    yield made
+    for database in made:
+        database.dispose()

@@ -8,67 +8,24 @@ fight over expiring them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 
-from forum_bridge.config import Settings
-from forum_bridge.core import Keepalive, LoggedOn, Reason
+from forum_bridge.core import Keepalive, Reason
 from forum_bridge.service import BridgeService
 from forum_bridge.store.database import Database
+from tests.bridge_nodes import FakeMonotonic, bridge_node, licensed, log_on_licensed
 from tests.conftest import FakeClock, SettingsFactory
-
-
-class FakeMonotonic:
-    """A monotonic clock the test moves by hand (only forwards)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.now += seconds
-
-
-@pytest.fixture
-def databases() -> Iterator[list[Database]]:
-    made: list[Database] = []
-    yield made
-    for database in made:
-        database.dispose()
-
-
-def node(
-    settings: Settings, databases: list[Database], clock: FakeClock, mono: FakeMonotonic
-) -> BridgeService:
-    database = Database(settings.database_url)
-    databases.append(database)
-    database.upgrade()
-    service = BridgeService(settings, database, clock=clock, monotonic=mono)
-    service.start()
-    return service
-
-
-def licensed(service: BridgeService) -> list[str]:
-    return [a["logon"] for a in service.status()["assignments"]]
-
-
-def logged_on(service: BridgeService, clock: FakeClock, name: str) -> None:
-    service.apply(LoggedOn(name, at=clock(), contact=f"sip:{name}@127.0.0.1:5060"))
-    assert service.authorize(name, "600").reason is Reason.LICENCE_ACQUIRED
 
 
 def test_a_wall_clock_step_forward_frees_no_licence_and_a_step_back_keeps_none(
     make_settings: SettingsFactory, databases: list[Database], clock: FakeClock, database_url: str
 ) -> None:
     mono = FakeMonotonic()
-    svc = node(make_settings(**{"database.url": database_url}), databases, clock, mono)
+    svc = bridge_node(make_settings(**{"database.url": database_url}), databases, clock, mono)
     svc.add_subscriber("21-desk", "21")
-    logged_on(svc, clock, "21-desk")
+    log_on_licensed(svc, clock, "21-desk")
 
     clock.advance(3600)  # the host's clock jumps an hour ahead; only a second really passed
     mono.advance(1)
@@ -87,9 +44,9 @@ def test_a_keepalive_after_a_step_back_still_counts(
     make_settings: SettingsFactory, databases: list[Database], clock: FakeClock, database_url: str
 ) -> None:
     mono = FakeMonotonic()
-    svc = node(make_settings(**{"database.url": database_url}), databases, clock, mono)
+    svc = bridge_node(make_settings(**{"database.url": database_url}), databases, clock, mono)
     svc.add_subscriber("21-desk", "21")
-    logged_on(svc, clock, "21-desk")
+    log_on_licensed(svc, clock, "21-desk")
     mono.advance(100)
     clock.now -= timedelta(hours=2)
     svc.apply(Keepalive("21-desk", at=clock()))  # stamped two hours "before" the log-on
@@ -102,12 +59,12 @@ def test_a_restarted_bridge_counts_from_the_stored_time_once(
     make_settings: SettingsFactory, databases: list[Database], clock: FakeClock, database_url: str
 ) -> None:
     settings = make_settings(**{"database.url": database_url})
-    first = node(settings, databases, clock, FakeMonotonic())
+    first = bridge_node(settings, databases, clock, FakeMonotonic())
     first.add_subscriber("21-desk", "21")
-    logged_on(first, clock, "21-desk")
+    log_on_licensed(first, clock, "21-desk")
     clock.advance(100)
     mono = FakeMonotonic()  # a new process: a new monotonic clock, nothing in memory
-    second = node(settings, databases, clock, mono)
+    second = bridge_node(settings, databases, clock, mono)
     assert second.expire_keepalives() == []
     clock.advance(3600)  # a later step of the wall clock is ignored from now on
     mono.advance(29)
@@ -121,15 +78,15 @@ def test_a_node_that_goes_away_loses_its_licences_to_the_live_nodes_sweep(
     make_settings: SettingsFactory, databases: list[Database], clock: FakeClock, postgres_url: str
 ) -> None:
     pbx1_clock, pbx2_clock = FakeMonotonic(), FakeMonotonic()
-    pbx1 = node(
+    pbx1 = bridge_node(
         make_settings(**{"database.url": postgres_url, "node.name": "pbx1"}), databases, clock, pbx1_clock
     )
-    pbx2 = node(
+    pbx2 = bridge_node(
         make_settings(**{"database.url": postgres_url, "node.name": "pbx2"}), databases, clock, pbx2_clock
     )
     for name in ("21-desk", "22-desk"):
         pbx1.add_subscriber(name, name[:2])
-        logged_on(pbx1, clock, name)
+        log_on_licensed(pbx1, clock, name)
     assert pbx1.expire_keepalives() == [] and pbx2.expire_keepalives() == []
 
     # pbx1 stays alive and its phones keep refreshing: pbx2 leaves them alone, hour after hour.
@@ -142,13 +99,13 @@ def test_a_node_that_goes_away_loses_its_licences_to_the_live_nodes_sweep(
         assert pbx1.expire_keepalives() == []
         if step % 6 == 0:
             assert pbx2.expire_keepalives() == []
-    assert sorted(licensed(pbx2)) == ["21-desk", "22-desk"]
+    assert licensed(pbx2) == ["21-desk", "22-desk"]
 
     # pbx1 stops (no more heartbeats, no more refreshes). Its own wall times mean nothing to pbx2.
     pbx2.expire_keepalives()
     pbx2_clock.advance(61)  # past node.dead_after (60 s), but not past the keepalive (130 s)
     assert pbx2.expire_keepalives() == []
-    assert sorted(licensed(pbx2)) == ["21-desk", "22-desk"]
+    assert licensed(pbx2) == ["21-desk", "22-desk"]
     pbx2_clock.advance(70)
     assert sorted(pbx2.expire_keepalives()) == ["21-desk", "22-desk"]
     assert licensed(pbx2) == []
@@ -165,19 +122,21 @@ def test_a_node_that_goes_away_loses_its_licences_to_the_live_nodes_sweep(
 def test_two_live_nodes_expire_a_gone_node_once_without_fighting(
     make_settings: SettingsFactory, databases: list[Database], clock: FakeClock, postgres_url: str
 ) -> None:
-    pbx1 = node(
+    pbx1 = bridge_node(
         make_settings(**{"database.url": postgres_url, "node.name": "pbx1"}),
         databases,
         clock,
         FakeMonotonic(),
     )
     watchers = [
-        node(make_settings(**{"database.url": postgres_url, "node.name": f"pbx{i}"}), databases, clock, mono)
+        bridge_node(
+            make_settings(**{"database.url": postgres_url, "node.name": f"pbx{i}"}), databases, clock, mono
+        )
         for i, mono in ((2, FakeMonotonic()), (3, FakeMonotonic()))
     ]
     for name in ("21-desk", "22-desk"):
         pbx1.add_subscriber(name, name[:2])
-        logged_on(pbx1, clock, name)
+        log_on_licensed(pbx1, clock, name)
     pbx1.expire_keepalives()
     for watcher in watchers:
         watcher.expire_keepalives()
@@ -214,14 +173,14 @@ def test_a_node_that_comes_back_keeps_what_it_refreshes(
     make_settings: SettingsFactory, databases: list[Database], clock: FakeClock, database_url: str
 ) -> None:
     pbx1_clock, pbx2_clock = FakeMonotonic(), FakeMonotonic()
-    pbx1 = node(
+    pbx1 = bridge_node(
         make_settings(**{"database.url": database_url, "node.name": "pbx1"}), databases, clock, pbx1_clock
     )
-    pbx2 = node(
+    pbx2 = bridge_node(
         make_settings(**{"database.url": database_url, "node.name": "pbx2"}), databases, clock, pbx2_clock
     )
     pbx1.add_subscriber("21-desk", "21")
-    logged_on(pbx1, clock, "21-desk")
+    log_on_licensed(pbx1, clock, "21-desk")
     pbx1.expire_keepalives()
     pbx2.expire_keepalives()
     pbx2_clock.advance(59)

@@ -8,30 +8,21 @@ them all, for what this process never saw.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from forum_bridge import keepalive
 from forum_bridge.config import Settings
-from forum_bridge.core import Keepalive, LoggedOn, Reason
+from forum_bridge.core import Keepalive, LoggedOn
 from forum_bridge.service import BridgeService
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
+from tests.bridge_nodes import FakeMonotonic, bridge_node, licensed, log_on_licensed
 from tests.conftest import FakeClock, SettingsFactory
-from tests.test_keepalive_clocks import FakeMonotonic
 
 LIMIT = 120 + 10  # the default profile's keepalive plus the grace
 SWEEP = 10.0  # seconds between the sweeps these tests run
-
-
-@pytest.fixture
-def databases() -> Iterator[list[Database]]:
-    made: list[Database] = []
-    yield made
-    for database in made:
-        database.dispose()
 
 
 @pytest.fixture
@@ -46,27 +37,6 @@ def full_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(keepalive.ops, "node_registrations", counted)
     return reads
-
-
-def process(
-    settings: Settings, databases: list[Database], clock: FakeClock, mono: FakeMonotonic
-) -> BridgeService:
-    """One bridge process on the shared database (its own monotonic clock, nothing in memory)."""
-    database = Database(settings.database_url)
-    databases.append(database)
-    database.upgrade()
-    service = BridgeService(settings, database, clock=clock, monotonic=mono)
-    service.start()
-    return service
-
-
-def log_on(service: BridgeService, clock: FakeClock, name: str) -> None:
-    service.apply(LoggedOn(name, at=clock(), contact=f"sip:{name}@127.0.0.1:5060"))
-    assert service.authorize(name, "600").reason is Reason.LICENCE_ACQUIRED
-
-
-def licensed(service: BridgeService) -> list[str]:
-    return sorted(a["logon"] for a in service.status()["assignments"])
 
 
 def sweep_until(
@@ -96,10 +66,10 @@ def test_the_queue_frees_the_silent_at_their_deadline_and_keeps_the_refreshed(
     full_reads: list[str],
 ) -> None:
     mono = FakeMonotonic()
-    svc = process(settings_for(make_settings, database_url), databases, clock, mono)
+    svc = bridge_node(settings_for(make_settings, database_url), databases, clock, mono)
     for name in ("21-desk", "22-desk", "23-desk", "24-desk"):
         svc.add_subscriber(name, name[:2])
-        log_on(svc, clock, name)
+        log_on_licensed(svc, clock, name)
     assert svc.expire_keepalives() == []
     assert full_reads == ["pbx1"]  # the first sweep of a process reads what is there
 
@@ -141,10 +111,10 @@ def test_sweeps_between_full_passes_read_no_contact_while_nothing_is_due(
 
     monkeypatch.setattr(keepalive.ops, "registrations_of", counted)
     mono = FakeMonotonic()
-    svc = process(settings_for(make_settings, database_url), databases, clock, mono)
+    svc = bridge_node(settings_for(make_settings, database_url), databases, clock, mono)
     for name in ("21-desk", "22-desk"):
         svc.add_subscriber(name, name[:2])
-        log_on(svc, clock, name)
+        log_on_licensed(svc, clock, name)
     svc.expire_keepalives()
     for _ in range(int(keepalive.FULL_PASS_SECONDS) - 1):
         clock.advance(1)
@@ -159,10 +129,10 @@ def test_a_contact_refreshed_by_another_process_of_the_node_is_not_expired(
 ) -> None:
     settings = settings_for(make_settings, database_url)
     mono, other_mono = FakeMonotonic(), FakeMonotonic()
-    svc = process(settings, databases, clock, mono)
-    other = process(settings, databases, clock, other_mono)  # e.g. a second bridge of the same PBX
+    svc = bridge_node(settings, databases, clock, mono)
+    other = bridge_node(settings, databases, clock, other_mono)  # e.g. a second bridge of the same PBX
     svc.add_subscriber("21-desk", "21")
-    log_on(svc, clock, "21-desk")
+    log_on_licensed(svc, clock, "21-desk")
     svc.expire_keepalives()
     elapsed, freed = sweep_until(svc, clock, [mono, other_mono], 100, 0.0)
     assert other.apply(Keepalive("21-desk", at=clock())).unknown_registration is False
@@ -180,11 +150,11 @@ def test_the_slow_full_pass_catches_a_registration_this_process_never_saw(
 ) -> None:
     settings = settings_for(make_settings, database_url)
     mono, other_mono = FakeMonotonic(), FakeMonotonic()
-    svc = process(settings, databases, clock, mono)
+    svc = bridge_node(settings, databases, clock, mono)
     svc.expire_keepalives()  # its first full read: nothing there yet
-    other = process(settings, databases, clock, other_mono)
+    other = bridge_node(settings, databases, clock, other_mono)
     svc.add_subscriber("21-desk", "21")
-    log_on(other, clock, "21-desk")  # applied by another process of the node, which then stops
+    log_on_licensed(other, clock, "21-desk")  # applied by another process of the node, which then stops
     _, freed = sweep_until(svc, clock, [mono], LIMIT + keepalive.FULL_PASS_SECONDS + SWEEP, 0.0)
     assert [logon for _, logon in freed] == ["21-desk"]
     assert freed[0][0] > LIMIT  # never before its keepalive ran out
@@ -195,9 +165,9 @@ def test_a_shortened_profile_moves_every_deadline_at_the_next_sweep(
     make_settings: SettingsFactory, databases: list[Database], clock: FakeClock, database_url: str
 ) -> None:
     mono = FakeMonotonic()
-    svc = process(settings_for(make_settings, database_url), databases, clock, mono)
+    svc = bridge_node(settings_for(make_settings, database_url), databases, clock, mono)
     svc.add_subscriber("21-desk", "21")
-    log_on(svc, clock, "21-desk")
+    log_on_licensed(svc, clock, "21-desk")
     svc.expire_keepalives()
     _, freed = sweep_until(svc, clock, [mono], 40, 0.0)
     assert freed == []
