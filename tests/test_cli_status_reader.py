@@ -11,16 +11,15 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from forum_bridge.config import Settings
-from forum_bridge.core import LoggedOn, LogonFailed
 from forum_bridge.service import BridgeService
 from tests.conftest import SettingsFactory
+from tests.status_population import populated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,27 +53,6 @@ def run_cli(*args: str, licences: int = 3) -> dict[str, Any]:
 def comparable(doc: dict[str, Any]) -> dict[str, Any]:
     """The document without what depends on the reader's clock."""
     return {k: v for k, v in doc.items() if k not in ("generated_at", "usage_history")}
-
-
-def populated(
-    make_settings: SettingsFactory, make_service: Callable[[Settings], BridgeService], url: str
-) -> BridgeService:
-    service = make_service(make_settings(database__url=url, licences__count=3))
-    service.import_subscribers("21-desk,21\n22-soft,22\n23_x%,23\nlift,90,,yes\n")
-    now = service.clock()
-    service.apply_batch(
-        [
-            LoggedOn("21-desk", now, contact="sip:21-desk@192.0.2.21:5060", user_agent="SIPp"),
-            LoggedOn("21-desk", now + timedelta(seconds=1), contact="sip:21-desk@192.0.2.99:5060"),
-            LoggedOn("lift", now, contact="sip:lift@192.0.2.90:5060"),
-            LoggedOn("trunk", now, contact="sip:trunk@198.51.100.1"),
-            LogonFailed("22-soft", now, source="192.0.2.22:5060"),
-            LogonFailed("scanner", now, source="203.0.113.9:5060", reason="unknown_user"),
-        ]
-    )
-    assert service.authorize("21-desk", "600").takes_licence
-    assert service.authorize("lift", "90").takes_licence
-    return service
 
 
 @pytest.mark.parametrize(

@@ -25,12 +25,12 @@ import sqlalchemy
 
 from forum_bridge.cli import _readable_json, status_text
 from forum_bridge.config import Settings, redact_url_secrets
-from forum_bridge.core import LoggedOn, LogonFailed
 from forum_bridge.errors import StoreError
 from forum_bridge.service import BridgeService
 from forum_bridge.store.models import RegistrationRow, SubscriberRow
 from forum_bridge.store.status_query import Reader, open_reader, status_document, subscriber_items
 from forum_bridge.web.app import make_app
+from tests import status_population
 from tests.conftest import SettingsFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,21 +101,9 @@ def hostile_rows(service: BridgeService) -> None:
 def populated(
     make_settings: SettingsFactory, make_service: Callable[[Settings], BridgeService], url: str
 ) -> BridgeService:
-    """Plain subscribers, hostile ones, licences held, failures and an unmanaged endpoint."""
-    service = make_service(make_settings(database__url=url, licences__count=4))
-    service.import_subscribers("21-desk,21\n22-soft,22\nlift,90,,yes\n")
-    now = service.clock()
-    service.apply_batch(
-        [
-            LoggedOn("21-desk", now, contact="sip:21-desk@192.0.2.21:5060", user_agent="SIPp"),
-            LoggedOn("21-desk", now + timedelta(seconds=1), contact="sip:21-desk@192.0.2.99:5060"),
-            LoggedOn("lift", now, contact="sip:lift@192.0.2.90:5060"),
-            LogonFailed("22-soft", now, source="192.0.2.22:5060"),
-        ]
-    )
+    """Subscribers in every state, licences held, an unmanaged endpoint, and the hostile rows."""
+    service = status_population.populated(make_settings, make_service, url, licences=4)
     hostile_rows(service)
-    assert service.authorize("21-desk", "600").takes_licence
-    assert service.authorize("lift", "90").takes_licence
     return service
 
 
@@ -166,7 +154,7 @@ def test_the_database_writes_the_subscribers_as_python_did(
         after = status_text(reader, "pbx1", NOW)
     assert after == before  # byte for byte: fields, order, values, escapes, layout
     doc = json.loads(after)
-    assert len(doc["subscribers"]) == 3 + len(HOSTILE)
+    assert len(doc["subscribers"]) == 4 + len(HOSTILE)
     assert [s["logon"] for s in doc["subscribers"]] == [s["logon"] for s in service.status()["subscribers"]]
     by_logon = {s["logon"]: s for s in doc["subscribers"]}
     quoted = by_logon['h00q"uote']
