@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, CursorResult
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from forum_bridge.core.rules import Decision, LogonState, Reason
@@ -1070,6 +1070,30 @@ _psycopg_style = write_behind.psycopg_style
 _bound = write_behind.bound
 _LOCK_PG = _psycopg_style(_LOCK)
 _FACTS_PG = _psycopg_style(_FACTS)
+# sqlite3 takes SQLAlchemy's ``:name`` parameters itself: the same texts, run on the driver.
+_FACTS_SQLITE = str(_FACTS)
+_CALL_SQLITE = str(_CALL)
+
+
+def _on_driver(connection: Connection, sql: str, values: dict[str, Any], *, fetch: bool) -> Any:
+    """SQLite: run one call-decision statement on the session's driver connection, inside its
+    transaction (the ``BEGIN IMMEDIATE`` was sent when the session took the connection); its first
+    row when ``fetch``.
+
+    SQLAlchemy's execution layer (compiled-statement cache, execution context, result wrapper)
+    cost more than SQLite's own work for these one-row statements, which the hook waits for.
+    ``values`` come bound by the statement's column types (:func:`_bound`), so they are fitted
+    exactly as SQLAlchemy stores them; a driver error is mapped like any statement's.
+    """
+    dialect = connection.dialect
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, values)
+        return cursor.fetchone() if fetch else None
+    except dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
 
 
 def _one_round_trip(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> Any:
@@ -1141,7 +1165,8 @@ def decision_facts(
         values = _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
         row = _one_round_trip(connection, [(_FACTS_PG, values)])
     else:
-        row = connection.execute(_FACTS, {"logon": logon, "node": node, "channel": channel}).one()
+        values = _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
+        row = _on_driver(connection, _FACTS_SQLITE, values, fetch=True)
     managed, failed, reserved, registered, held, allowed, reason = row
     state = LogonState(
         managed=bool(managed),
@@ -1165,22 +1190,24 @@ def record_call_decision(
 ) -> None:
     """Store the decision on a call leg under its channel (the leg row is made if it is new).
 
-    On PostgreSQL the write travels with the transaction's next round trip, usually its COMMIT.
+    On PostgreSQL the write travels with the transaction's next round trip, usually its COMMIT;
+    on SQLite it runs at once on the driver connection.
     """
-    write_behind.defer(
-        session.connection(),
-        _CALL,
-        {
-            "node": node,
-            "channel": channel,
-            "logon": logon,
-            "number": number,
-            "direction": direction,
-            "at": at,
-            "allowed": decision.allowed,
-            "reason": decision.reason.value,
-        },
-    )
+    connection = session.connection()
+    values = {
+        "node": node,
+        "channel": channel,
+        "logon": logon,
+        "number": number,
+        "direction": direction,
+        "at": at,
+        "allowed": decision.allowed,
+        "reason": decision.reason.value,
+    }
+    if connection.dialect.name == "postgresql":
+        write_behind.defer(connection, _CALL, values)
+    else:
+        _on_driver(connection, _CALL_SQLITE, _bound(connection, _CALL, values), fetch=False)
 
 
 # --- nodes ------------------------------------------------------------------------------------
