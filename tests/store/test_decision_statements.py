@@ -170,3 +170,24 @@ def test_a_driver_error_is_a_store_error_and_commits_nothing(database_url: str) 
             assert connection.execute(text("SELECT count(*) FROM calls")).scalar() == 0
     finally:
         database.dispose()
+
+
+def test_a_begin_refused_by_a_locked_sqlite_database_is_a_store_error(sqlite_url: str) -> None:
+    """SQLite's BEGIN runs on the driver: the lock held by another process still ends as StoreError."""
+    import sqlite3
+
+    database = Database(sqlite_url)
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        database.upgrade()
+        with database.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA busy_timeout=50")  # the pooled connection gives up soon
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked"), database.begin() as session:
+            ops.decision_facts(session, "n", "a", "PJSIP/a-1")
+        holder.execute("ROLLBACK")
+        with database.begin() as session:  # the same pooled connection works again
+            assert not ops.decision_facts(session, "n", "a", "PJSIP/a-1").state.managed
+    finally:
+        holder.close()
+        database.dispose()
