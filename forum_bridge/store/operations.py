@@ -1147,6 +1147,72 @@ def lock_logons(session: Session, logons: Sequence[str]) -> None:
         session.info.setdefault(_POOL_HELD, "shared")
 
 
+_LOCK_MANY_PG = _psycopg_style(_LOCK_MANY)
+
+
+def group_facts(session: Session, node: str, asked: Sequence[tuple[str, str]]) -> list[DecisionFacts | None]:
+    """Lock the log-ons of a group of decisions and read each one's facts: one round trip on
+    PostgreSQL (the deferred writes, the locks as :func:`lock_logons` takes them, every read).
+
+    ``asked``: (log-on, channel) per decision, in the group's order. The answer for a decision
+    whose log-on or channel (as stored) came earlier in the group is None: the earlier decision's
+    writes may change it, so the caller reads it with :func:`decision_facts` (``locked=True``)
+    when its turn comes. Every other read holds while the group writes only its own log-ons'
+    legs; a decision that takes a licence may take it over from another log-on (a reservation),
+    so after one the caller reads the rest again too.
+    """
+    connection = session.connection()
+    values = [
+        _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
+        for logon, channel in asked
+    ]
+    seen: set[tuple[str, str]] = set()
+    first: list[bool] = []
+    for bound in values:
+        keys = (
+            {("logon", bound["logon"]), ("channel", bound["channel"])}
+            if bound["channel"]
+            else {("logon", bound["logon"])}
+        )
+        first.append(not keys & seen)
+        seen |= keys
+    if connection.dialect.name == "postgresql":
+        # Locked by their stored names, as a single decision's lock (_locked_facts) is.
+        logons = sorted({bound["logon"] for bound in values})
+        reads = [(_FACTS_PG, bound) for bound, fresh in zip(values, first, strict=True) if fresh]
+        locks = (_LOCK_MANY_PG, {"logons": logons, "pool": _POOL_LOCK_KEY})
+        rows = iter(
+            _pipelined_rows(connection, [*write_behind.with_deferred(connection, [locks]), *reads])[
+                -len(reads) :
+            ]
+        )
+        session.info.setdefault(_POOL_HELD, "shared")
+        return [_facts_of(next(rows)) if fresh else None for fresh in first]
+    return [
+        _facts_of(_on_driver(connection, _FACTS_SQLITE, bound, fetch=True)) if fresh else None
+        for bound, fresh in zip(values, first, strict=True)
+    ]
+
+
+def _pipelined_rows(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+    """PostgreSQL: ``statements`` in one pipelined round trip; each one's first row (None for none)."""
+    dialect = connection.dialect
+    raw: Any = connection.connection.dbapi_connection
+    try:
+        cursors = [raw.cursor() for _statement in statements]
+        try:
+            with raw.pipeline():
+                for cursor, (sql, bound) in zip(cursors, statements, strict=True):
+                    cursor.execute(sql, bound)
+            return [cursor.fetchone() if cursor.description is not None else None for cursor in cursors]
+        finally:
+            for cursor in cursors:
+                cursor.close()
+    except dialect.loaded_dbapi.Error as exc:
+        # Mapped like any statement's error, so the transaction's caller sees a StoreError.
+        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+
+
 def decision_facts(
     session: Session, node: str, logon: str, channel: str, *, locked: bool = False
 ) -> DecisionFacts:
@@ -1167,6 +1233,11 @@ def decision_facts(
     else:
         values = _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
         row = _on_driver(connection, _FACTS_SQLITE, values, fetch=True)
+    return _facts_of(row)
+
+
+def _facts_of(row: Any) -> DecisionFacts:
+    """The :data:`_FACTS` statement's row as the rules read it."""
     managed, failed, reserved, registered, held, allowed, reason = row
     state = LogonState(
         managed=bool(managed),
