@@ -518,12 +518,17 @@ class BridgeService:
         decided: list[int] = []
         try:
             with self.database.begin(deadline) as session:
-                ops.lock_logons(session, [questions[i].logon for i, _e, _k in pending])
-                for index, emergency, keys in pending:
+                # The locks and every read in one round trip on PostgreSQL (see group_facts).
+                asked = [(questions[i].logon, questions[i].channel) for i, _e, _k in pending]
+                read = ops.group_facts(session, self.node, asked)
+                took_licence = False
+                for (index, emergency, keys), known in zip(pending, read, strict=True):
                     question = questions[index]
-                    facts = ops.decision_facts(
-                        session, self.node, question.logon, question.channel, locked=True
-                    )
+                    facts = known if not took_licence else None
+                    if facts is None:
+                        facts = ops.decision_facts(
+                            session, self.node, question.logon, question.channel, locked=True
+                        )
                     if facts.earlier is not None:
                         answers[index] = facts.earlier  # the leg was decided before: one decision
                         continue
@@ -553,6 +558,7 @@ class BridgeService:
                         now,
                         facts.reserved,
                     )
+                    took_licence = took_licence or decision.reason is Reason.LICENCE_ACQUIRED
                     if question.channel:
                         ops.record_call_decision(
                             session,

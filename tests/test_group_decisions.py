@@ -173,3 +173,32 @@ def test_a_caller_that_gave_up_takes_no_licence_and_the_others_are_committed(
     # The leg answered without the database keeps that answer when its AMI event comes.
     assert verdict(service.authorize("g1", "600", channel="PJSIP/g1-1")) == (False, Reason.BRIDGE_ERROR)
     assert state(service)[2] == (3, 1)
+
+
+def test_a_licence_taken_over_in_a_group_is_seen_by_the_later_calls_of_that_group(
+    make_settings: SettingsFactory, make_service: ServiceFactory, database_url: str, sqlite_url: str
+) -> None:
+    # A group reads its calls' facts before deciding them; a reserved log-on that takes over
+    # another's licence changes the facts of that other log-on's call later in the same group.
+    def prepared(url: str) -> BridgeService:
+        service = make_service(make_settings(**{"database.url": url, "licences.count": 1}))
+        service.import_subscribers("holder,701\nreserved,702\n")
+        for logon in ("holder", "reserved"):
+            service.apply(LoggedOn(logon, service.clock(), contact=f"sip:{logon}@127.0.0.1:5060"))
+        assert service.authorize("holder", "600", channel="PJSIP/holder-1").reason is Reason.LICENCE_ACQUIRED
+        service.set_reserved("reserved", True)
+        return service
+
+    together = prepared(database_url)
+    alone = prepared(f"{sqlite_url[:-3]}-alone.db")
+    asked = [
+        CallQuestion("reserved", "600", channel="PJSIP/reserved-1"),
+        CallQuestion("holder", "601", channel="PJSIP/holder-2"),
+    ]
+
+    answers = together.authorize_group(asked)
+    expected = [alone.authorize(q.logon, q.number, q.direction, channel=q.channel) for q in asked]
+
+    assert [verdict(a) for a in answers] == [(True, Reason.LICENCE_ACQUIRED), (False, Reason.EMERGENCY_ONLY)]
+    assert answers == expected
+    assert state(together) == state(alone)

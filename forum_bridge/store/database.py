@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Select, String, column, create_engine, event, inspect, select, table
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DisconnectionError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from forum_bridge.config import redact_url_secrets
@@ -187,7 +187,13 @@ def _make_sqlite_serialisable(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN" if _READING.get() else "BEGIN IMMEDIATE")
+        # On the driver itself: every call decision begins here, and SQLAlchemy's execution layer
+        # cost more than the BEGIN. An error (a locked database) is mapped as SQLAlchemy maps one.
+        dbapi = connection.dialect.loaded_dbapi
+        try:
+            connection.connection.dbapi_connection.execute("BEGIN" if _READING.get() else "BEGIN IMMEDIATE")
+        except dbapi.Error as exc:
+            raise DBAPIError.instance(None, None, exc, dbapi.Error) from exc
 
 
 class Database:

@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, CursorResult
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from forum_bridge.core.rules import Decision, LogonState, Reason
@@ -1070,6 +1070,30 @@ _psycopg_style = write_behind.psycopg_style
 _bound = write_behind.bound
 _LOCK_PG = _psycopg_style(_LOCK)
 _FACTS_PG = _psycopg_style(_FACTS)
+# sqlite3 takes SQLAlchemy's ``:name`` parameters itself: the same texts, run on the driver.
+_FACTS_SQLITE = str(_FACTS)
+_CALL_SQLITE = str(_CALL)
+
+
+def _on_driver(connection: Connection, sql: str, values: dict[str, Any], *, fetch: bool) -> Any:
+    """SQLite: run one call-decision statement on the session's driver connection, inside its
+    transaction (the ``BEGIN IMMEDIATE`` was sent when the session took the connection); its first
+    row when ``fetch``.
+
+    SQLAlchemy's execution layer (compiled-statement cache, execution context, result wrapper)
+    cost more than SQLite's own work for these one-row statements, which the hook waits for.
+    ``values`` come bound by the statement's column types (:func:`_bound`), so they are fitted
+    exactly as SQLAlchemy stores them; a driver error is mapped like any statement's.
+    """
+    dialect = connection.dialect
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, values)
+        return cursor.fetchone() if fetch else None
+    except dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
 
 
 def _one_round_trip(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> Any:
@@ -1123,6 +1147,72 @@ def lock_logons(session: Session, logons: Sequence[str]) -> None:
         session.info.setdefault(_POOL_HELD, "shared")
 
 
+_LOCK_MANY_PG = _psycopg_style(_LOCK_MANY)
+
+
+def group_facts(session: Session, node: str, asked: Sequence[tuple[str, str]]) -> list[DecisionFacts | None]:
+    """Lock the log-ons of a group of decisions and read each one's facts: one round trip on
+    PostgreSQL (the deferred writes, the locks as :func:`lock_logons` takes them, every read).
+
+    ``asked``: (log-on, channel) per decision, in the group's order. The answer for a decision
+    whose log-on or channel (as stored) came earlier in the group is None: the earlier decision's
+    writes may change it, so the caller reads it with :func:`decision_facts` (``locked=True``)
+    when its turn comes. Every other read holds while the group writes only its own log-ons'
+    legs; a decision that takes a licence may take it over from another log-on (a reservation),
+    so after one the caller reads the rest again too.
+    """
+    connection = session.connection()
+    values = [
+        _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
+        for logon, channel in asked
+    ]
+    seen: set[tuple[str, str]] = set()
+    first: list[bool] = []
+    for bound in values:
+        keys = (
+            {("logon", bound["logon"]), ("channel", bound["channel"])}
+            if bound["channel"]
+            else {("logon", bound["logon"])}
+        )
+        first.append(not keys & seen)
+        seen |= keys
+    if connection.dialect.name == "postgresql":
+        # Locked by their stored names, as a single decision's lock (_locked_facts) is.
+        logons = sorted({bound["logon"] for bound in values})
+        reads = [(_FACTS_PG, bound) for bound, fresh in zip(values, first, strict=True) if fresh]
+        locks = (_LOCK_MANY_PG, {"logons": logons, "pool": _POOL_LOCK_KEY})
+        rows = iter(
+            _pipelined_rows(connection, [*write_behind.with_deferred(connection, [locks]), *reads])[
+                -len(reads) :
+            ]
+        )
+        session.info.setdefault(_POOL_HELD, "shared")
+        return [_facts_of(next(rows)) if fresh else None for fresh in first]
+    return [
+        _facts_of(_on_driver(connection, _FACTS_SQLITE, bound, fetch=True)) if fresh else None
+        for bound, fresh in zip(values, first, strict=True)
+    ]
+
+
+def _pipelined_rows(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+    """PostgreSQL: ``statements`` in one pipelined round trip; each one's first row (None for none)."""
+    dialect = connection.dialect
+    raw: Any = connection.connection.dbapi_connection
+    try:
+        cursors = [raw.cursor() for _statement in statements]
+        try:
+            with raw.pipeline():
+                for cursor, (sql, bound) in zip(cursors, statements, strict=True):
+                    cursor.execute(sql, bound)
+            return [cursor.fetchone() if cursor.description is not None else None for cursor in cursors]
+        finally:
+            for cursor in cursors:
+                cursor.close()
+    except dialect.loaded_dbapi.Error as exc:
+        # Mapped like any statement's error, so the transaction's caller sees a StoreError.
+        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+
+
 def decision_facts(
     session: Session, node: str, logon: str, channel: str, *, locked: bool = False
 ) -> DecisionFacts:
@@ -1141,7 +1231,13 @@ def decision_facts(
         values = _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
         row = _one_round_trip(connection, [(_FACTS_PG, values)])
     else:
-        row = connection.execute(_FACTS, {"logon": logon, "node": node, "channel": channel}).one()
+        values = _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
+        row = _on_driver(connection, _FACTS_SQLITE, values, fetch=True)
+    return _facts_of(row)
+
+
+def _facts_of(row: Any) -> DecisionFacts:
+    """The :data:`_FACTS` statement's row as the rules read it."""
     managed, failed, reserved, registered, held, allowed, reason = row
     state = LogonState(
         managed=bool(managed),
@@ -1165,22 +1261,24 @@ def record_call_decision(
 ) -> None:
     """Store the decision on a call leg under its channel (the leg row is made if it is new).
 
-    On PostgreSQL the write travels with the transaction's next round trip, usually its COMMIT.
+    On PostgreSQL the write travels with the transaction's next round trip, usually its COMMIT;
+    on SQLite it runs at once on the driver connection.
     """
-    write_behind.defer(
-        session.connection(),
-        _CALL,
-        {
-            "node": node,
-            "channel": channel,
-            "logon": logon,
-            "number": number,
-            "direction": direction,
-            "at": at,
-            "allowed": decision.allowed,
-            "reason": decision.reason.value,
-        },
-    )
+    connection = session.connection()
+    values = {
+        "node": node,
+        "channel": channel,
+        "logon": logon,
+        "number": number,
+        "direction": direction,
+        "at": at,
+        "allowed": decision.allowed,
+        "reason": decision.reason.value,
+    }
+    if connection.dialect.name == "postgresql":
+        write_behind.defer(connection, _CALL, values)
+    else:
+        _on_driver(connection, _CALL_SQLITE, _bound(connection, _CALL, values), fetch=False)
 
 
 # --- nodes ------------------------------------------------------------------------------------

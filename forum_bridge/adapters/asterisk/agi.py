@@ -49,7 +49,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
@@ -72,6 +72,7 @@ _ENV_LIMIT = 32 * 1024  # bytes of the whole environment block
 _ENV_LINES = 200
 _REPLY_LINES = 500  # lines of one reply (a 520 usage text) before giving up
 _MAX_CLIENTS = 128
+_VERDICTS = 256  # peer addresses whose allow/refuse verdict is remembered
 _CATCH_UP = 0.25  # seconds a decision waits for AMI events already received to be applied
 # ... for the caller's own events, which the listener applies ahead of any backlog: the wait is the
 # batch in flight plus one, whatever the backlog, and a wrong "not_logged_on" costs more than it.
@@ -179,9 +180,13 @@ class FastAgiServer:
         self._group = _GroupDecider(group, deciders) if self._tickets and callable(group) else None
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
-        self._changed = asyncio.Event()
+        # Made only while someone waits in wait_idle: every connection's end would set it.
+        self._changed: asyncio.Event | None = None
         self._over_capacity_logged = False
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in settings.asterisk.agi_allow]
+        # Verdicts by peer address as the socket gives it (Asterisk connects from one or two): the
+        # address parse and network checks cost more than the rest of accepting a connection.
+        self._verdicts: dict[str, bool] = {}
         # Connections still waiting for their AGI environment, oldest first, with their writers.
         self._waiting: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._stranger_logged: set[str] = set()
@@ -234,30 +239,42 @@ class FastAgiServer:
         """Wait until no connection is being handled; TimeoutError after ``timeout``."""
         async with asyncio.timeout(timeout):
             while self._handlers:
+                if self._changed is None:
+                    self._changed = asyncio.Event()
                 await self._changed.wait()
 
     def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     # --- one connection ----------------------------------------------------------------------
 
     def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            address = None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if address is not None and any(address in network for network in self._allowed):
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            verdict = self._judge(host)
+            if len(self._verdicts) < _VERDICTS:  # bounded: a scan from many addresses is not kept
+                self._verdicts[host] = verdict
+        if verdict:
             return True
         self.rejected += 1
         if host not in self._stranger_logged and len(self._stranger_logged) < 64:
             self._stranger_logged.add(host)  # once per address, so a scan cannot flood the log
             log.warning("FastAGI connection from %s refused: not in asterisk.agi_allow", host or "?")
         return False
+
+    def _judge(self, host: str) -> bool:
+        """True when ``host`` (a peer address as the socket reports it) is in ``asterisk.agi_allow``."""
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address is not None and any(address in network for network in self._allowed)
 
     def _make_room(self, newcomer: asyncio.Task[Any] | None) -> bool:
         """Drop the oldest connection still waiting for its environment; False when there is none."""
@@ -377,7 +394,9 @@ class FastAgiServer:
         ticket = DecisionTicket(asked + self.decision_timeout, channel)
         caught_up = asked
         try:
-            async with self._turn(logon):
+            if self._before_decision is not None:
+                await self._catch_up(logon)
+            try:
                 caught_up = time.monotonic()
                 known = self._decisions.call(channel) if self._decisions is not None else None
                 if known is not None:
@@ -400,6 +419,8 @@ class FastAgiServer:
                         channel=channel,
                         ticket=ticket,
                     )
+            finally:
+                self._decided()
         except (StoreError, TimeoutError, DecisionAbandoned) as exc:
             log.warning(
                 "no decision for logon=%s number=%s (%s): fail_mode=%s -> %s",
@@ -429,7 +450,9 @@ class FastAgiServer:
         number = (env.get("agi_arg_1") or "").strip()
         ticket = DecisionTicket(time.monotonic() + self.decision_timeout)
         try:
-            async with self._turn():
+            if self._before_decision is not None:
+                await self._catch_up()
+            try:
                 ringable = await self._decide(
                     ticket,
                     Decision(False, Reason.BRIDGE_ERROR),
@@ -437,6 +460,8 @@ class FastAgiServer:
                     number,
                     ticket=ticket,
                 )
+            finally:
+                self._decided()
         except (StoreError, TimeoutError, DecisionAbandoned) as exc:
             log.warning(
                 "no ringing decision for number=%s (%s); nobody rung",
@@ -453,18 +478,17 @@ class FastAgiServer:
             answers.insert(0, ("FORUM_BRIDGE_DIAL", "&".join(f"PJSIP/{logon}" for logon in allowed)))
         return answers
 
-    @contextlib.asynccontextmanager
-    async def _turn(self, logon: str | None = None) -> AsyncIterator[None]:
-        """Catch up with the PBX's events, then decide; tell the listener when the decision is made."""
-        await self._catch_up(logon)
-        try:
-            yield
-        finally:
-            if self._before_decision is not None and self._after_decision is not None:
-                with contextlib.suppress(Exception):
-                    self._after_decision()
+    def _decided(self) -> None:
+        """Tell the AMI listener a decision was made (it lets decisions have the database first)."""
+        if self._before_decision is not None and self._after_decision is not None:
+            with contextlib.suppress(Exception):
+                self._after_decision()
 
     async def _catch_up(self, logon: str | None = None) -> None:
+        """Wait until the PBX's events received before the call are applied (``before_decision``).
+
+        Without an AMI side (no ``before_decision``) the callers skip this: no await, no task.
+        """
         if self._before_decision is not None:
             try:
                 bound = _CATCH_UP if logon is None else _CATCH_UP_LOGON
