@@ -599,11 +599,8 @@ class BridgeService:
                 self._gate.end_commit(keys)
             raise
         lates = [self._gate.end_commit(keys) for keys in committing]
-        result = [
-            _settled(answer) if isinstance(answer, Decision) else answer if answer is not None
-            else StoreError("no answer")
-            for answer in answers
-        ]
+        answers = [_settled(answer) if isinstance(answer, Decision) else answer for answer in answers]
+        result = [answer if answer is not None else StoreError("no answer") for answer in answers]
         if answered is not None:
             answered(result)
         for index, late in zip(decided, lates, strict=True):
