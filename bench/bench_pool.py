@@ -98,7 +98,10 @@ def replay(url: str) -> tuple[int, int]:
 
 def pgbench_script() -> str:
     """pgbench's script: one acquisition and one release of a client's own log-on, as the bridge
-    sends them (the same statement texts, taken from forum_bridge.store.operations)."""
+    sends them (the same statement texts, taken from forum_bridge.store.operations), each round
+    trip of the bridge one pgbench pipeline: an acquisition is BEGIN with the log-on's lock and its
+    facts, then the pool row's lock and the claim with the COMMIT; a release is BEGIN with the pool
+    lock and the licence freed, then its audit line and the pool's count-out with the COMMIT."""
     from forum_bridge.store import operations as ops
 
     values = {
@@ -108,6 +111,9 @@ def pgbench_script() -> str:
         "at": "now()",
         "number": "'600'",
         "reason": "'outbound'",
+        "direction": "'outbound'",
+        "denied": "'emergency_only'",
+        "granted": "'licence_acquired'",
         "freed": "1",
         "reserved": "0",
         "kind": "'release'",
@@ -121,17 +127,26 @@ def pgbench_script() -> str:
     return "\n".join(
         [
             f"\\set n :client_id * {LOGONS_PER_PROCESS} + random(0, {LOGONS_PER_PROCESS - 1})",
+            "\\startpipeline",
             "BEGIN;",
             sql(ops._LOCK),
             sql(ops._FACTS),
-            sql(ops._TAKE_AND_CLAIM_AUDITED),
+            "\\endpipeline",
+            "\\startpipeline",
+            sql(ops._LOCK_POOL_ROW),
+            sql(ops._CLAIM_WITH_COMMIT),
             "COMMIT;",
+            "\\endpipeline",
+            "\\startpipeline",
             "BEGIN;",
             ops._SHARE_PG + ";",
             sql(ops._FREE_PG),
+            "\\endpipeline",
+            "\\startpipeline",
             sql(ops._AUDIT),
             sql(ops._GIVE_WITH_USAGE),
             "COMMIT;",
+            "\\endpipeline",
             "",
         ]
     )
@@ -157,7 +172,7 @@ def pgbench_floor(url: str, seconds: float) -> float | None:
                 str(candidates[0]),
                 "-n",
                 "-M",
-                "extended",
+                "prepared",  # as psycopg does with a statement run five times
                 "-c",
                 str(PROCESSES),
                 "-j",

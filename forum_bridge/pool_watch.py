@@ -6,6 +6,11 @@ transaction that changed the pool (it took or freed a licence, or changed a rese
 :func:`~forum_bridge.store.operations.pool_warning`, and the line is logged once the change is
 committed. The raised/cleared flag lives in the database, so bridges sharing one pool log each
 crossing once between them, whichever bridge made it.
+
+On PostgreSQL a call's licence claim and a release's count-out travel with the COMMIT, so the pool
+as such a transaction leaves it is known only after it committed: the watch then reads the row
+those statements returned, and when it shows a possible crossing it looks again in a transaction
+of its own (:meth:`PoolWatch.check`), which locks the rows and decides as above.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from datetime import datetime
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from forum_bridge.errors import StoreError
 from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
 from forum_bridge.store.status_query import PoolCounts
@@ -25,6 +31,8 @@ log = logging.getLogger("forum_bridge.service")
 
 # session.info key: the crossing found before commit, logged after it.
 _FLIP = "forum_bridge.pool_flip"
+# session.info key: the pool's row comes back with the COMMIT; look at it after the commit.
+_AFTER = "forum_bridge.pool_after_commit"
 
 
 class PoolWatch:
@@ -45,6 +53,9 @@ class PoolWatch:
     def _before_commit(self, session: Session) -> None:
         if not session.info.pop(ops.POOL_CHANGED, False):
             return
+        if ops.pool_row_with_commit(session):
+            session.info[_AFTER] = True
+            return
         try:
             if not ops.pool_warning_due(session, self.warn_at):
                 return  # no crossing: nothing to lock or write
@@ -58,6 +69,13 @@ class PoolWatch:
             session.info[_FLIP] = flip
 
     def _after_commit(self, session: Session) -> None:
+        if session.info.pop(_AFTER, False):
+            committed = ops.committed_pool_row(session)
+            if committed is not None and ops.warning_crossing(*committed, self.warn_at):
+                try:
+                    self.check()  # its own transaction, under the locks; it logs a flip itself
+                except StoreError:
+                    log.exception("could not update the pool-pressure warning")
         flip: tuple[bool, PoolCounts] | None = session.info.pop(_FLIP, None)
         if flip is None:
             return

@@ -93,6 +93,25 @@ class CallQuestion:
 
 
 @dataclass(frozen=True)
+class _LicenceWithCommit(Decision):
+    """A call decision whose licence is claimed with the COMMIT (PostgreSQL): until the commit it
+    reads as the denial, and :func:`_settled` gives the server's answer after it."""
+
+    granted: Decision | None = None
+    claim: ops.LicenceClaim | None = None
+
+
+def _settled(decision: Decision) -> Decision:
+    """``decision`` as committed: for a licence claimed with the COMMIT, the granted decision when
+    the claim got a slot, else the denial (also when it never reached the server)."""
+    if not isinstance(decision, _LicenceWithCommit):
+        return decision
+    if decision.granted is not None and decision.claim is not None and decision.claim.slot is not None:
+        return decision.granted
+    return Decision(decision.allowed, decision.reason)
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What an adapter must do after :meth:`BridgeService.apply`."""
 
@@ -416,7 +435,7 @@ class BridgeService:
                     block_after_failed_logon=self.settings.block_after_failed_logon,
                 )
                 decision = self._apply_decision(
-                    session, logon, number, direction, decision, now, facts.reserved
+                    session, logon, number, direction, decision, now, facts.reserved, channel
                 )
                 if channel:
                     ops.record_call_decision(
@@ -425,6 +444,7 @@ class BridgeService:
                 self._gate.begin_commit(keys, ticket)  # or Superseded, or DecisionAbandoned
                 committing = True
             committing = False
+            decision = _settled(decision)
             late = self._gate.end_commit(keys)
         except Superseded as superseded:
             return superseded.decision
@@ -557,6 +577,7 @@ class BridgeService:
                         decision,
                         now,
                         facts.reserved,
+                        question.channel,
                     )
                     took_licence = took_licence or decision.reason is Reason.LICENCE_ACQUIRED
                     if question.channel:
@@ -584,6 +605,7 @@ class BridgeService:
                 self._gate.end_commit(keys)
             raise
         lates = [self._gate.end_commit(keys) for keys in committing]
+        answers = [_settled(answer) if isinstance(answer, Decision) else answer for answer in answers]
         result = [answer if answer is not None else StoreError("no answer") for answer in answers]
         if answered is not None:
             answered(result)
@@ -619,7 +641,24 @@ class BridgeService:
         decision: Decision,
         now: datetime,
         reserved: bool | None = None,
+        channel: str = "",
     ) -> Decision:
+        if decision.takes_licence and reserved is False and ops.claims_with_commit(session):
+            # The claim, its audit line and the leg's record travel with the COMMIT: the answer
+            # is known after it (see _settled); a reserved log-on may take over a licence, below.
+            denial = Decision(False, Reason.EMERGENCY_ONLY)
+            claim = ops.acquire_for_call_with_commit(
+                session,
+                logon,
+                self.node,
+                now,
+                number,
+                direction.value,
+                channel,
+                denied=denial.reason,
+                granted=decision.reason,
+            )
+            return _LicenceWithCommit(denial.allowed, denial.reason, granted=decision, claim=claim)
         if decision.takes_licence:
             # Writes the audit line of the acquisition too.
             slot = ops.acquire_for_call(

@@ -132,6 +132,7 @@ def _send_deferred_writes(engine: Engine) -> None:
     def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
         record = connection_record
         record.info.pop(write_behind.QUEUE, None)
+        record.info.pop(write_behind.HELD, None)
 
     @event.listens_for(engine, "before_cursor_execute")
     def _on_statement(connection: Any, *_args: Any) -> None:
@@ -367,9 +368,12 @@ class Database:
 def _recount_pool_if_marked(session: Session) -> None:
     from forum_bridge.store import operations as ops
 
-    ops.flush_pool(session)
     if session.info.pop(ops.POOL_RECOUNT, False):
+        ops.flush_pool(session)
         ops.recount_pool(session)
+    else:
+        # On PostgreSQL the count-out travels with the COMMIT (its row is read after it).
+        ops.flush_pool(session, with_commit=True)
 
 
 def _describe(exc: SQLAlchemyError) -> str:

@@ -61,6 +61,9 @@ POOL_RECOUNT = "forum_bridge.pool_recount"
 # session.info key: (PoolCounts, warned) as this transaction last wrote the pool's row (it holds the
 # row until commit, so that is the pool as it commits).
 POOL_ROW = "forum_bridge.pool_row"
+# session.info key: [write_behind.Result] of statements queued for the commit that change the pool's
+# row; their rows (read after the commit) feed the pool watch instead of POOL_ROW.
+POOL_ROWS_LATER = "forum_bridge.pool_rows_later"
 # session.info key: this transaction holds the pool lock, shared or exclusive (PostgreSQL).
 _POOL_HELD = "forum_bridge.pool_held"
 # Any fixed number: the key of the pool-wide advisory lock on PostgreSQL.
@@ -277,7 +280,42 @@ def _pool_row(session: Session, row: Any) -> PoolCounts:
     total, used, reserved, reserved_used, warned = row
     counts = PoolCounts(total=total, used=used, reserved=reserved, reserved_used=reserved_used)
     session.info[POOL_ROW] = (counts, bool(warned))
+    # Written after any statement still queued for the commit was sent: this row is the newer.
+    session.info.pop(POOL_ROWS_LATER, None)
     return counts
+
+
+def _pool_row_later(session: Session, result: write_behind.Result) -> None:
+    """Remember a statement queued for the commit whose row starts with the pool's row as it left
+    it (total, used, reserved, reserved_used, warned; NULLs when it did not change the row)."""
+    session.info.pop(POOL_ROW, None)  # no longer the pool as this transaction leaves it
+    session.info.setdefault(POOL_ROWS_LATER, []).append(result)
+    mark_pool_changed(session)
+
+
+def pool_row_with_commit(session: Session) -> bool:
+    """Whether the pool's row as this transaction leaves it is known only once it has committed
+    (PostgreSQL: the statement that writes it travels with the COMMIT)."""
+    return bool(session.info.get(POOL_ROWS_LATER))
+
+
+def committed_pool_row(session: Session) -> tuple[PoolCounts, bool] | None:
+    """After the commit: the pool's row (counts, warned) as the last statement of this transaction
+    that changed it left it, or None when none did (a claim refused) or none was sent."""
+    results: list[write_behind.Result] = session.info.pop(POOL_ROWS_LATER, None) or []
+    for result in reversed(results):
+        row = result.row if result.sent else None
+        if row is not None and row[0] is not None:
+            total, used, reserved, reserved_used, warned = row[:5]
+            counts = PoolCounts(total=total, used=used, reserved=reserved, reserved_used=reserved_used)
+            return counts, bool(warned)
+    return None
+
+
+def warning_crossing(counts: PoolCounts, warned: bool, warn_at: int) -> bool:
+    """Whether a pool at ``counts``, with the warning ``warned``, crosses ``warn_at`` (a hint:
+    :func:`pool_warning` decides under the locks)."""
+    return _warning_wanted(counts, warned, warn_at) != warned
 
 
 def pool_counts(session: Session) -> PoolCounts:
@@ -309,14 +347,23 @@ def recount_pool(session: Session) -> PoolCounts:
     return _pool_row(session, row)
 
 
-def flush_pool(session: Session) -> None:
-    """Count the licences this transaction freed out of the pool's row (the commit hook calls it)."""
+def flush_pool(session: Session, *, with_commit: bool = False) -> None:
+    """Count the licences this transaction freed out of the pool's row (the commit hook calls it).
+
+    ``with_commit`` (the commit hook, PostgreSQL): the count-out travels with the COMMIT, so the
+    pool's row is held only while the server runs that last pipeline; the row it leaves is read
+    after the commit (:func:`committed_pool_row`).
+    """
     pending = session.info.pop(_PENDING, None)
     if pending is None:
         return
     freed, reserved, at = pending
     connection = session.connection()
     values = {"freed": freed, "reserved": reserved}
+    if connection.dialect.name == "postgresql" and with_commit:
+        given = _bound(connection, _GIVE_WITH_USAGE, {**values, "at": at})
+        _pool_row_later(session, write_behind.defer_read(connection, _GIVE_WITH_USAGE, given))
+        return
     if connection.dialect.name == "postgresql":
         # With the transaction's deferred writes (a release's audit line) in one round trip.
         given = _bound(connection, _GIVE_WITH_USAGE, {**values, "at": at})
@@ -395,6 +442,126 @@ def acquire_for_call(
     transaction under the pool lock (:func:`decision_facts`), which keeps it from changing.
     """
     return _acquire(session, logon, node, at, {"number": number, "reason": direction}, reserved)
+
+
+# PostgreSQL, a call's licence claimed with the COMMIT (see acquire_for_call_with_commit). First
+# the pool's row is locked, so the claim's statement, which starts after that, sees every licence
+# change committed before it (each holds that row until it commits): counted in, a free licence
+# row is certain. Then one statement counts the log-on in (or finds the licence it holds), claims
+# a free row, writes the usage line, the audit line (acquire, or the denial) and the leg's
+# decision, and returns the pool's row with the slot; the server computes the answer. (The values
+# are typed once, in v: a parameter used for columns of several lengths has no one type.)
+# The lock also lets the claim run with the plan PostgreSQL keeps for a prepared statement
+# (plan_cache_mode auto, for the rest of the transaction, which holds nothing after the claim but
+# other decisions' key lookups and the COMMIT): the claim looks rows up by key, so one plan fits
+# every value, and planning it at each execution (the connections' default, force_custom_plan,
+# which the storm's batches need) was most of the server's work for a licence: the same
+# transactions from pgbench went from 1,300-1,800 to 2,800-4,800 operations/s with cached plans.
+_LOCK_POOL_ROW = text(
+    "SELECT set_config('plan_cache_mode', 'auto', true) FROM licence_pool WHERE id = 1 FOR NO KEY UPDATE"
+)
+_CLAIM_WITH_COMMIT = text(
+    "WITH v AS (SELECT CAST(:logon AS text) AS logon, CAST(:node AS text) AS node,"
+    " CAST(:number AS text) AS number, CAST(:direction AS text) AS direction,"
+    " CAST(:channel AS text) AS channel, CAST(:denied AS text) AS denied,"
+    " CAST(:granted AS text) AS granted),"
+    " r AS (SELECT count(*) AS n FROM subscribers, v WHERE subscribers.logon = v.logon AND reserved),"
+    " h AS (SELECT slot FROM licences, v WHERE licences.logon = v.logon),"
+    " p AS (UPDATE licence_pool SET used = used + 1, reserved_used = reserved_used + r.n"
+    " FROM r WHERE id = 1 AND used < total AND NOT EXISTS (SELECT 1 FROM h)"
+    " AND (r.n = 1 OR used - reserved_used < total - reserved)"
+    " AND EXISTS (SELECT 1 FROM licences WHERE logon IS NULL)"
+    " RETURNING total, used, reserved, reserved_used, warned),"
+    " c AS (UPDATE licences SET logon = v.logon, since = :at, node = v.node FROM v"
+    " WHERE licences.logon IS NULL AND slot = (SELECT slot FROM licences WHERE logon IS NULL"
+    " AND EXISTS (SELECT 1 FROM p) ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING slot),"
+    " s AS (SELECT slot FROM c UNION ALL SELECT slot FROM h),"
+    " o AS (SELECT s.slot, v.* FROM v LEFT JOIN s ON true),"
+    " u AS (INSERT INTO licence_usage (at, used, total) SELECT :at, p.used, p.total FROM p, c),"
+    " a AS (INSERT INTO audit (at, kind, logon, number, reason, node, actor, detail)"
+    " SELECT :at, CASE WHEN slot IS NULL THEN 'deny' ELSE 'acquire' END, logon, number,"
+    " CASE WHEN slot IS NULL THEN denied ELSE direction END, node, '',"
+    " CASE WHEN slot IS NULL THEN direction ELSE 'slot ' || slot END FROM o),"
+    " k AS (INSERT INTO calls (node, channel, logon, number, direction, started_at, allowed, reason)"
+    " SELECT node, channel, logon, number, direction, :at, slot IS NOT NULL,"
+    " CASE WHEN slot IS NULL THEN denied ELSE granted END FROM o WHERE channel <> ''"
+    " ON CONFLICT (node, channel) DO UPDATE SET allowed = excluded.allowed, reason = excluded.reason)"
+    " SELECT p.total, p.used, p.reserved, p.reserved_used, p.warned, o.slot FROM o LEFT JOIN p ON true"
+).bindparams(
+    bindparam("logon", type_=Bounded(128)),
+    bindparam("node", type_=Bounded(128)),
+    bindparam("number", type_=Bounded(64)),
+    bindparam("direction", type_=Bounded(16)),
+    bindparam("channel", type_=Bounded(256)),
+    bindparam("denied", type_=Bounded(32)),
+    bindparam("granted", type_=Bounded(32)),
+    bindparam("at", type_=UTCDateTime()),
+)
+
+
+class LicenceClaim:
+    """A call's licence claim that travels with its transaction's COMMIT (PostgreSQL)."""
+
+    def __init__(self, result: write_behind.Result) -> None:
+        self._result = result
+
+    @property
+    def sent(self) -> bool:
+        """Whether the claim reached the server (after a successful commit it always has)."""
+        return self._result.sent
+
+    @property
+    def slot(self) -> int | None:
+        """The slot the log-on holds now, or None: refused, or not sent (never committed)."""
+        row = self._result.row if self._result.sent else None
+        return None if row is None or row[5] is None else int(row[5])
+
+
+def claims_with_commit(session: Session) -> bool:
+    """Whether :func:`acquire_for_call_with_commit` applies (PostgreSQL; SQLite has no round trips
+    to save and keeps :func:`acquire_for_call`)."""
+    return _postgresql(session)
+
+
+def acquire_for_call_with_commit(
+    session: Session,
+    logon: str,
+    node: str,
+    at: datetime,
+    number: str,
+    direction: str,
+    channel: str,
+    *,
+    denied: Reason,
+    granted: Reason,
+) -> LicenceClaim:
+    """:func:`acquire_for_call` for a log-on without a reservation, sent with the COMMIT.
+
+    Nothing is sent now: the claim travels after the transaction's deferred writes, in the same
+    round trip as its COMMIT, so the pool's row is held only while the server runs that pipeline,
+    never while a client waits for a core. The answer is the server's: the slot (claimed, or the
+    one the log-on holds) or none; it writes the audit line (``acquire``, or ``deny`` with reason
+    ``denied``) and, for a ``channel``, the leg's decision (``granted`` or ``denied``), replacing
+    one the caller recorded before. A transaction that does not commit claims nothing. A reserved
+    log-on uses :func:`acquire_for_call` (it may take over a floating licence).
+    """
+    share_pool(session)
+    flush_pool(session)  # licences this transaction freed are counted out first, as _claim_free does
+    connection = session.connection()
+    write_behind.defer_read(connection, _LOCK_POOL_ROW, {})
+    values = {
+        "logon": logon,
+        "node": node,
+        "number": number,
+        "direction": direction,
+        "channel": channel,
+        "denied": denied.value,
+        "granted": granted.value,
+        "at": at,
+    }
+    result = write_behind.defer_read(connection, _CLAIM_WITH_COMMIT, values)
+    _pool_row_later(session, result)
+    return LicenceClaim(result)
 
 
 _HELD = text("SELECT slot FROM licences WHERE logon = :logon").bindparams(
@@ -1096,7 +1263,7 @@ def _on_driver(connection: Connection, sql: str, values: dict[str, Any], *, fetc
         cursor.close()
 
 
-def _one_round_trip(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> Any:
+def _one_round_trip(connection: Connection, statements: Sequence[tuple[Any, ...]]) -> Any:
     """PostgreSQL: the deferred writes, then ``statements``, in one pipelined round trip (with the
     BEGIN the driver opens the transaction with); the first row of the last one, or None.
 

@@ -8,6 +8,11 @@ were made, with whatever the transaction sends next: the COMMIT (one pipeline, s
 guard, just before any other statement or savepoint (:func:`send`), so no statement ever runs
 before a write made earlier in its transaction. A rollback drops the queue.
 
+A statement whose answer is needed only after the commit (a licence claim: it holds the pool's
+row until the commit, so its round trip should be the COMMIT's) is queued with :func:`defer_read`:
+it travels after the writes queued so far, and its first row is kept in a :class:`Result` read
+once the commit (or an earlier round trip) sent it.
+
 The statements are the same texts SQLAlchemy would run, bound with the same column types; an
 error in one of them surfaces at the commit (or the next statement) as a DBAPIError, which the
 database layer maps to StoreError like any other, and nothing of the transaction is committed.
@@ -26,6 +31,8 @@ from sqlalchemy.exc import DBAPIError
 
 # Connection.info key: [(SQL in psycopg's style, bound values)] not sent yet.
 QUEUE = "forum_bridge.deferred_writes"
+# Connection.info key: [(SQL, bound values, Result)] sent after QUEUE, their rows read afterwards.
+HELD = "forum_bridge.deferred_reads"
 # The COMMIT that ends a pipeline of deferred writes (psycopg then has nothing left to commit).
 _COMMIT = "COMMIT"
 
@@ -75,27 +82,67 @@ def defer(connection: Connection, statement: TextClause, values: dict[str, Any])
     queue.append((psycopg_style(statement), bound(connection, statement, values)))
 
 
+class Result:
+    """The first row a statement queued by :func:`defer_read` returned, once it was sent."""
+
+    __slots__ = ("row", "sent")
+
+    def __init__(self) -> None:
+        self.row: Any = None
+        self.sent = False
+
+
+# A queued statement: SQL in psycopg's style, its bound values, and where its row goes (or None).
+Queued = tuple[str, dict[str, Any], "Result | None"]
+
+
+def defer_read(connection: Connection, statement: TextClause, values: dict[str, Any]) -> Result:
+    """PostgreSQL: queue ``statement`` to travel after the deferred writes, with the next round
+    trip (usually the COMMIT); its first row is in the returned :class:`Result` once sent.
+
+    Only for PostgreSQL: the caller reads the row after the commit, which SQLite's path never
+    needs (it has no round trips to save).
+    """
+    result = Result()
+    held: list[Queued] = connection.info.setdefault(HELD, [])
+    held.append((psycopg_style(statement), bound(connection, statement, values), result))
+    return result
+
+
 def pending(connection: Connection) -> int:
-    """How many deferred writes wait on ``connection`` (for tests and diagnostics)."""
-    return len(connection.info.get(QUEUE, ()))
+    """How many deferred statements wait on ``connection`` (for tests and diagnostics)."""
+    return len(connection.info.get(QUEUE, ())) + len(connection.info.get(HELD, ()))
 
 
 def drop(connection: Connection) -> None:
-    """Forget the deferred writes (the transaction is being rolled back)."""
+    """Forget the deferred statements (the transaction is being rolled back); their results stay
+    unsent."""
     connection.info.pop(QUEUE, None)
+    connection.info.pop(HELD, None)
+
+
+def _take(connection: Connection) -> list[Queued]:
+    """Every deferred statement, taken off the queues: the writes in the order they were made,
+    then the statements whose rows are read afterwards, in theirs."""
+    queue = connection.info.pop(QUEUE, None) or []
+    held = connection.info.pop(HELD, None) or []
+    return [*((sql, values, None) for sql, values in queue), *held]
 
 
 def with_deferred(
     connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]
-) -> list[tuple[str, dict[str, Any]]]:
-    """The deferred writes (now taken off the queue) followed by ``statements``, to send together."""
-    queue = connection.info.pop(QUEUE, None)
-    return [*queue, *statements] if queue else list(statements)
+) -> list[tuple[Any, ...]]:
+    """The deferred statements (now taken off the queues) followed by ``statements``, to send
+    together through :func:`pipeline`."""
+    return [*_take(connection), *statements]
 
 
-def pipeline(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> Any:
+def pipeline(connection: Connection, statements: Sequence[tuple[Any, ...]]) -> Any:
     """PostgreSQL: run ``statements`` in order, sent together in psycopg's pipeline mode (with the
     BEGIN the driver opens a transaction with); the first row of the last one, or None.
+
+    Each statement is (SQL, values) or (SQL, values, Result): a Result gets its statement's
+    first row once the whole pipeline succeeded.
 
     The server still runs them one after the other, each with its own snapshot, so a statement
     after a lock sees what was committed before the lock was granted.
@@ -106,8 +153,13 @@ def pipeline(connection: Connection, statements: Sequence[tuple[str, dict[str, A
         cursors = [raw.cursor() for _statement in statements]
         try:
             with raw.pipeline():
-                for cursor, (sql, values) in zip(cursors, statements, strict=True):
-                    cursor.execute(sql, values)
+                for cursor, statement in zip(cursors, statements, strict=True):
+                    cursor.execute(statement[0], statement[1])
+            for cursor, statement in zip(cursors, statements, strict=True):
+                result = statement[2] if len(statement) > 2 else None
+                if result is not None:
+                    result.row = cursor.fetchone() if cursor.description is not None else None
+                    result.sent = True
             last = cursors[-1]
             return last.fetchone() if last.description is not None else None
         finally:
@@ -119,15 +171,20 @@ def pipeline(connection: Connection, statements: Sequence[tuple[str, dict[str, A
 
 
 def send(connection: Connection) -> None:
-    """Send the deferred writes now, in one round trip (before another statement or a savepoint)."""
-    queue = connection.info.pop(QUEUE, None)
+    """Send the deferred statements now, in one round trip (before another statement or a
+    savepoint)."""
+    queue = _take(connection)
     if queue:
         pipeline(connection, queue)
 
 
 def commit(connection: Connection) -> None:
-    """Send the deferred writes and the COMMIT in one round trip; the driver's own commit then has
-    nothing left to do. Without deferred writes the driver commits as usual."""
-    queue = connection.info.pop(QUEUE, None)
+    """Send the deferred statements and the COMMIT in one round trip; the driver's own commit then
+    has nothing left to do. Without deferred statements the driver commits as usual.
+
+    A statement that fails aborts the transaction: the server skips the rest of the pipeline, the
+    COMMIT included, and the error surfaces here with nothing committed.
+    """
+    queue = _take(connection)
     if queue:
         pipeline(connection, [*queue, (_COMMIT, {})])
