@@ -631,16 +631,20 @@ def _claim_free(
                 return int(slot)
             _pool_row(session, connection.execute(_GIVE, {"freed": 1, "reserved": reserved}).one())
         return None
-    row = connection.execute(_TAKE, {"logon": logon}).first()
+    # On the driver: a first call of a log-on waits for these (see write_behind.on_driver).
+    row = write_behind.run_on_driver(connection, _TAKE, {"logon": logon}, fetch=True)
     if row is None:
         return None
     counts = _pool_row(session, row)
-    slot = connection.execute(_CLAIMS["sqlite"], {"logon": logon, "at": at, "node": node}).scalar()
-    if slot is None:  # the row was wrong (changed by hand?): give the count back
+    claimed = write_behind.run_on_driver(
+        connection, _CLAIMS["sqlite"], {"logon": logon, "at": at, "node": node}, fetch=True
+    )
+    if claimed is None:  # the row was wrong (changed by hand?): give the count back
         log.error("the licence pool's row counts a free licence the licence rows lack; recounting it")
         recount_pool(session)
         return None
-    connection.execute(_USAGE, {"at": at, "used": counts.used, "total": counts.total})
+    slot = claimed[0]
+    write_behind.defer(connection, _USAGE, {"at": at, "used": counts.used, "total": counts.total})
     if call is not None:
         _audit_acquire(session, logon, node, at, call, int(slot))
     mark_pool_changed(session)
@@ -1235,32 +1239,12 @@ _LOCK = text(
 
 _psycopg_style = write_behind.psycopg_style
 _bound = write_behind.bound
+_on_driver = write_behind.on_driver
 _LOCK_PG = _psycopg_style(_LOCK)
 _FACTS_PG = _psycopg_style(_FACTS)
 # sqlite3 takes SQLAlchemy's ``:name`` parameters itself: the same texts, run on the driver.
 _FACTS_SQLITE = str(_FACTS)
 _CALL_SQLITE = str(_CALL)
-
-
-def _on_driver(connection: Connection, sql: str, values: dict[str, Any], *, fetch: bool) -> Any:
-    """SQLite: run one call-decision statement on the session's driver connection, inside its
-    transaction (the ``BEGIN IMMEDIATE`` was sent when the session took the connection); its first
-    row when ``fetch``.
-
-    SQLAlchemy's execution layer (compiled-statement cache, execution context, result wrapper)
-    cost more than SQLite's own work for these one-row statements, which the hook waits for.
-    ``values`` come bound by the statement's column types (:func:`_bound`), so they are fitted
-    exactly as SQLAlchemy stores them; a driver error is mapped like any statement's.
-    """
-    dialect = connection.dialect
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(sql, values)
-        return cursor.fetchone() if fetch else None
-    except dialect.loaded_dbapi.Error as exc:
-        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
-    finally:
-        cursor.close()
 
 
 def _one_round_trip(connection: Connection, statements: Sequence[tuple[Any, ...]]) -> Any:

@@ -16,7 +16,7 @@ once the commit (or an earlier round trip) sent it.
 The statements are the same texts SQLAlchemy would run, bound with the same column types; an
 error in one of them surfaces at the commit (or the next statement) as a DBAPIError, which the
 database layer maps to StoreError like any other, and nothing of the transaction is committed.
-SQLite has no round trips to save: there :func:`defer` executes at once.
+SQLite has no round trips to save: there :func:`defer` executes at once, on the driver.
 """
 
 from __future__ import annotations
@@ -60,8 +60,11 @@ def bound(connection: Connection, statement: TextClause, values: dict[str, Any])
     key = (id(statement), dialect.name)
     known = _PROCESSORS.get(key)
     if known is None or known[0] is not statement:
+        # The dialect's own form of each type, as SQLAlchemy's execution binds it (on SQLite a
+        # DateTime becomes SQLAlchemy's text form, not sqlite3's).
         processors = {
-            name: parameter.type.bind_processor(dialect) for name, parameter in statement._bindparams.items()
+            name: parameter.type.dialect_impl(dialect).bind_processor(dialect)
+            for name, parameter in statement._bindparams.items()
         }
         known = _PROCESSORS[key] = (statement, processors)
     processors = known[1]
@@ -72,11 +75,46 @@ def bound(connection: Connection, statement: TextClause, values: dict[str, Any])
     return result
 
 
+_DRIVER_TEXTS: dict[int, tuple[TextClause, str]] = {}
+
+
+def on_driver(connection: Connection, sql: str, values: dict[str, Any], *, fetch: bool) -> Any:
+    """SQLite: run one statement on the session's driver connection, inside its transaction (the
+    ``BEGIN IMMEDIATE`` was sent when the session took the connection); its first row when ``fetch``.
+
+    SQLAlchemy's execution layer (compiled-statement cache, execution context, result wrapper)
+    costs more than SQLite's own work for the one-row statements a call waits for. ``values`` come
+    bound by the statement's column types (:func:`bound`), so they are fitted exactly as SQLAlchemy
+    stores them; sqlite3 takes SQLAlchemy's ``:name`` parameters itself; a driver error is mapped
+    like any statement's. A row of an ``UPDATE ... RETURNING`` is complete after the first step
+    (SQLite makes every change then), so reading only the first row loses nothing.
+    """
+    dialect = connection.dialect
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, values)
+        return cursor.fetchone() if fetch else None
+    except dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
+
+
+def run_on_driver(
+    connection: Connection, statement: TextClause, values: dict[str, Any], *, fetch: bool
+) -> Any:
+    """SQLite: :func:`on_driver` for ``statement`` with ``values`` bound by its types."""
+    known = _DRIVER_TEXTS.get(id(statement))
+    if known is None or known[0] is not statement:
+        known = _DRIVER_TEXTS[id(statement)] = (statement, str(statement))
+    return on_driver(connection, known[1], bound(connection, statement, values), fetch=fetch)
+
+
 def defer(connection: Connection, statement: TextClause, values: dict[str, Any]) -> None:
-    """Run ``statement`` (a write whose result is not needed) now on SQLite, with the next round
-    trip on PostgreSQL."""
+    """Run ``statement`` (a write whose result is not needed) now on SQLite (on the driver), with
+    the next round trip on PostgreSQL."""
     if connection.dialect.name != "postgresql":
-        connection.execute(statement, values)
+        run_on_driver(connection, statement, values, fetch=False)
         return
     queue: list[tuple[str, dict[str, Any]]] = connection.info.setdefault(QUEUE, [])
     queue.append((psycopg_style(statement), bound(connection, statement, values)))

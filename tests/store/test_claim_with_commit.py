@@ -13,6 +13,7 @@ has, so the comparison holds there too.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,13 +120,23 @@ def scenario(service: BridgeService, clock: FakeClock, seed: int) -> list[str]:
     return answers
 
 
-def run(url: str, clock_start: FakeClock, seed: int, *, with_commit: bool, monkeypatch: Any) -> Any:
+def run(
+    url: str,
+    clock_start: FakeClock,
+    seed: int,
+    *,
+    with_commit: bool,
+    monkeypatch: Any,
+    through_sqlalchemy: bool = False,
+) -> Any:
     clock = FakeClock()
     clock.now = clock_start.now
     with monkeypatch.context() as patch:
         if not with_commit:
             patch.setattr(ops, "claims_with_commit", lambda session: False)
             patch.setattr(ops, "flush_pool", _flush_now(ops.flush_pool))
+        if through_sqlalchemy:
+            patch.setattr(write_behind, "run_on_driver", _through_sqlalchemy)
         service = service_on(url, clock)
         try:
             answers = scenario(service, clock, seed)
@@ -143,6 +154,12 @@ def run(url: str, clock_start: FakeClock, seed: int, *, with_commit: bool, monke
         finally:
             service.database.dispose()
     return answers, rows
+
+
+def _through_sqlalchemy(connection: Any, statement: Any, values: dict[str, Any], *, fetch: bool) -> Any:
+    """What write_behind.run_on_driver replaced: the statement through SQLAlchemy's execution."""
+    result = connection.execute(statement, values)
+    return result.first() if fetch else None
 
 
 def _flush_now(flush: Any) -> Any:
@@ -164,6 +181,24 @@ def test_claims_with_the_commit_store_what_claims_before_it_stored(
     answers = " ".join(before[0])
     # The scenario reached what it is meant to compare: grants, a full pool, releases, and a NUL.
     assert "licence_acquired" in answers and "emergency_only" in answers and "release 1" in answers
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_sqlite_licence_statements_on_the_driver_store_what_sqlalchemy_stored(
+    sqlite_url: str, clock: FakeClock, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite runs a claim's statements (the pool's row, the licence row, the usage and audit lines)
+    on the sqlite3 cursor: the same random calls through SQLAlchemy's execution give the same
+    answers and the same rows, hostile values and a pool that runs full included."""
+    before = run(sqlite_url, clock, seed, with_commit=True, monkeypatch=monkeypatch, through_sqlalchemy=True)
+    Path(sqlite_url.removeprefix("sqlite:///")).unlink()
+    after = run(sqlite_url, clock, seed, with_commit=True, monkeypatch=monkeypatch)
+    assert after[0] == before[0]
+    for table in TABLES:
+        assert after[1][table] == before[1][table], table
+    answers = " ".join(before[0])
+    assert "licence_acquired" in answers and "emergency_only" in answers and "release 1" in answers
+    assert any(len(row[2]) > 100 or "'" in row[3] for row in after[1]["audit"])  # hostile values stored
 
 
 def test_the_claim_travels_with_the_commit_on_postgresql(postgres_url: str, clock: FakeClock) -> None:
