@@ -129,7 +129,7 @@ def pgbench_script() -> str:
             f"\\set n :client_id * {LOGONS_PER_PROCESS} + random(0, {LOGONS_PER_PROCESS - 1})",
             "\\startpipeline",
             "BEGIN;",
-            sql(ops._LOCK),
+            sql(ops._LOCK_FOR_FACTS),
             sql(ops._FACTS),
             "\\endpipeline",
             "\\startpipeline",

@@ -1235,12 +1235,22 @@ _CALL = text(
 _LOCK = text(
     f"SELECT pg_advisory_xact_lock(hashtext(:logon)), pg_advisory_xact_lock_shared({_POOL_LOCK_KEY})"
 )
+# What a decision runs after its locks looks rows up by key (its facts, the leg, a licence row), so
+# one plan fits every value: the decision's transaction uses the plan PostgreSQL keeps for a
+# prepared statement (plan_cache_mode auto until its COMMIT) instead of planning each execution,
+# the connections' default for the batches (see database.py). Planning was most of the server's
+# work for these statements (the claim's paragraph above).
+_CACHED_PLANS = "set_config('plan_cache_mode', 'auto', true)"
+_LOCK_FOR_FACTS = text(
+    f"SELECT pg_advisory_xact_lock(hashtext(:logon)), pg_advisory_xact_lock_shared({_POOL_LOCK_KEY}),"
+    f" {_CACHED_PLANS}"
+)
 
 
 _psycopg_style = write_behind.psycopg_style
 _bound = write_behind.bound
 _on_driver = write_behind.on_driver
-_LOCK_PG = _psycopg_style(_LOCK)
+_LOCK_FOR_FACTS_PG = _psycopg_style(_LOCK_FOR_FACTS)
 _FACTS_PG = _psycopg_style(_FACTS)
 # sqlite3 takes SQLAlchemy's ``:name`` parameters itself: the same texts, run on the driver.
 _FACTS_SQLITE = str(_FACTS)
@@ -1260,7 +1270,8 @@ def _one_round_trip(connection: Connection, statements: Sequence[tuple[Any, ...]
 def _locked_facts(connection: Connection, logon: str, node: str, channel: str) -> Any:
     """PostgreSQL: the log-on's lock and then its facts, in one round trip with the BEGIN."""
     values = _bound(connection, _FACTS, {"logon": logon, "node": node, "channel": channel})
-    return _one_round_trip(connection, [(_LOCK_PG, {"logon": values["logon"]}), (_FACTS_PG, values)])
+    locks = (_LOCK_FOR_FACTS_PG, {"logon": values["logon"]})
+    return _one_round_trip(connection, [locks, (_FACTS_PG, values)])
 
 
 @dataclass(frozen=True)
@@ -1279,8 +1290,10 @@ class DecisionFacts:
 # be waiting for that row).
 # The pool lock is taken shared after every log-on's lock, as _LOCK does: waiting for a log-on's
 # lock while holding it could close a circle with a change of the pool's shape queued for it.
+# The group's transaction uses cached plans, as a single decision's does (_LOCK_FOR_FACTS).
 _LOCK_MANY = text(
-    "SELECT pg_advisory_xact_lock_shared(CAST(:pool AS bigint)) FROM"
+    "SELECT pg_advisory_xact_lock_shared(CAST(:pool AS bigint)), set_config('plan_cache_mode', 'auto', true)"
+    " FROM"
     " (SELECT count(pg_advisory_xact_lock(k)) AS n FROM (SELECT DISTINCT hashtext(l) AS k"
     " FROM unnest(CAST(:logons AS text[])) AS l ORDER BY k) AS keys) AS locked"
 )

@@ -191,3 +191,42 @@ def test_a_begin_refused_by_a_locked_sqlite_database_is_a_store_error(sqlite_url
     finally:
         holder.close()
         database.dispose()
+
+
+def test_a_decision_uses_cached_plans_only_until_its_commit(postgres_url: str) -> None:
+    """PostgreSQL: a decision's key lookups run with the plan kept for a prepared statement instead
+    of being planned at each execution (the connections' default, which the batches need); the
+    setting ends with the decision's transaction."""
+    database = Database(postgres_url)
+    try:
+        database.upgrade()
+        # psycopg prepares a statement on its fifth execution; PostgreSQL then plans it for its
+        # values five times (plan_cache_mode auto) before it settles on the kept plan.
+        for i in range(20):
+            with database.begin() as session:
+                ops.decision_facts(session, "n", f"u{i}", f"PJSIP/u{i}-1")
+                connection = session.connection()
+                mode = connection.exec_driver_sql("SHOW plan_cache_mode").scalar()
+                assert mode == "auto"
+            with database.begin() as session:
+                assert (
+                    session.connection().exec_driver_sql("SHOW plan_cache_mode").scalar()
+                    == "force_custom_plan"
+                )
+                plans = (
+                    session.connection()
+                    .exec_driver_sql(
+                        "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                        " WHERE statement LIKE '%%FROM registrations r WHERE r.logon%%'"
+                        " AND statement NOT LIKE '%%pg_prepared_statements%%'"
+                    )
+                    .all()
+                )
+        with database.begin() as session:  # a group of decisions, the same way
+            ops.group_facts(session, "n", [("a", "PJSIP/a-1"), ("b", "PJSIP/b-1")])
+            assert session.connection().exec_driver_sql("SHOW plan_cache_mode").scalar() == "auto"
+        assert len(plans) == 1
+        generic, custom = plans[0]
+        assert custom == 5 and generic >= 5, (generic, custom)  # then no longer planned per execution
+    finally:
+        database.dispose()
