@@ -48,6 +48,7 @@ from forum_bridge.store.models import (
     SubscriberRow,
     UsageRow,
     UTCDateTime,
+    stored,
 )
 from forum_bridge.store.status_query import PoolCounts
 
@@ -386,7 +387,8 @@ def lock_logon(session: Session, logon: str) -> None:
     does hold a licence. SQLite needs nothing: ``BEGIN IMMEDIATE`` already serialises writers.
     """
     if _postgresql(session):
-        session.connection().execute(_LOCK, {"logon": logon})
+        # The stored name, as a decision locks it (two spellings that fit to one log-on, one lock).
+        session.connection().execute(_LOCK, {"logon": stored(SubscriberRow.logon, logon)})
         session.info.setdefault(_POOL_HELD, "shared")
 
 
@@ -1299,24 +1301,12 @@ _LOCK_MANY = text(
 )
 
 
-def lock_logons(session: Session, logons: Sequence[str]) -> None:
-    """Take the per-log-on locks of several decisions at once, before any of them reads or writes.
-
-    On PostgreSQL this is :func:`lock_logon` for each, plus the pool lock shared, in one round
-    trip; then :func:`decision_facts` with ``locked=True`` reads each log-on's facts. SQLite needs
-    nothing (``BEGIN IMMEDIATE`` serialises writers).
-    """
-    if logons and _postgresql(session):
-        session.connection().execute(_LOCK_MANY, {"logons": sorted(set(logons)), "pool": _POOL_LOCK_KEY})
-        session.info.setdefault(_POOL_HELD, "shared")
-
-
 _LOCK_MANY_PG = _psycopg_style(_LOCK_MANY)
 
 
 def group_facts(session: Session, node: str, asked: Sequence[tuple[str, str]]) -> list[DecisionFacts | None]:
     """Lock the log-ons of a group of decisions and read each one's facts: one round trip on
-    PostgreSQL (the deferred writes, the locks as :func:`lock_logons` takes them, every read).
+    PostgreSQL (the deferred writes, every log-on's lock and the pool lock shared, every read).
 
     ``asked``: (log-on, channel) per decision, in the group's order. The answer for a decision
     whose log-on or channel (as stored) came earlier in the group is None: the earlier decision's
@@ -1384,7 +1374,7 @@ def decision_facts(
 
     On PostgreSQL the log-on is locked first (as :func:`lock_logon` does), so two decisions about
     it queue; the facts are read in a later statement, after the lock is held. ``locked``: the
-    transaction holds it already (:func:`lock_logons`).
+    transaction holds it already (:func:`group_facts`).
     """
     connection = session.connection()
     if connection.dialect.name == "postgresql" and not locked:
