@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -129,3 +130,72 @@ def test_on_postgresql_a_call_stuck_on_a_log_ons_lock_does_not_hold_up_the_other
         late, answered = run(scenario())
     assert [a["FORUM_BRIDGE_REASON"] for a in answered] == ["licence_acquired"] * len(others)
     assert late["FORUM_BRIDGE_REASON"] == "licence_acquired"
+
+
+def _relay(stall: float) -> tuple[Any, list[tuple[int, int]], threading.Event]:
+    """A _GroupDecider with four threads whose first group waits for the returned event; it records
+    (thread, group size) per group and answers every call allowed."""
+    from forum_bridge.adapters.asterisk.agi import _GroupDecider
+    from forum_bridge.core import Decision, Reason
+
+    release = threading.Event()
+    groups: list[tuple[int, int]] = []
+
+    def decide(questions: list[CallQuestion], answered: Callable[[list[Any]], None]) -> None:
+        groups.append((threading.get_ident(), len(questions)))
+        if len(groups) == 1:
+            release.wait(10.0)
+        answered([Decision(True, Reason.LICENSED)] * len(questions))
+
+    return _GroupDecider(decide, threads=4, stall=stall), groups, release
+
+
+def _question(n: int) -> CallQuestion:
+    from forum_bridge.core import Direction
+
+    return CallQuestion(f"u{n}", "600", Direction.OUTBOUND, f"PJSIP/u{n}-{n:08x}")
+
+
+def test_decider_threads_relay_the_calls_queued_behind_a_group_into_one_group() -> None:
+    """While a group is being decided, the calls queued behind it wait and go together in the next
+    group, decided by one thread (no other thread takes them while the group is not stalled)."""
+    decider, groups, release = _relay(stall=30.0)
+
+    async def scenario() -> None:
+        first = decider.submit(_question(0))
+        await until(lambda: len(groups) == 1, "the first group")
+        queued = [decider.submit(_question(n)) for n in range(1, 6)]
+        await asyncio.sleep(0.05)  # time for another thread to take them, if one wrongly did
+        assert len(groups) == 1 and not any(f.done() for f in queued)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, *queued), 10.0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        decider.close()
+    assert [size for _thread, size in groups] == [1, 5]
+    assert len({thread for thread, _size in groups}) == 1
+
+
+def test_a_stalled_group_lets_another_thread_decide_the_calls_behind_it() -> None:
+    """A group stuck for longer than the stall time (a lock another node holds) holds up the calls
+    behind it no longer: another thread decides them while it is still stuck."""
+    decider, groups, release = _relay(stall=0.05)
+
+    async def scenario() -> None:
+        first = decider.submit(_question(0))
+        await until(lambda: len(groups) == 1, "the first group")
+        others = [decider.submit(_question(n)) for n in range(1, 4)]
+        await asyncio.wait_for(asyncio.gather(*others), 10.0)
+        assert not first.done()  # still stuck
+        release.set()
+        await asyncio.wait_for(first, 10.0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        decider.close()
+    assert len({thread for thread, _size in groups}) == 2

@@ -24,9 +24,10 @@ rolled back (it takes no licence later), and the call leg keeps that answer when
 comes (see :class:`forum_bridge.service.DecisionTicket`). An outbound decision is stored under
 the leg's channel, so the AMI event of the same leg reuses it instead of deciding again.
 
-Outbound calls are decided in one database thread of the hook's own: the calls that queued while
-it was busy are decided together in one transaction (each by the same rules and with its own
-answer; see ``_GroupDecider``). Emergency calls and ``inbound`` never wait in that queue.
+Outbound calls are decided in a database thread of the hook's own (on PostgreSQL up to four,
+relaying): the calls that queued while it was busy are decided together in one transaction (each
+by the same rules and with its own answer; see ``_GroupDecider``). Emergency calls and
+``inbound`` never wait in that queue.
 
 Every client is bounded in time and memory: one that connects and closes, stalls, or sends
 garbage costs a few kilobytes for at most ``read_timeout`` seconds.
@@ -42,11 +43,11 @@ refused.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import ipaddress
 import logging
-import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -84,8 +85,12 @@ _COMMIT_GRACE = 1.0
 _GROUP_LIMIT = 64
 _POSTGRESQL_DECIDERS = 4
 """Decider threads on PostgreSQL. A decision can wait there on one log-on's lock held by another
-node (a node hung in the middle of its own decision keeps it until its connection dies); the other
-threads keep deciding everybody else's calls meanwhile. SQLite has one writer: one thread."""
+node (a node hung in the middle of its own decision keeps it until its connection dies); after
+``_STALL`` another thread decides everybody else's calls meanwhile. SQLite has one writer: one
+thread."""
+_STALL = 0.05
+"""Seconds a group of decisions runs before the calls queued behind it are decided by another
+thread (PostgreSQL); normal groups take a few milliseconds."""
 BRIDGE_ERROR = "bridge_error"
 
 
@@ -568,96 +573,125 @@ class FastAgiServer:
 
 
 class _GroupDecider:
-    """One database thread that decides the hook's outbound calls, those queued meanwhile together.
+    """Database threads that decide the hook's outbound calls, those queued meanwhile together.
 
     With one thread per call, 20 calls at once meant 20 transactions queueing for SQLite's writer
     (or 20 PostgreSQL connections competing for two cores), each paying its own BEGIN and COMMIT,
-    and threads competing with the event loop for the interpreter. Here a call is put in a queue
-    (no polling: the thread sleeps in ``get``); the thread takes every call waiting, decides them
-    in one transaction (:meth:`~forum_bridge.service.BridgeService.authorize_group`) and hands
-    the answers back to the event loop in one wake-up. A lone call pays the same hop as before.
+    and threads competing with the event loop for the interpreter. Here a call is put in a queue;
+    a thread takes every call waiting, decides them in one transaction
+    (:meth:`~forum_bridge.service.BridgeService.authorize_group`) and hands the answers back to the
+    event loop in one wake-up. A lone call pays the same hop as before.
 
-    With ``threads`` > 1 (PostgreSQL) several such threads take from the one queue, so a decision
-    stuck on a lock holds up only the calls of its own group, not every call after it. Groups take
-    their log-on locks in one sorted statement, so two groups never wait on each other in a cycle.
+    With ``threads`` > 1 (PostgreSQL) the threads relay: one group is decided at a time, and the
+    calls queued meanwhile wait for it and go together in the next, which costs the least per call
+    (each group's BEGIN, locks and COMMIT are shared, and threads do not take turns with the event
+    loop for the interpreter). Only when every group in flight has run for ``stall`` seconds (one
+    waiting on a log-on's lock held by another node, which a node hung in the middle of its own
+    decision keeps until its connection dies) does another thread take the queued calls, so a
+    stuck decision holds up the others by ``stall`` at most, not until it ends. Groups take their
+    log-on locks in one sorted statement, so two groups never wait on each other in a cycle.
     """
 
     def __init__(
-        self, decide: Callable[[list[CallQuestion], Callable[[list[Any]], None]], object], threads: int = 1
+        self,
+        decide: Callable[[list[CallQuestion], Callable[[list[Any]], None]], object],
+        threads: int = 1,
+        *,
+        stall: float = _STALL,
     ) -> None:
         self._decide = decide
         self._count = max(1, threads)
-        self._queue: queue.SimpleQueue[
-            tuple[CallQuestion, asyncio.Future[Decision], asyncio.AbstractEventLoop] | None
-        ] = queue.SimpleQueue()
+        self._stall = stall
+        self._pending: collections.deque[
+            tuple[CallQuestion, asyncio.Future[Decision], asyncio.AbstractEventLoop]
+        ] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        # Groups in flight: thread ident -> when it took its group (time.monotonic()).
+        self._busy: dict[int, float] = {}
         self._threads: list[threading.Thread] = []
         self._closed = False
-        self._start_lock = threading.Lock()
 
     def submit(self, question: CallQuestion) -> asyncio.Future[Decision]:
         """Queue ``question``; the future gets its Decision (or the exception deciding it raised)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
-        if self._closed:
-            future.set_exception(DecisionAbandoned("the hook is closing"))
-            return future
-        if not self._threads:
-            with self._start_lock:
-                if not self._threads:
-                    threads = [
-                        threading.Thread(target=self._run, name=f"forum-bridge-hook-db-{n}", daemon=True)
-                        for n in range(self._count)
-                    ]
-                    for thread in threads:
-                        thread.start()
-                    self._threads = threads
-        self._queue.put((question, future, loop))
+        with self._cond:
+            if self._closed:
+                future.set_exception(DecisionAbandoned("the hook is closing"))
+                return future
+            if not self._threads:
+                self._threads = [
+                    threading.Thread(target=self._run, name=f"forum-bridge-hook-db-{n}", daemon=True)
+                    for n in range(self._count)
+                ]
+                for thread in self._threads:
+                    thread.start()
+            self._pending.append((question, future, loop))
+            self._cond.notify()
         return future
 
     def close(self) -> None:
         """Stop the threads once the calls queued before are decided (blocks; run it in a thread)."""
-        self._closed = True
-        threads = self._threads
-        for _thread in threads:
-            self._queue.put(None)  # one each: a thread takes one and stops after its group
+        with self._cond:
+            self._closed = True
+            threads = self._threads
+            self._cond.notify_all()
         for thread in threads:
             thread.join(30.0)
 
+    def _take(self) -> list[Any] | None:
+        """Wait for calls this thread may decide now; None once closed with nothing left."""
+        me = threading.get_ident()
+        with self._cond:
+            while True:
+                if self._pending:
+                    now = time.monotonic()
+                    # A thread whose groups are all stalled for ``stall`` lets another one go.
+                    since = max(self._busy.values(), default=None)
+                    if since is None or now - since >= self._stall:
+                        count = min(_GROUP_LIMIT, len(self._pending))
+                        group = [self._pending.popleft() for _ in range(count)]
+                        self._busy[me] = now
+                        return group
+                    self._cond.wait(since + self._stall - now)
+                elif self._closed:
+                    return None
+                else:
+                    self._cond.wait()
+
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            if item is None:
+        me = threading.get_ident()
+        while True:
+            group = self._take()
+            if group is None:
                 return
-            group = [item]
-            while len(group) < _GROUP_LIMIT:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                group.append(more)
-            delivered = False
-
-            def hand_back(answers: list[Any], group: list[Any] = group) -> None:
-                nonlocal delivered
-                delivered = True
-                by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Decision], Any]]] = {}
-                for (_question, future, loop), answer in zip(group, answers, strict=True):
-                    by_loop.setdefault(loop, []).append((future, answer))
-                for loop, results in by_loop.items():
-                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-                        loop.call_soon_threadsafe(_deliver, results)
-
             try:
-                # The answers go back as soon as they are known; log lines and listeners follow.
-                self._decide([question for question, _f, _l in group], hand_back)
-            except Exception as exc:  # a bug must answer every caller (by its fail mode), not hang them
-                log.exception("deciding %d calls together failed", len(group))
-                if not delivered:
-                    hand_back([StoreError(f"deciding failed: {type(exc).__name__}")] * len(group))
+                self._decide_group(group)
+            finally:
+                # Calls queued meanwhile are this thread's next group: no other thread is woken.
+                with self._cond:
+                    del self._busy[me]
+
+    def _decide_group(self, group: list[Any]) -> None:
+        delivered = False
+
+        def hand_back(answers: list[Any]) -> None:
+            nonlocal delivered
+            delivered = True
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Decision], Any]]] = {}
+            for (_question, future, loop), answer in zip(group, answers, strict=True):
+                by_loop.setdefault(loop, []).append((future, answer))
+            for loop, results in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                    loop.call_soon_threadsafe(_deliver, results)
+
+        try:
+            # The answers go back as soon as they are known; log lines and listeners follow.
+            self._decide([question for question, _f, _l in group], hand_back)
+        except Exception as exc:  # a bug must answer every caller (by its fail mode), not hang them
+            log.exception("deciding %d calls together failed", len(group))
+            if not delivered:
+                hand_back([StoreError(f"deciding failed: {type(exc).__name__}")] * len(group))
 
 
 def _deliver(results: list[tuple[asyncio.Future[Decision], Any]]) -> None:
