@@ -198,4 +198,4 @@ def test_a_stalled_group_lets_another_thread_decide_the_calls_behind_it() -> Non
     finally:
         release.set()
         decider.close()
-    assert len({thread for thread, _size in groups}) == 2
+    assert len({thread for thread, _size in groups}) >= 2

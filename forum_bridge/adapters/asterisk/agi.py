@@ -43,11 +43,11 @@ refused.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import ipaddress
 import logging
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -582,14 +582,15 @@ class _GroupDecider:
     (:meth:`~forum_bridge.service.BridgeService.authorize_group`) and hands the answers back to the
     event loop in one wake-up. A lone call pays the same hop as before.
 
-    With ``threads`` > 1 (PostgreSQL) the threads relay: one group is decided at a time, and the
-    calls queued meanwhile wait for it and go together in the next, which costs the least per call
-    (each group's BEGIN, locks and COMMIT are shared, and threads do not take turns with the event
-    loop for the interpreter). Only when every group in flight has run for ``stall`` seconds (one
-    waiting on a log-on's lock held by another node, which a node hung in the middle of its own
-    decision keeps until its connection dies) does another thread take the queued calls, so a
-    stuck decision holds up the others by ``stall`` at most, not until it ends. Groups take their
-    log-on locks in one sorted statement, so two groups never wait on each other in a cycle.
+    With ``threads`` > 1 (PostgreSQL) the threads relay: the thread holding the turn takes the
+    queued calls and keeps the turn until its group is decided, so the calls queued meanwhile wait
+    for it and go together in the next group, which costs the least per call (each group's BEGIN,
+    locks and COMMIT are shared, and threads do not take turns with the event loop for the
+    interpreter). Only when that group has run for ``stall`` seconds (waiting on a log-on's lock
+    held by another node, which a node hung in the middle of its own decision keeps until its
+    connection dies) does another thread take the queued calls without the turn, so a stuck
+    decision holds up the others by ``stall`` at most, not until it ends. Groups take their log-on
+    locks in one sorted statement, so two groups never wait on each other in a cycle.
     """
 
     def __init__(
@@ -602,75 +603,81 @@ class _GroupDecider:
         self._decide = decide
         self._count = max(1, threads)
         self._stall = stall
-        self._pending: collections.deque[
-            tuple[CallQuestion, asyncio.Future[Decision], asyncio.AbstractEventLoop]
-        ] = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
-        # Groups in flight: thread ident -> when it took its group (time.monotonic()).
-        self._busy: dict[int, float] = {}
+        self._queue: queue.SimpleQueue[
+            tuple[CallQuestion, asyncio.Future[Decision], asyncio.AbstractEventLoop] | None
+        ] = queue.SimpleQueue()
+        # Held by the thread whose turn it is to take calls, until its group is decided.
+        self._turn = threading.Lock()
+        # When the holder of the turn took its group (time.monotonic()); None while it waits.
+        self._turn_busy_since: float | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._start_lock = threading.Lock()
 
     def submit(self, question: CallQuestion) -> asyncio.Future[Decision]:
         """Queue ``question``; the future gets its Decision (or the exception deciding it raised)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
-        with self._cond:
-            if self._closed:
-                future.set_exception(DecisionAbandoned("the hook is closing"))
-                return future
-            if not self._threads:
-                self._threads = [
-                    threading.Thread(target=self._run, name=f"forum-bridge-hook-db-{n}", daemon=True)
-                    for n in range(self._count)
-                ]
-                for thread in self._threads:
-                    thread.start()
-            self._pending.append((question, future, loop))
-            self._cond.notify()
+        if self._closed:
+            future.set_exception(DecisionAbandoned("the hook is closing"))
+            return future
+        if not self._threads:
+            with self._start_lock:
+                if not self._threads:
+                    threads = [
+                        threading.Thread(target=self._run, name=f"forum-bridge-hook-db-{n}", daemon=True)
+                        for n in range(self._count)
+                    ]
+                    for thread in threads:
+                        thread.start()
+                    self._threads = threads
+        self._queue.put((question, future, loop))
         return future
 
     def close(self) -> None:
         """Stop the threads once the calls queued before are decided (blocks; run it in a thread)."""
-        with self._cond:
-            self._closed = True
-            threads = self._threads
-            self._cond.notify_all()
+        self._closed = True
+        threads = self._threads
+        for _thread in threads:
+            self._queue.put(None)  # one each: a thread takes one and stops after its group
         for thread in threads:
             thread.join(30.0)
 
-    def _take(self) -> list[Any] | None:
-        """Wait for calls this thread may decide now; None once closed with nothing left."""
-        me = threading.get_ident()
-        with self._cond:
-            while True:
-                if self._pending:
-                    now = time.monotonic()
-                    # A thread whose groups are all stalled for ``stall`` lets another one go.
-                    since = max(self._busy.values(), default=None)
-                    if since is None or now - since >= self._stall:
-                        count = min(_GROUP_LIMIT, len(self._pending))
-                        group = [self._pending.popleft() for _ in range(count)]
-                        self._busy[me] = now
-                        return group
-                    self._cond.wait(since + self._stall - now)
-                elif self._closed:
-                    return None
-                else:
-                    self._cond.wait()
+    def _wait_for_turn(self) -> bool:
+        """Block until this thread may take calls: True with the turn held, False (turn not held)
+        when the holder's group has been stuck for ``stall`` seconds."""
+        while not self._turn.acquire(timeout=self._stall):
+            since = self._turn_busy_since
+            if since is not None and time.monotonic() - since >= self._stall:
+                return False
+        return True
 
     def _run(self) -> None:
-        me = threading.get_ident()
-        while True:
-            group = self._take()
-            if group is None:
-                return
+        stop = False
+        while not stop:
+            holding = self._wait_for_turn()
             try:
+                # The queue's own blocking get: a lone call wakes this thread directly.
+                item = self._queue.get()
+                if item is None:
+                    return
+                group = [item]
+                while len(group) < _GROUP_LIMIT:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    group.append(more)
+                if holding:
+                    self._turn_busy_since = time.monotonic()
                 self._decide_group(group)
             finally:
-                # Calls queued meanwhile are this thread's next group: no other thread is woken.
-                with self._cond:
-                    del self._busy[me]
+                if holding:
+                    self._turn_busy_since = None
+                    self._turn.release()
 
     def _decide_group(self, group: list[Any]) -> None:
         delivered = False
