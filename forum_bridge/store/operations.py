@@ -459,8 +459,11 @@ def acquire_for_call(
 # every value, and planning it at each execution (the connections' default, force_custom_plan,
 # which the storm's batches need) was most of the server's work for a licence: the same
 # transactions from pgbench went from 1,300-1,800 to 2,800-4,800 operations/s with cached plans.
+# Switches the rest of a transaction to the plans PostgreSQL keeps for prepared statements; the
+# COMMIT reverts it (the connections plan each execution, see database.py).
+_CACHED_PLANS = "set_config('plan_cache_mode', 'auto', true)"
 _LOCK_POOL_ROW = text(
-    "SELECT set_config('plan_cache_mode', 'auto', true) FROM licence_pool WHERE id = 1 FOR NO KEY UPDATE"
+    f"SELECT {_CACHED_PLANS} FROM licence_pool WHERE id = 1 FOR NO KEY UPDATE"  # noqa: S608 - constant text
 )
 _CLAIM_WITH_COMMIT = text(
     "WITH v AS (SELECT CAST(:logon AS text) AS logon, CAST(:node AS text) AS node,"
@@ -1242,7 +1245,6 @@ _LOCK = text(
 # prepared statement (plan_cache_mode auto until its COMMIT) instead of planning each execution,
 # the connections' default for the batches (see database.py). Planning was most of the server's
 # work for these statements (the claim's paragraph above).
-_CACHED_PLANS = "set_config('plan_cache_mode', 'auto', true)"
 _LOCK_FOR_FACTS = text(
     f"SELECT pg_advisory_xact_lock(hashtext(:logon)), pg_advisory_xact_lock_shared({_POOL_LOCK_KEY}),"
     f" {_CACHED_PLANS}"
@@ -1256,7 +1258,6 @@ _LOCK_FOR_FACTS_PG = _psycopg_style(_LOCK_FOR_FACTS)
 _FACTS_PG = _psycopg_style(_FACTS)
 # sqlite3 takes SQLAlchemy's ``:name`` parameters itself: the same texts, run on the driver.
 _FACTS_SQLITE = str(_FACTS)
-_CALL_SQLITE = str(_CALL)
 
 
 def _one_round_trip(connection: Connection, statements: Sequence[tuple[Any, ...]]) -> Any:
@@ -1294,8 +1295,7 @@ class DecisionFacts:
 # lock while holding it could close a circle with a change of the pool's shape queued for it.
 # The group's transaction uses cached plans, as a single decision's does (_LOCK_FOR_FACTS).
 _LOCK_MANY = text(
-    "SELECT pg_advisory_xact_lock_shared(CAST(:pool AS bigint)), set_config('plan_cache_mode', 'auto', true)"
-    " FROM"
+    f"SELECT pg_advisory_xact_lock_shared(CAST(:pool AS bigint)), {_CACHED_PLANS} FROM"  # noqa: S608 - constant text
     " (SELECT count(pg_advisory_xact_lock(k)) AS n FROM (SELECT DISTINCT hashtext(l) AS k"
     " FROM unnest(CAST(:logons AS text[])) AS l ORDER BY k) AS keys) AS locked"
 )
@@ -1429,10 +1429,7 @@ def record_call_decision(
         "allowed": decision.allowed,
         "reason": decision.reason.value,
     }
-    if connection.dialect.name == "postgresql":
-        write_behind.defer(connection, _CALL, values)
-    else:
-        _on_driver(connection, _CALL_SQLITE, _bound(connection, _CALL, values), fetch=False)
+    write_behind.defer(connection, _CALL, values)
 
 
 # --- nodes ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from forum_bridge.core import Decision, Reason
 from forum_bridge.errors import StoreError
 from forum_bridge.store import operations as ops
+from forum_bridge.store import write_behind
 from forum_bridge.store.database import Database
 from forum_bridge.store.models import CallRow, LicenceRow, ProfileRow, RegistrationRow, SubscriberRow, stored
 
@@ -156,9 +157,7 @@ def test_a_driver_error_is_a_store_error_and_commits_nothing(database_url: str) 
                 # The same statement, with a value its column refuses (NOT NULL), on the driver.
                 connection = session.connection()
                 if database.dialect == "sqlite":
-                    ops._on_driver(
-                        connection, ops._CALL_SQLITE, ops._bound(connection, ops._CALL, values), fetch=False
-                    )
+                    write_behind.run_on_driver(connection, ops._CALL, values, fetch=False)
                 else:
                     connection.execute(ops._CALL, values)
 
