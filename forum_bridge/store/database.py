@@ -105,6 +105,10 @@ def make_engine(url: str) -> Engine:
             # an install): for a batch's IN list of 250 log-ons that plan took 400 ms instead of
             # 5. Planning each execution with its values costs a fraction of a millisecond.
             "options": "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
+            # The decision path prepares its statements itself (store.libpq_pipeline). psycopg
+            # answers every ROLLBACK of a connection it prepared on with DEALLOCATE ALL, which
+            # would drop those too; left to prepare nothing, it never sends one.
+            "prepare_threshold": None,
         },
     )
     _ping_idle_connections(engine)

@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, CursorResult
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from forum_bridge.core.rules import Decision, LogonState, Reason
@@ -1336,7 +1336,7 @@ def group_facts(session: Session, node: str, asked: Sequence[tuple[str, str]]) -
         reads = [(_FACTS_PG, bound) for bound, fresh in zip(values, first, strict=True) if fresh]
         locks = (_LOCK_MANY_PG, {"logons": logons, "pool": _POOL_LOCK_KEY})
         rows = iter(
-            _pipelined_rows(connection, [*write_behind.with_deferred(connection, [locks]), *reads])[
+            write_behind.first_rows(connection, [*write_behind.with_deferred(connection, [locks]), *reads])[
                 -len(reads) :
             ]
         )
@@ -1346,25 +1346,6 @@ def group_facts(session: Session, node: str, asked: Sequence[tuple[str, str]]) -
         _facts_of(_on_driver(connection, _FACTS_SQLITE, bound, fetch=True)) if fresh else None
         for bound, fresh in zip(values, first, strict=True)
     ]
-
-
-def _pipelined_rows(connection: Connection, statements: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
-    """PostgreSQL: ``statements`` in one pipelined round trip; each one's first row (None for none)."""
-    dialect = connection.dialect
-    raw: Any = connection.connection.dbapi_connection
-    try:
-        cursors = [raw.cursor() for _statement in statements]
-        try:
-            with raw.pipeline():
-                for cursor, (sql, bound) in zip(cursors, statements, strict=True):
-                    cursor.execute(sql, bound)
-            return [cursor.fetchone() if cursor.description is not None else None for cursor in cursors]
-        finally:
-            for cursor in cursors:
-                cursor.close()
-    except dialect.loaded_dbapi.Error as exc:
-        # Mapped like any statement's error, so the transaction's caller sees a StoreError.
-        raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
 
 
 def decision_facts(

@@ -29,6 +29,8 @@ from sqlalchemy import TextClause
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
+from forum_bridge.store import libpq_pipeline
+
 # Connection.info key: [(SQL in psycopg's style, bound values)] not sent yet.
 QUEUE = "forum_bridge.deferred_writes"
 # Connection.info key: [(SQL, bound values, Result)] sent after QUEUE, their rows read afterwards.
@@ -40,7 +42,7 @@ _STYLES: dict[int, tuple[TextClause, str]] = {}
 
 
 def psycopg_style(statement: TextClause) -> str:
-    """``statement``'s SQL with psycopg's own parameter style, for its pipeline mode."""
+    """``statement``'s SQL in psycopg's parameter style (``%(name)s``), as the pipelines take it."""
     known = _STYLES.get(id(statement))
     if known is not None and known[0] is statement:
         return known[1]
@@ -175,37 +177,32 @@ def with_deferred(
     return [*_take(connection), *statements]
 
 
-def pipeline(connection: Connection, statements: Sequence[tuple[Any, ...]]) -> Any:
-    """PostgreSQL: run ``statements`` in order, sent together in psycopg's pipeline mode (with the
-    BEGIN the driver opens a transaction with); the first row of the last one, or None.
-
-    Each statement is (SQL, values) or (SQL, values, Result): a Result gets its statement's
-    first row once the whole pipeline succeeded.
+def first_rows(connection: Connection, statements: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """PostgreSQL: run ``statements`` ((SQL in psycopg's style, values[, Result]), ...) in order,
+    sent together in one round trip (after the BEGIN, when the transaction has not begun); each
+    one's first row, None for none.
 
     The server still runs them one after the other, each with its own snapshot, so a statement
-    after a lock sees what was committed before the lock was granted.
+    after a lock sees what was committed before the lock was granted. A :class:`Result` gets its
+    statement's first row once the whole pipeline succeeded.
     """
     dialect = connection.dialect
-    raw: Any = connection.connection.dbapi_connection
     try:
-        cursors = [raw.cursor() for _statement in statements]
-        try:
-            with raw.pipeline():
-                for cursor, statement in zip(cursors, statements, strict=True):
-                    cursor.execute(statement[0], statement[1])
-            for cursor, statement in zip(cursors, statements, strict=True):
-                result = statement[2] if len(statement) > 2 else None
-                if result is not None:
-                    result.row = cursor.fetchone() if cursor.description is not None else None
-                    result.sent = True
-            last = cursors[-1]
-            return last.fetchone() if last.description is not None else None
-        finally:
-            for cursor in cursors:
-                cursor.close()
+        rows = libpq_pipeline.first_rows(connection.connection.dbapi_connection, statements)
     except dialect.loaded_dbapi.Error as exc:
         # Mapped like any statement's error, so the transaction's caller sees a StoreError.
         raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+    for statement, row in zip(statements, rows, strict=True):
+        if len(statement) > 2 and statement[2] is not None:
+            statement[2].row = row
+            statement[2].sent = True
+    return rows
+
+
+def pipeline(connection: Connection, statements: Sequence[tuple[Any, ...]]) -> Any:
+    """PostgreSQL: :func:`first_rows`, answering the first row of the last statement only."""
+    rows = first_rows(connection, statements)
+    return rows[-1] if rows else None
 
 
 def send(connection: Connection) -> None:

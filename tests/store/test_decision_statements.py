@@ -2,7 +2,7 @@
 
 The hook's decision reads a log-on's facts (:func:`ops.decision_facts`) and stores the leg's
 decision (:func:`ops.record_call_decision`) on the session's driver connection, without
-SQLAlchemy's execution layer (on PostgreSQL in psycopg's pipeline, on SQLite on the sqlite3
+SQLAlchemy's execution layer (on PostgreSQL in libpq's pipeline mode, on SQLite on the sqlite3
 cursor). These tests run the same statements through SQLAlchemy and compare, with hostile values
 (quotes, parameter markers of every style, NUL, lone surrogates, over-long values), on both
 databases; and check that a driver error is a StoreError that commits nothing.

@@ -1,0 +1,189 @@
+"""Statements sent in one round trip through libpq's pipeline mode, below psycopg (PostgreSQL).
+
+A call decision sends two or three small pipelines per transaction. Sent through psycopg's own
+pipeline (a cursor per statement, its generators, its prepared-statement bookkeeping), the client's
+Python work for one such round trip cost more than the server's work for it: with four bridges
+sharing one pool on two cores, that work was the limit. This module sends the same statements
+through the same connection's libpq handle (``connection.pgconn``), with psycopg's own adapters
+(:class:`psycopg.adapt.Transformer`) converting values both ways, so what reaches the server and
+what comes back are what psycopg would send and return:
+
+- each statement text is prepared once per connection, in the pipeline that first runs it, under
+  a name of this module's own (``fb_<n>``, never psycopg's ``_pg3_<n>``); a preparation counts
+  only once the server said it succeeded;
+- statements without parameters (BEGIN, COMMIT) run unnamed;
+- the transaction's BEGIN is sent first when none is open, as psycopg sends it before a statement;
+- waiting for the server happens in :func:`select.select`, which releases the GIL, so other
+  threads (the hook's event loop) run meanwhile.
+
+An error in one statement aborts the rest of the pipeline (the server skips them up to the sync
+point); it is raised as psycopg's own exception for that result, which the callers map like any
+other database error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import select
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg import errors, pq
+from psycopg.adapt import PyFormat, Transformer
+
+__all__ = ["first_rows"]
+
+_PARAMETER = re.compile(rb"%\((\w+)\)s|%%")
+_IDLE = pq.TransactionStatus.IDLE
+_FATAL = pq.ExecStatus.FATAL_ERROR
+_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
+_SYNC = pq.ExecStatus.PIPELINE_SYNC
+_BEGIN = b"BEGIN"
+_UNKNOWN_STATEMENT = "26000"  # invalid_sql_statement_name
+
+# SQL in psycopg's %(name)s style -> (SQL with $n placeholders, parameter names in $n order).
+_CONVERTED: dict[str, tuple[bytes, tuple[str, ...]]] = {}
+
+
+def _converted(sql: str) -> tuple[bytes, tuple[str, ...]]:
+    known = _CONVERTED.get(sql)
+    if known is not None:
+        return known
+    names: list[str] = []
+
+    def placeholder(match: re.Match[bytes]) -> bytes:
+        if match.group(1) is None:
+            return b"%"
+        name = match.group(1).decode()
+        if name not in names:  # a name used twice is one parameter, as psycopg makes it
+            names.append(name)
+        return b"$%d" % (names.index(name) + 1)
+
+    known = _CONVERTED[sql] = (_PARAMETER.sub(placeholder, sql.encode()), tuple(names))
+    return known
+
+
+class _State:
+    """What one connection remembers: its adapters and the statements prepared on it."""
+
+    __slots__ = ("names", "prepared", "transformer")
+
+    def __init__(self, connection: Any) -> None:
+        self.transformer = Transformer(connection)
+        # (SQL, parameter types) -> the name it was prepared under on this connection.
+        self.prepared: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
+        self.names = itertools.count()
+
+
+_STATES: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
+
+
+def _state(connection: Any) -> _State:
+    state = _STATES.get(connection)
+    if state is None:
+        state = _STATES[connection] = _State(connection)
+    return state
+
+
+def first_rows(connection: Any, statements: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Run ``statements`` ((SQL in psycopg's style, values), ...) in order in one round trip on
+    the psycopg ``connection``; each one's first row as a tuple (None for no row).
+
+    Opens the transaction first when none is open (the connection is never in autocommit here).
+    Raises psycopg's exception for the first statement that failed; the server then skipped the
+    ones after it.
+    """
+    pgconn = connection.pgconn
+    state = _state(connection)
+    transformer = state.transformer
+    # Every value is converted before anything is sent: a value psycopg refuses (a NUL in a text)
+    # then leaves the connection as it was.
+    queries: list[tuple[bytes, Any, Any, Any, tuple[Any, ...]]] = []
+    for statement in statements:
+        query, names = _converted(statement[0])
+        if not names:
+            queries.append((query, None, None, None, ()))
+            continue
+        values = statement[1]
+        dumped = transformer.dump_sequence([values[name] for name in names], [PyFormat.AUTO] * len(names))
+        queries.append((query, dumped, tuple(transformer.types or ()), transformer.formats, names))
+    # One entry per query sent: ("prepare", key, name) or ("run", index of the statement) or None.
+    sent: list[tuple[Any, ...] | None] = []
+    pgconn.enter_pipeline_mode()
+    try:
+        if pgconn.transaction_status == _IDLE:
+            pgconn.send_query_params(_BEGIN, None)
+            sent.append(None)
+        for index, (query, dumped, types, formats, names) in enumerate(queries):
+            if not names:
+                pgconn.send_query_params(query, None)
+                sent.append(("run", index))
+                continue
+            key = (query, types)
+            name = state.prepared.get(key)
+            if name is None:
+                name = b"fb_%d" % next(state.names)
+                pgconn.send_prepare(name, query, param_types=types)
+                sent.append(("prepare", key, name))
+            pgconn.send_query_prepared(name, dumped, param_formats=formats)
+            sent.append(("run", index))
+        pgconn.pipeline_sync()
+        results = _communicate(pgconn, len(sent))
+    finally:
+        if pgconn.pipeline_status:
+            # Fails only when results are left unread, i.e. the connection broke: that error is
+            # the one raised.
+            with contextlib.suppress(errors.OperationalError):
+                pgconn.exit_pipeline_mode()
+    rows: list[Any] = [None] * len(statements)
+    failure: errors.Error | None = None
+    for entry, result in zip(sent, results, strict=True):
+        if result is None:
+            continue
+        if result.status == _FATAL:
+            failure = failure or errors.error_from_result(result, encoding=connection.info.encoding)
+            if failure.sqlstate == _UNKNOWN_STATEMENT:
+                # Something dropped this connection's prepared statements (DEALLOCATE ALL, DISCARD
+                # ALL): this transaction fails, the next one prepares them again.
+                state.prepared.clear()
+            continue
+        if entry is None:
+            continue
+        if entry[0] == "prepare":
+            state.prepared[entry[1]] = entry[2]
+        elif result.ntuples:
+            transformer.set_pgresult(result)
+            rows[entry[1]] = transformer.load_row(0, tuple)
+    if failure is not None:
+        raise failure
+    return rows
+
+
+def _communicate(pgconn: Any, expected: int) -> list[Any]:
+    """Send what is queued on ``pgconn`` and read ``expected`` queries' results and the sync; each
+    query's last result (None for one the server skipped after an error)."""
+    fd = pgconn.socket
+    while pgconn.flush():
+        readable, _writable, _ = select.select([fd], [fd], [])
+        if readable:
+            pgconn.consume_input()
+    results: list[Any] = []
+    last: Any = None
+    while True:
+        while pgconn.is_busy():
+            select.select([fd], [], [])
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:  # the end of one query's results
+            results.append(None if last is None or last.status == _ABORTED else last)
+            last = None
+            continue
+        if result.status == _SYNC:
+            break
+        last = result
+    if len(results) != expected:
+        raise errors.InternalError(f"expected {expected} results in the pipeline, got {len(results)}")
+    return results
