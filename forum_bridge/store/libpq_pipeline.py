@@ -13,7 +13,7 @@ what comes back are what psycopg would send and return:
   only once the server said it succeeded;
 - statements without parameters (BEGIN, COMMIT) run unnamed;
 - the transaction's BEGIN is sent first when none is open, as psycopg sends it before a statement;
-- waiting for the server happens in :func:`select.select`, which releases the GIL, so other
+- waiting for the server happens in :meth:`select.poll.poll`, which releases the GIL, so other
   threads (the hook's event loop) run meanwhile.
 
 An error in one statement aborts the rest of the pipeline (the server skips them up to the sync
@@ -23,7 +23,6 @@ other database error.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import re
 import select
@@ -43,6 +42,8 @@ _ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _SYNC = pq.ExecStatus.PIPELINE_SYNC
 _BEGIN = b"BEGIN"
 _UNKNOWN_STATEMENT = "26000"  # invalid_sql_statement_name
+# At most this many statements are prepared on one connection (the decision path has about 20).
+PREPARED_LIMIT = 256
 
 # SQL in psycopg's %(name)s style -> (SQL with $n placeholders, parameter names in $n order).
 _CONVERTED: dict[str, tuple[bytes, tuple[str, ...]]] = {}
@@ -62,7 +63,9 @@ def _converted(sql: str) -> tuple[bytes, tuple[str, ...]]:
             names.append(name)
         return b"$%d" % (names.index(name) + 1)
 
-    known = _CONVERTED[sql] = (_PARAMETER.sub(placeholder, sql.encode()), tuple(names))
+    known = (_PARAMETER.sub(placeholder, sql.encode()), tuple(names))
+    if len(_CONVERTED) < PREPARED_LIMIT:
+        _CONVERTED[sql] = known
     return known
 
 
@@ -112,6 +115,8 @@ def first_rows(connection: Any, statements: Sequence[tuple[Any, ...]]) -> list[A
         queries.append((query, dumped, tuple(transformer.types or ()), transformer.formats, names))
     # One entry per query sent: ("prepare", key, name) or ("run", index of the statement) or None.
     sent: list[tuple[Any, ...] | None] = []
+    # Prepared earlier in this pipeline (a statement sent several times is prepared once).
+    preparing: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
     pgconn.enter_pipeline_mode()
     try:
         if pgconn.transaction_status == _IDLE:
@@ -123,9 +128,15 @@ def first_rows(connection: Any, statements: Sequence[tuple[Any, ...]]) -> list[A
                 sent.append(("run", index))
                 continue
             key = (query, types)
-            name = state.prepared.get(key)
+            name = state.prepared.get(key) or preparing.get(key)
+            if name is None and len(state.prepared) + len(preparing) >= PREPARED_LIMIT:
+                # Only fixed statement texts come here; should that ever change, the
+                # connection's prepared statements stay bounded and the rest run unnamed.
+                pgconn.send_query_params(query, dumped, param_types=types, param_formats=formats)
+                sent.append(("run", index))
+                continue
             if name is None:
-                name = b"fb_%d" % next(state.names)
+                name = preparing[key] = b"fb_%d" % next(state.names)
                 pgconn.send_prepare(name, query, param_types=types)
                 sent.append(("prepare", key, name))
             pgconn.send_query_prepared(name, dumped, param_formats=formats)
@@ -134,10 +145,13 @@ def first_rows(connection: Any, statements: Sequence[tuple[Any, ...]]) -> list[A
         results = _communicate(pgconn, len(sent))
     finally:
         if pgconn.pipeline_status:
-            # Fails only when results are left unread, i.e. the connection broke: that error is
-            # the one raised.
-            with contextlib.suppress(errors.OperationalError):
+            try:
                 pgconn.exit_pipeline_mode()
+            except errors.OperationalError:
+                # Results were left unread: the connection broke, or waiting failed midway (that
+                # error is the one raised). Left like this it could serve no other statement;
+                # closed, the pool replaces it.
+                connection.close()
     rows: list[Any] = [None] * len(statements)
     failure: errors.Error | None = None
     for entry, result in zip(sent, results, strict=True):
@@ -167,14 +181,13 @@ def _communicate(pgconn: Any, expected: int) -> list[Any]:
     query's last result (None for one the server skipped after an error)."""
     fd = pgconn.socket
     while pgconn.flush():
-        readable, _writable, _ = select.select([fd], [fd], [])
-        if readable:
+        if _wait(fd, select.POLLIN | select.POLLOUT) & select.POLLIN:
             pgconn.consume_input()
     results: list[Any] = []
     last: Any = None
     while True:
         while pgconn.is_busy():
-            select.select([fd], [], [])
+            _wait(fd, select.POLLIN)
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:  # the end of one query's results
@@ -187,3 +200,17 @@ def _communicate(pgconn: Any, expected: int) -> list[Any]:
     if len(results) != expected:
         raise errors.InternalError(f"expected {expected} results in the pipeline, got {len(results)}")
     return results
+
+
+def _wait(fd: int, events: int) -> int:
+    """Block (without the GIL) until ``fd`` is ready for ``events``; the events that happened.
+
+    poll, not select: a busy bridge holds more than 1,024 descriptors (hook clients, status page
+    pollers), and select cannot watch one numbered above that.
+    """
+    poller = select.poll()
+    poller.register(fd, events)
+    happened = 0
+    for _fd, mask in poller.poll():
+        happened |= mask
+    return happened

@@ -7,7 +7,9 @@ prepared statements being dropped, and let other threads run while they wait for
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -164,6 +166,71 @@ def test_a_dropped_statement_fails_one_transaction_only(postgres_url: str) -> No
             session.connection().exec_driver_sql("DEALLOCATE ALL")
         with pytest.raises(StoreError), database.begin() as session:
             ops.decision_facts(session, "node1", "u1", "")
+        with database.begin() as session:
+            assert not ops.decision_facts(session, "node1", "u1", "").state.managed
+    finally:
+        database.dispose()
+
+
+def test_a_statement_sent_twice_in_one_pipeline_is_prepared_once(connection: psycopg.Connection) -> None:
+    statement = "SELECT %(n)s::int * 10"
+    rows = libpq_pipeline.first_rows(connection, [(statement, {"n": n}) for n in range(4)])
+    assert rows == [(0,), (10,), (20,), (30,)]
+    assert connection.execute(_OURS).fetchone() == (1,)
+
+
+def test_prepared_statements_stay_bounded(
+    connection: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(libpq_pipeline, "PREPARED_LIMIT", 3)
+    for n in range(6):
+        statement = f"SELECT %(n)s::int + {n}"
+        assert libpq_pipeline.first_rows(connection, [(statement, {"n": 1})]) == [(n + 1,)]
+    assert connection.execute(_OURS).fetchone() == (3,)
+
+
+def test_a_connection_numbered_above_1024_works(postgres_url: str) -> None:
+    """A busy bridge holds more than 1,024 descriptors (hook clients, status pollers); select()
+    cannot watch one numbered above that, so waiting for the server must not use it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard >= 2048, (
+        f"the test needs 2,048 descriptors (hard limit {hard})"
+    )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    filler = []
+    try:
+        while len(filler) < 1100:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        with psycopg.connect(libpq_url(postgres_url), prepare_threshold=None) as connection:
+            assert connection.pgconn.socket > 1024
+            rows = libpq_pipeline.first_rows(connection, [("SELECT %(n)s::int", {"n": 5}), ("COMMIT", {})])
+            assert rows == [(5,), None]
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_pipeline_that_fails_midway_leaves_no_broken_connection_behind(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the server failed with results unread: that connection could serve nothing
+    else, so it is closed and the next transaction gets a working one."""
+    from forum_bridge.store import operations as ops
+
+    database = Database(postgres_url)
+    try:
+        database.upgrade()
+
+        def broken_wait(fd: int, events: int) -> int:
+            raise OSError("poll failed")
+
+        monkeypatch.setattr(libpq_pipeline, "_wait", broken_wait)
+        # The rollback that follows meets the closed connection: a StoreError, as for any
+        # connection lost in the middle of a transaction.
+        with pytest.raises(StoreError, match="connection is closed"), database.begin() as session:
+            ops.decision_facts(session, "node1", "u1", "")
+        monkeypatch.undo()
         with database.begin() as session:
             assert not ops.decision_facts(session, "node1", "u1", "").state.managed
     finally:
