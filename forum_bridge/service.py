@@ -411,10 +411,21 @@ class BridgeService:
         ``ticket`` ties the decision to a caller that may stop waiting for it: a decision whose
         caller gave up is rolled back (DecisionAbandoned) and takes no licence.
         """
+        decision, after = self._decide_leg(logon, number, direction, channel, ticket)
+        if after is not None:
+            after()
+        return decision
+
+    def _decide_leg(
+        self, logon: str, number: str, direction: Direction, channel: str, ticket: DecisionTicket | None
+    ) -> tuple[Decision, Callable[[], None] | None]:
+        """:meth:`authorize`'s decision, and what remains to do once the caller has it (give a
+        late licence back, the log line, the listeners), or None when nothing does."""
         emergency = direction is Direction.OUTBOUND and self.is_emergency(number)
         keys, answered = self._gate.standing(channel, ticket, emergency=emergency)
         if answered is not None:
-            return answered  # the leg was answered without the database before; that answer stands
+            # The leg was answered without the database before; that answer stands.
+            return answered, None
         now = self.clock()
         committing = False
         late: Decision | None = None
@@ -423,7 +434,7 @@ class BridgeService:
                 facts = ops.decision_facts(session, self.node, logon, channel)
                 if facts.earlier is not None:
                     # The same leg seen twice (AMI event and dialplan hook): one decision, one audit line.
-                    return facts.earlier
+                    return facts.earlier, None
                 state = facts.state
                 decision = decide_call(
                     state,
@@ -447,7 +458,7 @@ class BridgeService:
             decision = _settled(decision)
             late = self._gate.end_commit(keys)
         except Superseded as superseded:
-            return superseded.decision
+            return superseded.decision, None
         except StoreError:
             if committing:
                 self._gate.end_commit(keys)
@@ -456,10 +467,14 @@ class BridgeService:
                 raise
             service_log.exception("database failed during an emergency call; letting it through")
             decision = Decision(True, Reason.EMERGENCY)
-        if late is not None and not late.allowed and decision.reason is Reason.LICENCE_ACQUIRED:
-            self._undo_late_licence(logon, channel)
-        self._report(logon, number, direction, decision, channel)
-        return decision
+        give_back = late is not None and not late.allowed and decision.reason is Reason.LICENCE_ACQUIRED
+
+        def after() -> None:
+            if give_back:
+                self._undo_late_licence(logon, channel)
+            self._report(logon, number, direction, decision, channel)
+
+        return decision, after
 
     def authorize_group(
         self,
@@ -487,22 +502,24 @@ class BridgeService:
         if len(questions) > 1:
             answers = self._decide_together(questions, answered)
         if answers is None:
-            answers = [self._authorize_one(question) for question in questions]
+            outcomes = [self._authorize_one(question) for question in questions]
+            answers = [answer for answer, _after in outcomes]
             if answered is not None:
                 answered(answers)
+            for _answer, after in outcomes:
+                if after is not None:
+                    after()
         return answers
 
-    def _authorize_one(self, question: CallQuestion) -> Decision | ForumBridgeError:
+    def _authorize_one(
+        self, question: CallQuestion
+    ) -> tuple[Decision | ForumBridgeError, Callable[[], None] | None]:
         try:
-            return self.authorize(
-                question.logon,
-                question.number,
-                question.direction,
-                channel=question.channel,
-                ticket=question.ticket,
+            return self._decide_leg(
+                question.logon, question.number, question.direction, question.channel, question.ticket
             )
         except (StoreError, DecisionAbandoned) as exc:
-            return exc
+            return exc, None
 
     def _decide_together(
         self,

@@ -202,3 +202,21 @@ def test_a_licence_taken_over_in_a_group_is_seen_by_the_later_calls_of_that_grou
     assert [verdict(a) for a in answers] == [(True, Reason.LICENCE_ACQUIRED), (False, Reason.EMERGENCY_ONLY)]
     assert answers == expected
     assert state(together) == state(alone)
+
+
+def test_a_lone_calls_answer_goes_back_before_its_log_line_and_listeners(
+    make_settings: SettingsFactory, make_service: ServiceFactory, sqlite_url: str
+) -> None:
+    """The hook's caller waits for the answer, not for the decision's log line or listeners."""
+    service = started(make_settings, make_service, sqlite_url)
+    events: list[str] = []
+    service.add_listener(lambda record: events.append(f"listener {record.decision.reason.value}"))
+    answers = service.authorize_group(
+        [CallQuestion("g0", "600", channel="PJSIP/g0-9")],
+        lambda answered: events.append(f"answered {verdict(answered[0])}"),
+    )
+    assert [verdict(answer) for answer in answers] == [(True, Reason.LICENCE_ACQUIRED)]
+    assert events == [
+        f"answered {(True, Reason.LICENCE_ACQUIRED)}",
+        "listener licence_acquired",
+    ]
