@@ -26,11 +26,10 @@ from __future__ import annotations
 import itertools
 import re
 import select
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from psycopg import errors, pq
+from psycopg import abc, errors, pq
 from psycopg.adapt import PyFormat, Transformer
 
 __all__ = ["first_rows"]
@@ -70,24 +69,38 @@ def _converted(sql: str) -> tuple[bytes, tuple[str, ...]]:
 
 
 class _State:
-    """What one connection remembers: its adapters and the statements prepared on it."""
+    """What one connection remembers: its adapters per statement and the statements prepared."""
 
-    __slots__ = ("names", "prepared", "transformer")
+    __slots__ = ("connection", "names", "prepared", "transformers")
 
     def __init__(self, connection: Any) -> None:
-        self.transformer = Transformer(connection)
+        self.connection = connection
+        # SQL -> the Transformer that converts its values and rows. One per statement text, as a
+        # psycopg cursor keeps one per query: a Transformer may keep what it learnt of a query.
+        self.transformers: dict[bytes, abc.Transformer] = {}
         # (SQL, parameter types) -> the name it was prepared under on this connection.
         self.prepared: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
         self.names = itertools.count()
 
+    def transformer(self, query: bytes) -> abc.Transformer:
+        known = self.transformers.get(query)
+        if known is None:
+            known = Transformer(self.connection)
+            if len(self.transformers) < PREPARED_LIMIT:
+                self.transformers[query] = known
+        return known
 
-_STATES: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
+
+# Kept on the connection object itself: a Transformer holds its connection, so a table of states
+# keyed weakly by connection would keep every connection it ever saw alive.
+_ATTRIBUTE = "_forum_bridge_pipeline"
 
 
 def _state(connection: Any) -> _State:
-    state = _STATES.get(connection)
+    state: _State | None = getattr(connection, _ATTRIBUTE, None)
     if state is None:
-        state = _STATES[connection] = _State(connection)
+        state = _State(connection)
+        setattr(connection, _ATTRIBUTE, state)
     return state
 
 
@@ -101,7 +114,6 @@ def first_rows(connection: Any, statements: Sequence[tuple[Any, ...]]) -> list[A
     """
     pgconn = connection.pgconn
     state = _state(connection)
-    transformer = state.transformer
     # Every value is converted before anything is sent: a value psycopg refuses (a NUL in a text)
     # then leaves the connection as it was.
     queries: list[tuple[bytes, Any, Any, Any, tuple[Any, ...]]] = []
@@ -111,6 +123,7 @@ def first_rows(connection: Any, statements: Sequence[tuple[Any, ...]]) -> list[A
             queries.append((query, None, None, None, ()))
             continue
         values = statement[1]
+        transformer = state.transformer(query)
         dumped = transformer.dump_sequence([values[name] for name in names], [PyFormat.AUTO] * len(names))
         queries.append((query, dumped, tuple(transformer.types or ()), transformer.formats, names))
     # One entry per query sent: ("prepare", key, name) or ("run", index of the statement) or None.
@@ -169,6 +182,7 @@ def first_rows(connection: Any, statements: Sequence[tuple[Any, ...]]) -> list[A
         if entry[0] == "prepare":
             state.prepared[entry[1]] = entry[2]
         elif result.ntuples:
+            transformer = state.transformer(queries[entry[1]][0])
             transformer.set_pgresult(result)
             rows[entry[1]] = transformer.load_row(0, tuple)
     if failure is not None:

@@ -7,10 +7,12 @@ prepared statements being dropped, and let other threads run while they wait for
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import resource
 import threading
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -235,3 +237,15 @@ def test_a_pipeline_that_fails_midway_leaves_no_broken_connection_behind(
             assert not ops.decision_facts(session, "node1", "u1", "").state.managed
     finally:
         database.dispose()
+
+
+def test_a_closed_connection_is_not_kept_alive(postgres_url: str) -> None:
+    """What the module remembers per connection goes with the connection: a bridge that
+    reconnects for weeks must not keep every connection it ever used."""
+    connection = psycopg.connect(libpq_url(postgres_url), prepare_threshold=None)
+    libpq_pipeline.first_rows(connection, [("SELECT %(n)s::int", {"n": 1}), ("COMMIT", {})])
+    connection.close()
+    gone = weakref.ref(connection)
+    del connection
+    gc.collect()
+    assert gone() is None
