@@ -10,7 +10,10 @@ what comes back are what psycopg would send and return:
 
 - each statement text is prepared once per connection, in the pipeline that first runs it, under
   a name of this module's own (``fb_<n>``, never psycopg's ``_pg3_<n>``); a preparation counts
-  only once the server said it succeeded;
+  only once the server said it succeeded; at most :data:`PREPARED_LIMIT` per connection, the
+  rest run unnamed;
+- what a connection remembers (its prepared statements, a Transformer per statement text, as a
+  psycopg cursor keeps one per query) is kept on the connection object and goes with it;
 - statements without parameters (BEGIN, COMMIT) run unnamed;
 - the transaction's BEGIN is sent first when none is open, as psycopg sends it before a statement;
 - waiting for the server happens in :meth:`select.poll.poll`, which releases the GIL, so other
@@ -18,7 +21,8 @@ what comes back are what psycopg would send and return:
 
 An error in one statement aborts the rest of the pipeline (the server skips them up to the sync
 point); it is raised as psycopg's own exception for that result, which the callers map like any
-other database error.
+other database error. A pipeline that fails with results still unread (the connection broke)
+closes the connection, so the pool replaces it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ _ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _SYNC = pq.ExecStatus.PIPELINE_SYNC
 _BEGIN = b"BEGIN"
 _UNKNOWN_STATEMENT = "26000"  # invalid_sql_statement_name
-# At most this many statements are prepared on one connection (the decision path has about 20).
+# At most this many statements are prepared on one connection (the decision path's texts are
+# fixed and far fewer; the bound holds should that ever change).
 PREPARED_LIMIT = 256
 
 # SQL in psycopg's %(name)s style -> (SQL with $n placeholders, parameter names in $n order).
