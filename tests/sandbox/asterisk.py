@@ -152,6 +152,13 @@ def free_transient_udp_port() -> int:
     return _stable_port(socket.SOCK_DGRAM, transient=True)
 
 
+def hold_back(*ports: int) -> None:
+    """Hand none of ``ports`` out for a while: a program will bind them besides the port it was
+    given (SIPp binds its media port's neighbours too), so they must not become another socket's
+    port before it does."""
+    _recent.extend(ports)
+
+
 # --------------------------------------------------------------------------------------------
 # Building the chroot
 # --------------------------------------------------------------------------------------------

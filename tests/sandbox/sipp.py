@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from tests.sandbox.asterisk import free_transient_udp_port, free_udp_port
+from tests.sandbox.asterisk import free_transient_udp_port, free_udp_port, hold_back
 from tests.sandbox.process import die_with_parent_preexec
 
 __all__ = [
@@ -222,10 +222,13 @@ def _udp_port_bound(port: int) -> bool:
 
 
 def _free_media_port() -> int:
-    """An even UDP port p on 127.0.0.1 with p and p+2 free (SIPp binds audio and video)."""
+    """An even UDP port p on 127.0.0.1 with p and p+2 free (SIPp binds audio and video).
+
+    p+1 to p+3 are held back from the ports handed out next: the same SIPp run's control port,
+    picked right after, once landed on p+2, and SIPp then failed to bind it."""
     for _ in range(50):
         port = free_transient_udp_port()
-        if port % 2 or port + 2 > 65535:
+        if port % 2 or port + 3 > 65535:
             continue
         with contextlib.ExitStack() as stack:
             try:
@@ -234,6 +237,7 @@ def _free_media_port() -> int:
                     sock.bind((_HOST, candidate))
             except OSError:
                 continue
+            hold_back(port + 1, port + 2, port + 3)
             return port
     raise SippError("no free UDP port pair for SIPp media on 127.0.0.1")
 
