@@ -141,23 +141,18 @@ def first_rows(connection: Any, statements: Sequence[tuple[Any, ...]]) -> list[A
             pgconn.send_query_params(_BEGIN, None)
             sent.append(None)
         for index, (query, dumped, types, formats, names) in enumerate(queries):
-            if not names:
-                pgconn.send_query_params(query, None)
-                sent.append(("run", index))
-                continue
             key = (query, types)
             name = state.prepared.get(key) or preparing.get(key)
-            if name is None and len(state.prepared) + len(preparing) >= PREPARED_LIMIT:
-                # Only fixed statement texts come here; should that ever change, the
-                # connection's prepared statements stay bounded and the rest run unnamed.
-                pgconn.send_query_params(query, dumped, param_types=types, param_formats=formats)
-                sent.append(("run", index))
-                continue
-            if name is None:
+            # Only fixed statement texts come here; should that ever change, the connection's
+            # prepared statements stay bounded and the rest run unnamed.
+            if name is None and names and len(state.prepared) + len(preparing) < PREPARED_LIMIT:
                 name = preparing[key] = b"fb_%d" % next(state.names)
                 pgconn.send_prepare(name, query, param_types=types)
                 sent.append(("prepare", key, name))
-            pgconn.send_query_prepared(name, dumped, param_formats=formats)
+            if name is None:  # no parameters (BEGIN, COMMIT), or past the bound
+                pgconn.send_query_params(query, dumped, param_types=types, param_formats=formats)
+            else:
+                pgconn.send_query_prepared(name, dumped, param_formats=formats)
             sent.append(("run", index))
         pgconn.pipeline_sync()
         results = _communicate(pgconn, len(sent))
