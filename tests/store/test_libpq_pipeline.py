@@ -22,6 +22,7 @@ from psycopg import pq
 
 from forum_bridge.errors import StoreError
 from forum_bridge.store import libpq_pipeline
+from forum_bridge.store import operations as ops
 from forum_bridge.store.database import Database
 from tests.conftest import wait_until
 
@@ -36,6 +37,15 @@ _OURS = "SELECT count(*) FROM pg_prepared_statements WHERE starts_with(name, 'fb
 
 def libpq_url(url: str) -> str:
     return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)
+
+
+@pytest.fixture
+def database(postgres_url: str, databases: list[Database]) -> Database:
+    """The bridge's own database on PostgreSQL, its schema made."""
+    database = Database(postgres_url)
+    databases.append(database)
+    database.upgrade()
+    return database
 
 
 @pytest.fixture
@@ -137,41 +147,27 @@ def test_another_thread_runs_while_a_pipeline_waits_for_the_server(
     assert outcome == [[("",)]]
 
 
-def test_a_read_transactions_rollback_keeps_the_decision_paths_statements(postgres_url: str) -> None:
+def test_a_read_transactions_rollback_keeps_the_decision_paths_statements(database: Database) -> None:
     """A rollback (every read transaction ends with one) must not drop the prepared statements:
     decisions go on working, and the connection holds each statement once."""
-    from forum_bridge.store import operations as ops
-
-    database = Database(postgres_url)
-    try:
-        database.upgrade()
-        counts = set()
-        for _ in range(6):
-            with database.begin() as session:
-                facts = ops.decision_facts(session, "node1", "u1", "")
-                assert not facts.state.managed
-            with database.read() as session:
-                counts.add(session.connection().exec_driver_sql(_OURS).scalar_one())
-        assert len(counts) == 1 and counts.pop() >= 1
-    finally:
-        database.dispose()
-
-
-def test_a_dropped_statement_fails_one_transaction_only(postgres_url: str) -> None:
-    from forum_bridge.store import operations as ops
-
-    database = Database(postgres_url)
-    try:
-        database.upgrade()
+    counts = set()
+    for _ in range(6):
         with database.begin() as session:
-            ops.decision_facts(session, "node1", "u1", "")
-            session.connection().exec_driver_sql("DEALLOCATE ALL")
-        with pytest.raises(StoreError), database.begin() as session:
-            ops.decision_facts(session, "node1", "u1", "")
-        with database.begin() as session:
-            assert not ops.decision_facts(session, "node1", "u1", "").state.managed
-    finally:
-        database.dispose()
+            facts = ops.decision_facts(session, "node1", "u1", "")
+            assert not facts.state.managed
+        with database.read() as session:
+            counts.add(session.connection().exec_driver_sql(_OURS).scalar_one())
+    assert len(counts) == 1 and counts.pop() >= 1
+
+
+def test_a_dropped_statement_fails_one_transaction_only(database: Database) -> None:
+    with database.begin() as session:
+        ops.decision_facts(session, "node1", "u1", "")
+        session.connection().exec_driver_sql("DEALLOCATE ALL")
+    with pytest.raises(StoreError), database.begin() as session:
+        ops.decision_facts(session, "node1", "u1", "")
+    with database.begin() as session:
+        assert not ops.decision_facts(session, "node1", "u1", "").state.managed
 
 
 def test_a_statement_sent_twice_in_one_pipeline_is_prepared_once(connection: psycopg.Connection) -> None:
@@ -214,29 +210,22 @@ def test_a_connection_numbered_above_1024_works(postgres_url: str) -> None:
 
 
 def test_a_pipeline_that_fails_midway_leaves_no_broken_connection_behind(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Waiting for the server failed with results unread: that connection could serve nothing
     else, so it is closed and the next transaction gets a working one."""
-    from forum_bridge.store import operations as ops
 
-    database = Database(postgres_url)
-    try:
-        database.upgrade()
+    def broken_wait(fd: int, events: int) -> int:
+        raise OSError("poll failed")
 
-        def broken_wait(fd: int, events: int) -> int:
-            raise OSError("poll failed")
-
-        monkeypatch.setattr(libpq_pipeline, "_wait", broken_wait)
-        # The rollback that follows meets the closed connection: a StoreError, as for any
-        # connection lost in the middle of a transaction.
-        with pytest.raises(StoreError, match="connection is closed"), database.begin() as session:
-            ops.decision_facts(session, "node1", "u1", "")
-        monkeypatch.undo()
-        with database.begin() as session:
-            assert not ops.decision_facts(session, "node1", "u1", "").state.managed
-    finally:
-        database.dispose()
+    monkeypatch.setattr(libpq_pipeline, "_wait", broken_wait)
+    # The rollback that follows meets the closed connection: a StoreError, as for any
+    # connection lost in the middle of a transaction.
+    with pytest.raises(StoreError, match="connection is closed"), database.begin() as session:
+        ops.decision_facts(session, "node1", "u1", "")
+    monkeypatch.undo()
+    with database.begin() as session:
+        assert not ops.decision_facts(session, "node1", "u1", "").state.managed
 
 
 def test_a_closed_connection_is_not_kept_alive(postgres_url: str) -> None:
