@@ -14,8 +14,10 @@ from typing import Any
 
 import gevent
 import pytest
+from gevent.threadpool import ThreadPool
 
 from forum_bridge.adapters.freeswitch.listener import EslListener, KeepaliveSweeper
+from forum_bridge.adapters.freeswitch.offhub import OffHub
 from forum_bridge.config import Settings
 from forum_bridge.service import BridgeService
 from tests.conftest import FakeClock, SettingsFactory
@@ -91,6 +93,30 @@ class Bridge:
         for greenlet in self.greenlets:
             greenlet.join(timeout=5)
         assert all(g.dead for g in self.greenlets), "the listener did not stop"
+
+
+@pytest.fixture
+def slow_database() -> Iterator[Callable[[BridgeService, float], OffHub]]:
+    """``slow_database(service, seconds)``: ``service`` as the runner wraps it (database calls in a
+    thread of their own, :class:`OffHub`), behind a database that takes ``seconds`` for each batch
+    of events. The event socket is read meanwhile, so a flood fills the listener's queue."""
+    pools: list[Any] = []
+
+    def wrap(service: BridgeService, seconds: float) -> OffHub:
+        real = service.apply_batch
+
+        def slow_batch(events: Any, **kwargs: Any) -> Any:
+            time.sleep(seconds)  # in the database thread: a transaction that takes this long
+            return real(events, **kwargs)
+
+        service.apply_batch = slow_batch  # type: ignore[method-assign]
+        pool = ThreadPool(1)
+        pools.append(pool)
+        return OffHub(service, pool)
+
+    yield wrap
+    for pool in pools:
+        pool.kill()
 
 
 @pytest.fixture

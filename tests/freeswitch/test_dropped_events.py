@@ -14,6 +14,7 @@ import pytest
 
 from forum_bridge.adapters.freeswitch.esl import EslClient
 from forum_bridge.adapters.freeswitch.listener import EslListener
+from forum_bridge.adapters.freeswitch.offhub import OffHub
 from forum_bridge.config import Settings
 from forum_bridge.metrics import Metrics
 from forum_bridge.service import BridgeService
@@ -27,8 +28,10 @@ def test_freeswitch_overflows_are_counted_and_logged_once(
     make_service: Callable[[Settings], BridgeService],
     fake_esl: FakeEslServer,
     caplog: pytest.LogCaptureFixture,
+    slow_database: Callable[[BridgeService, float], OffHub],
 ) -> None:
-    service = make_service(fs_settings())
+    # Behind a database this slow, the listener falls behind the flood and its queue overflows.
+    service = slow_database(make_service(fs_settings()), 0.05)
     metrics = Metrics(service, pbx="freeswitch")
     clients: list[EslClient] = []
     real_client = EslClient

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote
 
 import gevent
 from gevent import socket as gsocket
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 from gevent.queue import Empty, Queue
 
@@ -97,13 +99,16 @@ def parse_header_lines(text: str, *, decode: bool) -> tuple[list[tuple[str, str]
             continue
         name, sep, value = line.partition(":")
         name = name.strip()
-        if not sep or not name or any(c.isspace() for c in name):
+        # A stripped name with white space inside splits in two (str.split and str.isspace agree
+        # on what white space is); one C call instead of a generator over its characters.
+        if not sep or len(name.split()) != 1:
             bad.append(line)
             continue
         if value.startswith(" "):
             value = value[1:]
         if decode:
-            value = unquote(value, errors="replace")
+            if "%" in value:  # most values have nothing to decode: skip unquote's call
+                value = unquote(value, errors="replace")
             if value == UNDEFINED:
                 value = ""
         headers.append((name, value))
@@ -118,6 +123,14 @@ def content_length(value: str) -> int | None:
     return int(value)
 
 
+def unread(sock: Any) -> bool:
+    """True when ``sock`` has data (or its end) waiting to be read; never waits."""
+    # poll(), not select(): a busy bridge has descriptors above select()'s limit of 1,024.
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class FrameReader:
     """Reads whole frames from a stream socket (gevent or standard), with bounded buffers."""
 
@@ -128,8 +141,15 @@ class FrameReader:
         max_body: int = MAX_BODY_BYTES,
         max_header: int = MAX_HEADER_BYTES,
         max_total: int | None = None,
+        on_drained: Callable[[], object] | None = None,
     ) -> None:
-        """Read from ``sock``; ``max_total`` bounds the bytes of the whole connection (None: no bound)."""
+        """Read from ``sock``; ``max_total`` bounds the bytes of the whole connection (None: no bound).
+
+        ``on_drained()`` is called whenever the reader is about to wait for data with nothing left
+        unread on the socket: at that moment it has read everything the peer sent.
+        """
+        self._on_drained = on_drained
+        self.waiting = False  # waiting for data, everything sent before having been read
         self._sock = sock
         self._buffer = bytearray()
         self._max_body = max_body
@@ -139,11 +159,16 @@ class FrameReader:
 
     def _fill(self) -> None:
         try:
+            if self._on_drained is not None and not unread(self._sock):
+                self.waiting = True
+                self._on_drained()
             chunk = self._sock.recv(65536)
         except TimeoutError as exc:
             raise PbxConnectionError("timed out waiting for data") from exc
         except OSError as exc:
             raise PbxConnectionError(f"connection lost: {describe_os_error(exc)}") from exc
+        finally:
+            self.waiting = False
         if not chunk:
             raise ConnectionClosed("the peer closed the connection")
         self.received += len(chunk)
@@ -291,6 +316,7 @@ class EventsDropped:
 
     count: int
     overflows: int = 1  # times the queue was full since the owner last took a marker
+    through: int = 0  # the number (see EslClient.events_received) of the last event it stands for
 
 
 class EslClient:
@@ -320,6 +346,13 @@ class EslClient:
         self._queued_bytes = 0
         self.peak_queued = 0  # most events ever waiting at once, for tests and diagnostics
         self.dropped = 0  # events dropped because the queue was full
+        # Events are numbered as they arrive: the last one received, and the last one the owner
+        # took off the queue (or learnt was dropped). The owner is in step with every event
+        # received before a moment once it has applied those it took up to that moment's number.
+        self.events_received = 0
+        self.events_taken = 0
+        self.drains = 0  # times the reader had read everything FreeSWITCH had sent (see FrameReader)
+        self._progress = Event()  # set, and replaced, by wake_waiters()
         self.host = host
         self.port = port
         self._password = password
@@ -353,7 +386,7 @@ class EslClient:
             raise PbxConnectionError(f"cannot connect to {self.peer}: {describe_os_error(exc)}") from exc
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._sock = sock
-        self._reader = FrameReader(sock)
+        self._reader = FrameReader(sock, on_drained=self._drained)
         try:
             self._authenticate(self._reader)
         except BaseException:
@@ -386,6 +419,32 @@ class EslClient:
                 "check freeswitch.esl_password"
             )
         raise ProtocolError(f"{self.peer} answered auth with {reply.content_type or 'no Content-Type'!r}")
+
+    # --- being in step with FreeSWITCH -----------------------------------------------------------
+
+    def all_read(self) -> bool:
+        """True when every byte FreeSWITCH sent so far has been read and its events queued."""
+        reader, sock = self._reader, self._sock
+        return reader is not None and sock is not None and reader.waiting and not unread(sock)
+
+    def wait_for(self, condition: Callable[[], bool], deadline: float) -> bool:
+        """Wait until ``condition()`` holds (checked whenever :meth:`wake_waiters` is called), or
+        until ``deadline`` (``time.monotonic()``); whether it holds."""
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.closed_reason is not None:
+                return condition()
+            self._progress.wait(remaining)
+        return True
+
+    def wake_waiters(self) -> None:
+        """Something :meth:`wait_for` may be waiting for happened (the owner applied events)."""
+        progress, self._progress = self._progress, Event()
+        progress.set()
+
+    def _drained(self) -> None:
+        self.drains += 1
+        self.wake_waiters()
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -455,14 +514,15 @@ class EslClient:
             self.dropped += dropped
             # The owner logs it (once per burst) and counts it when it takes this marker.
             log.debug("%d events from %s dropped from a full queue", dropped, self.peer)
-            self._events.put(EventsDropped(dropped + earlier, overflows + 1))
+            self._events.put(EventsDropped(dropped + earlier, overflows + 1, self.events_received))
         self._queued_bytes += size
-        self._events.put((event, size))
+        self.events_received += 1
+        self._events.put((event, size, self.events_received))
         self.peak_queued = max(self.peak_queued, self._events.qsize())
 
     def request_resync(self) -> None:
         """Make :meth:`next_event` return ``EventsDropped(0)`` next, so the owner resyncs."""
-        self._events.put(EventsDropped(0))
+        self._events.put(EventsDropped(0, through=self.events_received))
 
     def next_event(self, timeout: float | None = None) -> EslEvent | EventsDropped | None:
         """The next event, or None after ``timeout`` seconds; raise PbxConnectionError once closed.
@@ -477,10 +537,33 @@ class EslClient:
             self._events.put(_CLOSED)  # every later call fails the same way
             raise PbxConnectionError(self.closed_reason or "connection closed")
         if isinstance(item, EventsDropped):
+            self.events_taken = max(self.events_taken, item.through)
             return item
-        event, size = cast(tuple[EslEvent, int], item)
+        return self._took(item)
+
+    def _took(self, item: object) -> EslEvent:
+        event, size, number = cast(tuple[EslEvent, int, int], item)
         self._queued_bytes -= size
+        self.events_taken = number
         return event
+
+    def take_queued(self, limit: int) -> list[EslEvent]:
+        """Up to ``limit`` events already waiting, in order, without waiting for more.
+
+        Stops before a marker of dropped events and before the end of the connection:
+        :meth:`next_event` returns those.
+        """
+        taken: list[EslEvent] = []
+        while len(taken) < limit:
+            try:
+                item = self._events.peek_nowait()
+            except Empty:
+                break
+            if not isinstance(item, tuple):
+                break
+            self._events.get_nowait()
+            taken.append(self._took(item))
+        return taken
 
     # --- commands ---------------------------------------------------------------------------------
 
@@ -534,6 +617,7 @@ class EslClient:
             while self._pending:
                 self._pending.popleft().set_exception(error)
             self._events.put(_CLOSED)
+            self.wake_waiters()
         self._close_socket()
 
     def _close_socket(self) -> None:

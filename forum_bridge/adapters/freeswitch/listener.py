@@ -9,6 +9,7 @@ FreeSWITCH goes away and once when it is back.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import gevent
 from gevent.event import Event as GeventEvent
 
 from forum_bridge.config import Settings
-from forum_bridge.core.events import CallStarted, Direction, LoggedOff, LoggedOn
+from forum_bridge.core.events import CallStarted, Direction, Event, LoggedOff, LoggedOn
 from forum_bridge.dropped_events import DroppedEvents
 from forum_bridge.errors import (
     ConfigError,
@@ -29,7 +30,7 @@ from forum_bridge.errors import (
     ProtocolError,
     StoreError,
 )
-from forum_bridge.service import BridgeService, CallSnapshot
+from forum_bridge.service import BridgeService, CallSnapshot, Outcome
 from forum_bridge.store.models import RegistrationRow, stored
 from forum_bridge.store.operations import Registration
 
@@ -51,6 +52,9 @@ from .events import (
 
 log = logging.getLogger(__name__)
 
+# Events applied together at most: a storm goes in a few transactions, and a hook session waits
+# for one batch at most before it gets the interpreter.
+_BATCH = 250
 HANGUP_CAUSE = "CALL_REJECTED"  # sofia answers 603 Decline before the call is answered
 # No decision (database away) with fail_mode closed: 503, as the dialplan's fail mode answers.
 UNAVAILABLE_CAUSE = "NORMAL_TEMPORARY_FAILURE"
@@ -106,6 +110,8 @@ class EslListener:
             service, self.settings, observer=metrics, command_timeout=command_timeout
         )
         self.events_handled = 0  # events taken off the connection and dealt with
+        # The number (EslClient.events_taken) of the last event of this connection applied.
+        self._applied = 0
 
     @property
     def peer(self) -> str:
@@ -131,6 +137,7 @@ class EslListener:
                 log.error("FreeSWITCH listener stopped: %s", exc)
                 return
             self._client = client
+            self._applied = 0
             before = self.sessions
             try:
                 client.connect()
@@ -151,6 +158,34 @@ class EslListener:
                 break
             delay = min(delay * 2, self.reconnect_max)
         self._set_connected(False)
+
+    def caught_up(self, timeout: float) -> bool:
+        """Wait until every event FreeSWITCH sent before now is applied, ``timeout`` seconds at most.
+
+        The socket hook asks this before it decides a call: a phone that registered a moment
+        before calling is then decided on that registration, even behind a registration storm's
+        backlog. False when the time ran out, or when there is no connection (nothing to wait for).
+        """
+        client = self._client
+        if client is None or not self.connected:
+            return False
+        deadline = time.monotonic() + timeout
+        if not client.all_read():
+            # Sent before now but not read yet (the storm's bytes wait in the socket): once the
+            # reader has read all there was, everything sent before now is among its events.
+            drains = client.drains
+            if not client.wait_for(lambda: client.drains != drains, deadline):
+                return False
+        target = client.events_received
+        return client.wait_for(lambda: self._applied >= target or self._client is not client, deadline) and (
+            self._client is client
+        )
+
+    def _advance(self, client: EslClient) -> None:
+        """Every event ``client`` handed over so far is applied (or resynced): wake the waiters."""
+        if client.events_taken > self._applied:
+            self._applied = client.events_taken
+            client.wake_waiters()
 
     def request_resync(self) -> None:
         """Resync with FreeSWITCH's tables soon (the database is back: events meanwhile were lost)."""
@@ -227,10 +262,14 @@ class EslListener:
                     self.drops.dropped(event.count, overflows=event.overflows)
                 self._resync(client)
                 self.overflow_resyncs += 1
+                self._advance(client)
                 continue
-            self._handle(client, event)
+            # The events already waiting go with it: a registration storm is applied in a few
+            # transactions, not one per event (see _handle_batch).
+            self._handle_batch(client, self._gather(client, event))
+            self._advance(client)
             self.emergency.tick(client)
-            # Each event is a database transaction; let the hook sessions and the page in between.
+            # Let the hook sessions and the page run between two batches.
             gevent.sleep(0)
 
     def _resync(self, client: EslClient) -> None:
@@ -286,33 +325,83 @@ class EslListener:
 
     # --- events -----------------------------------------------------------------------------------
 
-    def _handle(self, client: EslClient, event: EslEvent) -> None:
-        try:
-            self._apply(client, event)
-        finally:
-            self.events_handled += 1
+    @staticmethod
+    def _gather(client: EslClient, first: EslEvent) -> list[EslEvent]:
+        """``first`` and the events queued behind it, up to ``_BATCH``.
 
-    def _apply(self, client: EslClient, event: EslEvent) -> None:
-        self._observe_lag(event)
-        if not self._failures.keep(event, time.monotonic()):
-            return
-        core = to_core_event(event, self.service.clock())
-        if core is None:
+        The reader hands over a few frames at a time (it yields to the other greenlets between
+        them), so while it keeps finding more, it is given its turn and the batch grows; a lone
+        event is not held up at all.
+        """
+        batch = [first]
+        while len(batch) < _BATCH:
+            more = client.take_queued(_BATCH - len(batch))
+            if not more:
+                break
+            batch += more
+            gevent.sleep(0)
+        return batch
+
+    def _handle_batch(self, client: EslClient, events: list[EslEvent]) -> None:
+        """Apply ``events`` in the order FreeSWITCH sent them.
+
+        Runs of registration and security events go to the service together
+        (:meth:`BridgeService.apply_batch`: one transaction for the run, the effects of applying
+        each in turn); each call start is decided alone, in its place, as it may be hung up.
+        """
+        run: list[Event] = []
+        try:
+            for event in events:
+                self._observe_lag(event)
+                if not self._failures.keep(event, time.monotonic()):
+                    continue
+                core = to_core_event(event, self.service.clock())
+                if core is None:
+                    continue
+                if isinstance(core, CallStarted):
+                    self._apply_run(client, run)
+                    run = []
+                    self._guarded(core, functools.partial(self._call_started, client, core))
+                else:
+                    run.append(core)
+            self._apply_run(client, run)
+        finally:
+            self.events_handled += len(events)
+
+    def _apply_run(self, client: EslClient, run: list[Event]) -> None:
+        if not run:
             return
         try:
-            if isinstance(core, CallStarted):
-                self._call_started(client, core)
-            else:
-                outcome = self.service.apply(core)
-                if outcome.blocked is not None:
-                    self.emergency.blocked_changed(client, core.logon, outcome.blocked)
-                if isinstance(core, LoggedOn) and outcome.other_contacts:
-                    self._drop_replaced(client, core, outcome.other_contacts)
+            outcomes = self.service.apply_batch(run)
+        except ForumBridgeError as exc:
+            log.error("could not apply %d events from FreeSWITCH: %s", len(run), exc)
+            return
+        except Exception:  # a bug must not end the listener
+            log.exception("unexpected error applying %d events from FreeSWITCH", len(run))
+            return
+        for core, outcome in zip(run, outcomes, strict=True):
+            if outcome.blocked is not None or (isinstance(core, LoggedOn) and outcome.other_contacts):
+                self._guarded(core, functools.partial(self._follow_up, client, core, outcome))
+
+    def _follow_up(self, client: EslClient, core: Event, outcome: Outcome) -> None:
+        """What an applied event asks of FreeSWITCH: a block in mod_hash, replaced contacts gone."""
+        logon = getattr(core, "logon", "")
+        if outcome.blocked is not None:
+            self.emergency.blocked_changed(client, logon, outcome.blocked)
+        if isinstance(core, LoggedOn) and outcome.other_contacts:
+            self._drop_replaced(client, core, outcome.other_contacts)
+
+    @staticmethod
+    def _guarded(core: Event, step: Callable[[], object]) -> None:
+        """Run one event's ``step``: losing FreeSWITCH ends the session; anything else is logged,
+        and the batch goes on (one bad event must not end the listener)."""
+        try:
+            step()
         except PbxConnectionError:
             raise
         except ForumBridgeError as exc:
             log.error("could not apply %s of %s: %s", type(core).__name__, getattr(core, "logon", ""), exc)
-        except Exception:  # one bad event must not end the listener
+        except Exception:
             log.exception("unexpected error applying %s", type(core).__name__)
 
     def _drop_replaced(self, client: EslClient, event: LoggedOn, others: tuple[str, ...]) -> None:

@@ -19,6 +19,7 @@ __all__ = ["DATABASE_METHODS", "OffHub", "Pending", "call_now"]
 DATABASE_METHODS = frozenset(
     {
         "apply",
+        "apply_batch",
         "audit_log",
         "authorize",
         "blocked_logons",

@@ -113,6 +113,8 @@ def run(settings: Settings) -> int:
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
 
     listener = EslListener(service, settings, metrics=metrics)
+    if hook is not None:
+        hook.before_decision = listener.caught_up
     sweeper = KeepaliveSweeper(service, on_recovered=listener.request_resync)
     stopping = Event()
 

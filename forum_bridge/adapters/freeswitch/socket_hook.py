@@ -96,6 +96,9 @@ _MAX_HEADER = 128 * 1024  # bytes of one header block (CHANNEL_DATA with every c
 _MAX_BODY = 64 * 1024
 TRANSFER_EARLY = 1.0  # ``sched_transfer +N`` fires N - 1 s after it was set at the earliest
 ANSWER_MARGIN = 0.25  # from the transfer being set to the session, and for sending the verdict
+# Seconds a decision waits at most for the events FreeSWITCH sent before the call to be applied
+# (never more than half of what is left of its deadline).
+_CATCH_UP = 1.0
 # A decision found committing at its deadline is waited for this much longer (its answer is the
 # truth and the commit is its last step); after that it is given up anyway, its licence given back.
 _COMMIT_GRACE = 0.15
@@ -143,6 +146,9 @@ class SocketHookServer:
         self.sessions = 0  # finished sessions, for tests and diagnostics
         self.evicted = 0  # connections dropped while waiting, to make room for a new one
         self.refused = 0  # connections closed at once: every place was busy deciding
+        # ``before_decision(timeout)`` is called before each decision: the runner sets the ESL
+        # listener's caught_up, so a call is decided on the events FreeSWITCH sent before it.
+        self.before_decision: Callable[[float], object] | None = None
 
     @property
     def port(self) -> int:
@@ -288,6 +294,7 @@ class SocketHookServer:
             emergency or self.fail_open, Reason.EMERGENCY if emergency else Reason.BRIDGE_ERROR
         )
         ticket = DecisionTicket(self._deadline(deadline), uuid)
+        self._catch_up(ticket)
         try:
             decision: Decision = self._decided(
                 ticket, fallback, "authorize", logon, number, Direction.OUTBOUND, channel=uuid
@@ -307,6 +314,7 @@ class SocketHookServer:
     def ring(self, number: str, domain: str, deadline: float | None = None) -> tuple[str, str]:
         """``(result, dial string)`` for a call to call number ``number`` (see the module docstring)."""
         ticket = DecisionTicket(self._deadline(deadline))
+        self._catch_up(ticket)
         try:
             ringable: list[tuple[str, Decision]] = self._decided(
                 ticket, Decision(False, Reason.BRIDGE_ERROR), "ringable", validate_number(number)
@@ -320,6 +328,19 @@ class SocketHookServer:
         suffix = f"@{domain}" if domain else ""
         allowed = [f"user/{logon}{suffix}" for logon, decision in ringable if decision.allowed]
         return ("allow" if allowed else "deny"), ",".join(allowed)
+
+    def _catch_up(self, ticket: DecisionTicket) -> None:
+        """Let the events FreeSWITCH sent before the call be applied first (``before_decision``),
+        for at most half of what is left of the deadline: the decision keeps the other half."""
+        if self.before_decision is None:
+            return
+        budget = min(_CATCH_UP, (ticket.deadline - time.monotonic()) / 2)
+        if budget <= 0:
+            return
+        try:
+            self.before_decision(budget)
+        except Exception:  # only an optimisation: it must never cost the answer
+            log.exception("waiting for FreeSWITCH's pending events failed")
 
     def _deadline(self, deadline: float | None) -> float:
         return time.monotonic() + self.decision_timeout if deadline is None else deadline
