@@ -108,3 +108,13 @@ def test_run_prints_the_table_with_the_machine(postgres_server: PostgresServer, 
     assert "| service_decisions_per_s_postgresql | decisions/s |" in text
     for row in ("| CPU |", "| cores |", "| memory |", "| Python |", "| SQLite |", "| PostgreSQL | 1"):
         assert row in text, row
+
+
+@pytest.mark.postgres
+def test_freeswitch_storm_benchmark_decides_the_call_behind_the_storm(postgres_url: str) -> None:
+    names = by_name(bench("bench_freeswitch_storm.py", "--postgres", postgres_url))
+    for db in ("sqlite", "postgresql"):
+        assert names[f"freeswitch_storm_seconds_{db}"]["floor"] > 0
+        # The call placed behind the storm was allowed: decided on the REGISTER sent before it.
+        assert names[f"freeswitch_storm_call_seconds_{db}"]["met"] is True
+        assert names[f"freeswitch_storm_peak_rss_mb_{db}"]["median"] > 0
