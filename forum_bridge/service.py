@@ -166,11 +166,10 @@ class BridgeService:
         self._gate = DecisionGate()
         self.failed_logons = FailedLogons(self.database, self.node, clock)
         self.failure_digest = self.failed_logons.digest
-        # The parts that change licence state log contacts off through _logged_off, as events do.
+        # The keepalive sweep logs contacts off through _logged_off, as events do (a resync frees
+        # the licences of the log-ons it logs off the same way, set-based: see Resync).
         self.keepalive_clock = KeepaliveClock(self.database, settings, clock, monotonic, self._logged_off)
-        self._resync = Resync(
-            self.database, self.node, clock, monotonic, self.keepalive_clock, self._logged_off
-        )
+        self._resync = Resync(self.database, self.node, clock, monotonic, self.keepalive_clock)
         self.administration = Administration(self.database, settings, clock)
         self.documents = StatusDocuments(self.database, self.node)
         self.retention = Retention(self.database, settings, clock)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from sqlalchemy import event
 
 from forum_bridge.config import Settings
 from forum_bridge.core import (
@@ -303,6 +304,49 @@ def test_resync_logs_off_vanished_and_logs_on_new_contacts(svc: BridgeService, c
     assert sub(svc, "22-desk")["state"] == "logged_on"
     assert [u["logon"] for u in status["unmanaged"]] == ["trunk"]
     assert [c["channel"] for c in status["calls"]] == ["PJSIP/22-desk-1"]
+
+
+def test_a_resync_costs_the_same_statements_for_ten_contacts_or_a_thousand(svc: BridgeService) -> None:
+    # Set-based: one statement per contact held the database for seconds with 10,000 phones.
+    statements: list[str] = []
+
+    def count(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    def resync_counted(registrations: list[Registration]) -> int:
+        statements.clear()
+        event.listen(svc.database.engine, "before_cursor_execute", count)
+        try:
+            svc.resync(registrations, [])
+        finally:
+            event.remove(svc.database.engine, "before_cursor_execute", count)
+        return len(statements)
+
+    few = [Registration(f"few{i}", f"sip:few{i}@192.0.2.1:5060") for i in range(10)]
+    many = [Registration(f"many{i}", f"sip:many{i}@192.0.2.2:5060") for i in range(1000)]
+    ten_new = resync_counted(few)
+    assert len(svc.status()["unmanaged"]) == 10
+    # The ten log off and a thousand log on; then all thousand are known (touched); then they go.
+    counts = [resync_counted(many), resync_counted(many), resync_counted(few)]
+    assert all(n <= ten_new + 4 for n in counts), (ten_new, counts)
+    assert sorted(u["logon"] for u in svc.status()["unmanaged"]) == sorted(r.logon for r in few)
+
+
+def test_a_resync_frees_a_licence_only_with_the_log_ons_last_contact(
+    svc: BridgeService, clock: FakeClock
+) -> None:
+    logon(svc, clock, "21-desk", "sip:21-desk@a")
+    logon(svc, clock, "21-desk", "sip:21-desk@b")
+    logon(svc, clock, "22-desk", "sip:22-desk@c")
+    svc.authorize("21-desk", "600")
+    svc.authorize("22-desk", "600")
+    # 21-desk keeps one contact, 22-desk loses its only one.
+    report = svc.resync([Registration("21-desk", "sip:21-desk@b")], [])
+    assert sorted(report.logged_off) == ["21-desk", "22-desk"]
+    assert report.released == ["22-desk"]
+    assert sub(svc, "21-desk")["state"] == "logged_on"
+    assert sub(svc, "22-desk")["state"] == "logged_off"
+    assert svc.licensed_logons() == ["21-desk"]
 
 
 def test_resync_only_touches_its_own_node(

@@ -978,6 +978,43 @@ def add_registration(
     return True
 
 
+def node_contacts(session: Session, node: str) -> dict[tuple[str, str], int]:
+    """Every registration of ``node``: (log-on, contact) -> its row id, in one statement."""
+    query = select(RegistrationRow.logon, RegistrationRow.contact, RegistrationRow.id).where(
+        RegistrationRow.node == node
+    )
+    return {(logon, contact): row_id for logon, contact, row_id in session.execute(query)}
+
+
+# Values bound in one IN list at most: SQLite's limit on parameters is 32,766 (999 before 3.32).
+_IN_CHUNK = 500
+
+
+def delete_registrations_by_id(session: Session, ids: Sequence[int]) -> int:
+    """Drop the registrations with these row ids; return how many."""
+    removed = 0
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        query = delete(RegistrationRow).where(RegistrationRow.id.in_(chunk))
+        removed += _rowcount(session.execute(query.execution_options(synchronize_session=False)))
+    return removed
+
+
+def registered_among(session: Session, logons: Sequence[str]) -> set[str]:
+    """The log-ons among ``logons`` that have a contact on any node."""
+    found: set[str] = set()
+    for start in range(0, len(logons), _IN_CHUNK):
+        chunk = logons[start : start + _IN_CHUNK]
+        found.update(session.scalars(select(RegistrationRow.logon).where(RegistrationRow.logon.in_(chunk))))
+    return found
+
+
+def touch_node_registrations(session: Session, node: str, at: datetime) -> int:
+    """Move the keepalive clock of every contact of ``node``; return how many."""
+    query = update(RegistrationRow).where(RegistrationRow.node == node).values(last_seen=at)
+    return _rowcount(session.execute(query.execution_options(synchronize_session=False)))
+
+
 def remove_registrations(session: Session, node: str, logon: str, contact: str = "") -> int:
     """Drop one contact (or all, with ``contact=""``) of ``logon`` on ``node``; return how many."""
     query = delete(RegistrationRow).where(RegistrationRow.node == node, RegistrationRow.logon == logon)
