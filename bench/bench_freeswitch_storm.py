@@ -58,12 +58,13 @@ def serve_fake(count: int) -> None:
 
     fake = FakeEslServer().start()
     phones = [(f"u{i}", 6000 + i % 1000) for i in range(count)] + [(CALLER, 5091)]
-    for user, port in phones:
-        fake.add_registration(user, port)
     frames = b"".join(event_frame(register_event(user, port)) for user, port in phones)
     print(fake.port, flush=True)
     for line in sys.stdin:
         hook_port = int(line.split()[1])
+        # Restarted: its table was empty when the bridge connected; now every phone is back.
+        for user, port in phones:
+            fake.add_registration(user, port)
         if not fake.send_raw(frames):
             raise SystemExit("the bridge was not connected")
         answer: dict[str, Any] = {}
