@@ -7,6 +7,7 @@ import pytest
 from forum_bridge.adapters.freeswitch.esl import (
     ConnectionClosed,
     EslClient,
+    EslEvent,
     FrameReader,
     event_from_frame,
     parse_event_plain,
@@ -21,7 +22,9 @@ from tests.freeswitch.fake_esl import (
     MISC_CAPTURE,
     channel_data,
     event_frame,
+    register_event,
     split_stream,
+    unregister_event,
 )
 
 
@@ -149,3 +152,17 @@ def test_client_refuses_a_password_that_would_inject_commands() -> None:
 
 def test_client_repr_does_not_show_the_password() -> None:
     assert "s3cret" not in repr(EslClient("127.0.0.1", 8021, "s3cret"))
+
+
+def test_the_events_of_one_log_on_can_be_taken_ahead_of_the_queue_in_their_order() -> None:
+    client = EslClient("127.0.0.1", 8021, "ClueCon")
+    bodies = [register_event("1000", 5091), register_event("1001", 5092), unregister_event("1000", 5091)]
+    for body in bodies:
+        client._queue_event(parse_event_plain(body.encode()), len(body))
+    taken = client.take_matching(lambda event: event.get("username") == "1000")
+    assert [e.subclass for e in taken] == ["sofia::register", "sofia::unregister"]
+    # The rest stays queued, and the owner's place in the queue did not move.
+    assert client.events_received == 3 and client.events_taken == 0
+    rest = client.next_event(timeout=0)
+    assert isinstance(rest, EslEvent) and rest.get("username") == "1001"
+    assert client.events_taken == 2 and client.next_event(timeout=0) is None

@@ -565,6 +565,24 @@ class EslClient:
             taken.append(self._took(item))
         return taken
 
+    def take_matching(self, wanted: Callable[[EslEvent], bool]) -> list[EslEvent]:
+        """Take the queued events ``wanted`` picks out of the queue, in order, ahead of the others
+        (which stay queued, in theirs). Their numbers are not counted as taken: the owner's place
+        in the queue does not move."""
+        queued = self._events.queue  # gevent's Queue keeps its items in this deque
+        taken: list[EslEvent] = []
+        kept: deque[Any] = deque()
+        for item in queued:
+            if isinstance(item, tuple) and wanted(item[0]):
+                taken.append(item[0])
+                self._queued_bytes -= item[1]
+            else:
+                kept.append(item)
+        if taken:
+            queued.clear()
+            queued.extend(kept)
+        return taken
+
     # --- commands ---------------------------------------------------------------------------------
 
     def command(self, line: str, *, timeout: float | None = None) -> Frame:

@@ -154,6 +154,19 @@ def to_core_event(event: EslEvent, at: datetime) -> Event | None:
     return None
 
 
+def registration_logon(event: EslEvent) -> str:
+    """The log-on a registration event is about (as :func:`to_core_event` reads it), ``""`` for
+    any other event. Cheap: no core event is made."""
+    if event.name != "CUSTOM":
+        return ""
+    subclass = event.subclass
+    if subclass == REGISTER_FAILURE:
+        return event.get("to-user").strip()
+    if subclass in (REGISTER, UNREGISTER, EXPIRE, REGISTER_ATTEMPT):
+        return digest_user(event)
+    return ""
+
+
 def digest_user(event: EslEvent) -> str:
     """The digest user of a registration event (``username``); ``""`` when there was none."""
     user = event.get("username").strip()

@@ -46,6 +46,7 @@ from .events import (
     parse_profiles,
     parse_registrations,
     parse_sofia_registrations,
+    registration_logon,
     to_core_event,
     uuid_getvar_value,
 )
@@ -112,6 +113,10 @@ class EslListener:
         self.events_handled = 0  # events taken off the connection and dealt with
         # The number (EslClient.events_taken) of the last event of this connection applied.
         self._applied = 0
+        # Log-ons whose queued registration events the hook wants applied ahead of the backlog,
+        # and how many times the listener has done so (see caught_up).
+        self._expedite: set[str] = set()
+        self._expedited = 0
 
     @property
     def peer(self) -> str:
@@ -159,12 +164,14 @@ class EslListener:
             delay = min(delay * 2, self.reconnect_max)
         self._set_connected(False)
 
-    def caught_up(self, timeout: float) -> bool:
+    def caught_up(self, timeout: float, logon: str = "") -> bool:
         """Wait until every event FreeSWITCH sent before now is applied, ``timeout`` seconds at most.
 
         The socket hook asks this before it decides a call: a phone that registered a moment
         before calling is then decided on that registration, even behind a registration storm's
-        backlog. False when the time ran out, or when there is no connection (nothing to wait for).
+        backlog. With ``logon`` (the caller) that log-on's queued registration events are applied
+        first, ahead of the backlog and in their own order, and that is all it waits for. False
+        when the time ran out, or when there is no connection (nothing to wait for).
         """
         client = self._client
         if client is None or not self.connected:
@@ -177,9 +184,29 @@ class EslListener:
             if not client.wait_for(lambda: client.drains != drains, deadline):
                 return False
         target = client.events_received
+        if logon and self._applied < target:
+            # Served by the listener after the batch it is applying (which may hold earlier events
+            # of the same log-on: they go first).
+            self._expedite.add(logon)
+            passes = self._expedited
+            if client.wait_for(
+                lambda: self._expedited > passes or self._applied >= target or self._client is not client,
+                deadline,
+            ):
+                return self._client is client
+            return False
         return client.wait_for(lambda: self._applied >= target or self._client is not client, deadline) and (
             self._client is client
         )
+
+    def _apply_expedited(self, client: EslClient) -> None:
+        """Apply the queued registration events of the log-ons the hook is waiting for."""
+        logons, self._expedite = self._expedite, set()
+        events = client.take_matching(lambda event: registration_logon(event) in logons)
+        if events:
+            self._handle_batch(client, events)
+        self._expedited += 1
+        client.wake_waiters()
 
     def _advance(self, client: EslClient) -> None:
         """Every event ``client`` handed over so far is applied (or resynced): wake the waiters."""
@@ -244,6 +271,8 @@ class EslListener:
         self.sessions += 1
         self._came_up()
         while not self._stopping.is_set():
+            if self._expedite:
+                self._apply_expedited(client)
             wait = min(self.idle_probe, self.emergency.seconds_until_due(), self.drops.seconds_until_quiet())
             event = client.next_event(timeout=wait)
             if self.drops.seconds_until_quiet() <= 0:

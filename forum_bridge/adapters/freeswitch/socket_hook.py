@@ -146,9 +146,10 @@ class SocketHookServer:
         self.sessions = 0  # finished sessions, for tests and diagnostics
         self.evicted = 0  # connections dropped while waiting, to make room for a new one
         self.refused = 0  # connections closed at once: every place was busy deciding
-        # ``before_decision(timeout)`` is called before each decision: the runner sets the ESL
-        # listener's caught_up, so a call is decided on the events FreeSWITCH sent before it.
-        self.before_decision: Callable[[float], object] | None = None
+        # ``before_decision(timeout, logon)`` is called before each decision (logon "" for an
+        # inbound one): the runner sets the ESL listener's caught_up, so a call is decided on the
+        # events FreeSWITCH sent before it, the caller's own first.
+        self.before_decision: Callable[[float, str], object] | None = None
 
     @property
     def port(self) -> int:
@@ -294,7 +295,7 @@ class SocketHookServer:
             emergency or self.fail_open, Reason.EMERGENCY if emergency else Reason.BRIDGE_ERROR
         )
         ticket = DecisionTicket(self._deadline(deadline), uuid)
-        self._catch_up(ticket)
+        self._catch_up(ticket, logon)
         try:
             decision: Decision = self._decided(
                 ticket, fallback, "authorize", logon, number, Direction.OUTBOUND, channel=uuid
@@ -314,7 +315,7 @@ class SocketHookServer:
     def ring(self, number: str, domain: str, deadline: float | None = None) -> tuple[str, str]:
         """``(result, dial string)`` for a call to call number ``number`` (see the module docstring)."""
         ticket = DecisionTicket(self._deadline(deadline))
-        self._catch_up(ticket)
+        self._catch_up(ticket, "")
         try:
             ringable: list[tuple[str, Decision]] = self._decided(
                 ticket, Decision(False, Reason.BRIDGE_ERROR), "ringable", validate_number(number)
@@ -329,7 +330,7 @@ class SocketHookServer:
         allowed = [f"user/{logon}{suffix}" for logon, decision in ringable if decision.allowed]
         return ("allow" if allowed else "deny"), ",".join(allowed)
 
-    def _catch_up(self, ticket: DecisionTicket) -> None:
+    def _catch_up(self, ticket: DecisionTicket, logon: str) -> None:
         """Let the events FreeSWITCH sent before the call be applied first (``before_decision``),
         for at most half of what is left of the deadline: the decision keeps the other half."""
         if self.before_decision is None:
@@ -338,7 +339,7 @@ class SocketHookServer:
         if budget <= 0:
             return
         try:
-            self.before_decision(budget)
+            self.before_decision(budget, logon)
         except Exception:  # only an optimisation: it must never cost the answer
             log.exception("waiting for FreeSWITCH's pending events failed")
 
