@@ -166,3 +166,19 @@ def test_the_events_of_one_log_on_can_be_taken_ahead_of_the_queue_in_their_order
     rest = client.next_event(timeout=0)
     assert isinstance(rest, EslEvent) and rest.get("username") == "1001"
     assert client.events_taken == 2 and client.next_event(timeout=0) is None
+
+
+def test_made_up_header_names_and_values_cannot_grow_the_shared_tables() -> None:
+    # Names and header lines are shared between events (a storm's queue holds thousands), but a
+    # peer inventing new ones every time must not grow those tables without bound.
+    from forum_bridge.adapters.freeswitch import esl
+
+    for i in range(3000):
+        body = f"Event-Name: CUSTOM\nX-Made-Up-{i}: a\nX-Also-{i}: {i}\nX-Value: v{i}\n\n"
+        event = parse_event_plain(body.encode())
+        assert event.get(f"x-made-up-{i}") == "a" and event.get("X-VALUE") == f"v{i}"
+    assert len(esl._NAMES) <= esl._NAMES_LIMIT and len(esl._LOWER) <= esl._NAMES_LIMIT
+    assert len(esl._PAIRS) <= esl._PAIRS_LIMIT
+    # The common lines are still shared by two events parsed after the flood.
+    first, second = (parse_event_plain(b"Event-Name: CUSTOM\nCore-UUID: 7\n\n") for _ in range(2))
+    assert first.headers[1] is second.headers[1]

@@ -86,6 +86,52 @@ class Frame:
         return self.body.decode("utf-8", errors="replace")
 
 
+# Header names seen, each kept once (every event repeats the same forty), with its lower-case
+# form; bounded, so a peer sending made-up names cannot grow it.
+_NAMES: dict[str, str] = {}
+_LOWER: dict[str, str] = {}
+_NAMES_LIMIT = 4096
+
+
+def _shared(name: str) -> str:
+    """``name`` as one shared string object (while the table has room)."""
+    known = _NAMES.get(name)
+    if known is not None:
+        return known
+    if len(_NAMES) < _NAMES_LIMIT:
+        _NAMES[name] = name
+    return name
+
+
+def _lower(name: str) -> str:
+    """``name.lower()``, shared like :func:`_shared`."""
+    known = _LOWER.get(name)
+    if known is not None:
+        return known
+    lowered = _shared(name.lower())
+    if len(_LOWER) < _NAMES_LIMIT:
+        _LOWER[name] = lowered
+    return lowered
+
+
+# Header lines seen lately, each kept once: most of an event's forty headers are the same in
+# every event (the switch's name, addresses and version, the profile, the calling function), so
+# a storm's queued events share them. Emptied when full, so it follows what the peer sends now.
+_PAIRS: dict[tuple[str, str], tuple[str, str]] = {}
+_PAIRS_LIMIT = 8192
+
+
+def _shared_pair(name: str, value: str) -> tuple[str, str]:
+    pair = (_shared(name), value)
+    known = _PAIRS.get(pair)
+    if known is not None:
+        return known
+    if len(_PAIRS) >= _PAIRS_LIMIT:
+        _PAIRS.clear()
+    _PAIRS[pair] = pair
+    return pair
+
+
 def parse_header_lines(text: str, *, decode: bool) -> tuple[list[tuple[str, str]], list[str]]:
     """Split a header block into ``(name, value)`` pairs; return them and the lines that were not headers.
 
@@ -111,7 +157,7 @@ def parse_header_lines(text: str, *, decode: bool) -> tuple[list[tuple[str, str]
                 value = unquote(value, errors="replace")
             if value == UNDEFINED:
                 value = ""
-        headers.append((name, value))
+        headers.append(_shared_pair(name, value))
     return headers, bad
 
 
@@ -220,22 +266,30 @@ class EslEvent:
     def __init__(self, headers: Iterable[tuple[str, str]], body: str = "") -> None:
         self.headers: tuple[tuple[str, str], ...] = tuple(headers)
         self.body = body
-        index: dict[str, list[str]] = {}
-        for name, value in self.headers:
-            index.setdefault(name.lower(), []).append(value)
-        self._index = index
+        # Built at the first lookup: an event waiting in a storm's queue costs its headers only
+        # (the index doubled an event's memory, about 14 KB for 1 KB on the wire).
+        self._index: dict[str, list[str]] | None = None
+
+    def _lookup(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for name, value in self.headers:
+                index.setdefault(_lower(name), []).append(value)
+            self._index = index
+        return index
 
     def get(self, name: str, default: str = "") -> str:
         """The first value of ``name``, matched case-insensitively like ``switch_event_get_header``."""
-        values = self._index.get(name.lower())
+        values = self._lookup().get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
         """Every value of a repeated header, in order."""
-        return list(self._index.get(name.lower(), ()))
+        return list(self._lookup().get(name.lower(), ()))
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._index
+        return isinstance(name, str) and name.lower() in self._lookup()
 
     @property
     def name(self) -> str:
@@ -257,20 +311,27 @@ def parse_event_block(data: bytes) -> EslEvent:
     headers, _bad = parse_header_lines(head.decode("utf-8", errors="replace"), decode=True)
     if not headers:
         raise ProtocolError("an event without headers")
-    event = EslEvent(headers)
-    raw_length = event.get("Content-Length")
+    raw_length = _first(headers, "content-length")
     if raw_length:
         length = content_length(raw_length)
         if length is None:
             raise ProtocolError(f"an event whose Content-Length {raw_length[:20]!r} is not a number")
-        event = EslEvent(headers, rest[:length].decode("utf-8", errors="replace"))
-    return event
+        return EslEvent(headers, rest[:length].decode("utf-8", errors="replace"))
+    return EslEvent(headers)
+
+
+def _first(headers: Iterable[tuple[str, str]], lowered: str) -> str:
+    """The first value of the header whose lower-case name is ``lowered``, without an index."""
+    for name, value in headers:
+        if _lower(name) == lowered:
+            return value
+    return ""
 
 
 def parse_event_plain(data: bytes) -> EslEvent:
     """Decode the body of a ``text/event-plain`` frame; it must name its event."""
     event = parse_event_block(data)
-    if not event.name:
+    if not _first(event.headers, "event-name"):
         raise ProtocolError("an event without Event-Name")
     return event
 
