@@ -117,6 +117,7 @@ class EslListener:
         # and how many times the listener has done so (see caught_up).
         self._expedite: set[str] = set()
         self._expedited = 0
+        self._expediting = False  # a pass is under way: a log-on asked now waits for the next one
 
     @property
     def peer(self) -> str:
@@ -188,9 +189,9 @@ class EslListener:
             # Served by the listener after the batch it is applying (which may hold earlier events
             # of the same log-on: they go first).
             self._expedite.add(logon)
-            passes = self._expedited
+            served = self._expedited + (2 if self._expediting else 1)
             if client.wait_for(
-                lambda: self._expedited > passes or self._applied >= target or self._client is not client,
+                lambda: self._expedited >= served or self._applied >= target or self._client is not client,
                 deadline,
             ):
                 return self._client is client
@@ -202,11 +203,15 @@ class EslListener:
     def _apply_expedited(self, client: EslClient) -> None:
         """Apply the queued registration events of the log-ons the hook is waiting for."""
         logons, self._expedite = self._expedite, set()
-        events = client.take_matching(lambda event: registration_logon(event) in logons)
-        if events:
-            self._handle_batch(client, events)
-        self._expedited += 1
-        client.wake_waiters()
+        self._expediting = True
+        try:
+            events = client.take_matching(lambda event: registration_logon(event) in logons)
+            if events:
+                self._handle_batch(client, events)
+        finally:
+            self._expediting = False
+            self._expedited += 1
+            client.wake_waiters()
 
     def _advance(self, client: EslClient) -> None:
         """Every event ``client`` handed over so far is applied (or resynced): wake the waiters."""
