@@ -18,6 +18,9 @@ Figures (one JSON object per line on stdout; human text on stderr):
 * ``freeswitch_storm_call_seconds_<db>``: a phone whose REGISTER was sent last, behind the whole
   storm, places a call through the socket hook the moment the storm is sent: seconds to the
   verdict, which must be ``allowed`` (decided on that REGISTER; ``met`` false otherwise).
+* ``freeswitch_reconnect_seconds_<db>``: then the event socket is cut with every phone still
+  registered: seconds until the bridge has reconnected and resynced (FreeSWITCH's registration
+  table read, parsed and compared with the database), back in step.
 * ``freeswitch_storm_peak_rss_mb_<db>``: peak resident memory of the process running the bridge
   (a fresh one per run).
 
@@ -61,6 +64,10 @@ def serve_fake(count: int) -> None:
     frames = b"".join(event_frame(register_event(user, port)) for user, port in phones)
     print(fake.port, flush=True)
     for line in sys.stdin:
+        if line.strip() == "drop":  # the event socket cut: the bridge reconnects and resyncs
+            fake.drop()
+            print(json.dumps({}), flush=True)
+            continue
         hook_port = int(line.split()[1])
         # Restarted: its table was empty when the bridge connected; now every phone is back.
         for user, port in phones:
@@ -97,6 +104,11 @@ class Fake:
     def go(self, hook_port: int) -> None:
         assert self.process.stdin is not None
         self.process.stdin.write(f"go {hook_port}\n")
+        self.process.stdin.flush()
+
+    def drop(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("drop\n")
         self.process.stdin.flush()
 
     def answer(self) -> dict[str, Any]:
@@ -151,7 +163,9 @@ def storm_run(url: str, count: int) -> dict[str, float]:
     pool = ThreadPool(1)
     service: Any = OffHub(bridge, pool)
     hook = SocketHookServer(service, settings)
-    listener = EslListener(service, settings)
+    # Reconnects at once (not after the runner's first 0.5 s back-off): the reconnect figure is
+    # the resync's own time.
+    listener = EslListener(service, settings, initial_backoff=0.001)
     hook.before_decision = listener.caught_up  # as the runner wires them
     hook.start()
     greenlet = gevent.spawn(listener.run)
@@ -173,7 +187,17 @@ def storm_run(url: str, count: int) -> dict[str, float]:
         answer = fake.answer()
         if answer.get("error"):
             raise SystemExit(f"the hook call failed: {answer['error']}")
+        # Then the event socket is cut: every phone is still registered, the bridge resyncs.
+        sessions = listener.sessions
+        cut = time.monotonic()
+        fake.drop()
+        wait_for(lambda: listener.sessions > sessions and listener.connected, 120, "the resync")
+        reconnect = time.monotonic() - cut
+        fake.answer()
+        if int(service.counts()["subscribers"]["logged_on"]) != total:
+            raise SystemExit("the resync lost phones")
         return {
+            "reconnect": reconnect,
             "seconds": seconds,
             "resyncs": float(listener.overflow_resyncs),
             "call": float(answer["seconds"]),
@@ -290,6 +314,15 @@ def main() -> int:
             floor_note="verdict allowed required",
             target="decided on the REGISTER sent just before, behind the storm",
             met=verdict(allowed),
+        )
+        _common.emit(
+            f"freeswitch_reconnect_seconds_{name}",
+            "s",
+            [r["reconnect"] for r in runs],
+            floor=None,
+            floor_note="every phone still registered: FreeSWITCH's table read and compared",
+            target="the bridge is back in step (no number set)",
+            met=None,
         )
         _common.emit(
             f"freeswitch_storm_peak_rss_mb_{name}",

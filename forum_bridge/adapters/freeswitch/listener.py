@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 # Events applied together at most: a storm goes in a few transactions, and a hook session waits
 # for one batch at most before it gets the interpreter.
 _BATCH = 250
+# Seconds the listener holds back its next batch while a hook decision waits for the reader.
+_HOOK_READ_PAUSE = 0.1
 HANGUP_CAUSE = "CALL_REJECTED"  # sofia answers 603 Decline before the call is answered
 # No decision (database away) with fail_mode closed: 503, as the dialplan's fail mode answers.
 UNAVAILABLE_CAUSE = "NORMAL_TEMPORARY_FAILURE"
@@ -118,6 +120,9 @@ class EslListener:
         self._expedite: set[str] = set()
         self._expedited = 0
         self._expediting = False  # a pass is under way: a log-on asked now waits for the next one
+        # Hook decisions waiting for the reader to read what FreeSWITCH sent before their call:
+        # meanwhile the listener applies nothing, so the reader has the interpreter to itself.
+        self._reading_for_hook = 0
 
     @property
     def peer(self) -> str:
@@ -182,8 +187,13 @@ class EslListener:
             # Sent before now but not read yet (the storm's bytes wait in the socket): once the
             # reader has read all there was, everything sent before now is among its events.
             drains = client.drains
-            if not client.wait_for(lambda: client.drains != drains, deadline):
-                return False
+            self._reading_for_hook += 1
+            try:
+                if not client.wait_for(lambda: client.drains != drains, deadline):
+                    return False
+            finally:
+                self._reading_for_hook -= 1
+                client.wake_waiters()
         target = client.events_received
         if logon and self._applied < target:
             # Served by the listener after the batch it is applying (which may hold earlier events
@@ -276,6 +286,10 @@ class EslListener:
         self.sessions += 1
         self._came_up()
         while not self._stopping.is_set():
+            if self._reading_for_hook:
+                # At most _HOOK_READ_PAUSE per batch: calls placed all through a storm must not
+                # stop the listener (one batch then goes between two pauses).
+                client.wait_for(lambda: not self._reading_for_hook, time.monotonic() + _HOOK_READ_PAUSE)
             if self._expedite:
                 self._apply_expedited(client)
             wait = min(self.idle_probe, self.emergency.seconds_until_due(), self.drops.seconds_until_quiet())

@@ -96,9 +96,11 @@ _MAX_HEADER = 128 * 1024  # bytes of one header block (CHANNEL_DATA with every c
 _MAX_BODY = 64 * 1024
 TRANSFER_EARLY = 1.0  # ``sched_transfer +N`` fires N - 1 s after it was set at the earliest
 ANSWER_MARGIN = 0.25  # from the transfer being set to the session, and for sending the verdict
-# Seconds a decision waits at most for the events FreeSWITCH sent before the call to be applied
-# (never more than half of what is left of its deadline).
+# Seconds a decision waits at most for the events FreeSWITCH sent before the call to be applied,
+# and the time it keeps for itself after that wait (a decision takes milliseconds, but may queue
+# behind one batch of events in the database thread).
 _CATCH_UP = 1.0
+_DECISION_RESERVE = 0.25
 # A decision found committing at its deadline is waited for this much longer (its answer is the
 # truth and the commit is its last step); after that it is given up anyway, its licence given back.
 _COMMIT_GRACE = 0.15
@@ -332,10 +334,10 @@ class SocketHookServer:
 
     def _catch_up(self, ticket: DecisionTicket, logon: str) -> None:
         """Let the events FreeSWITCH sent before the call be applied first (``before_decision``),
-        for at most half of what is left of the deadline: the decision keeps the other half."""
+        as long as the decision keeps ``_DECISION_RESERVE`` seconds of its deadline."""
         if self.before_decision is None:
             return
-        budget = min(_CATCH_UP, (ticket.deadline - time.monotonic()) / 2)
+        budget = min(_CATCH_UP, ticket.deadline - time.monotonic() - _DECISION_RESERVE)
         if budget <= 0:
             return
         try:
