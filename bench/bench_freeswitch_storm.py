@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -278,7 +279,7 @@ def main() -> int:
     args = _common.options(__doc__.splitlines()[0])
     count = SIZES[args.size]
     floors = [floor_run(count) for _ in range(args.runs)]
-    floor = sorted(floors)[len(floors) // 2]
+    floor = statistics.median(floors)
     _common.say(f"floor: {floors}")
     for name, url in _common.databases(args):
         runs: list[dict[str, float]] = []
@@ -286,53 +287,57 @@ def main() -> int:
             with _common.database_for_run(url) as db_url:
                 runs.append(storm_in_process(db_url, count))
             _common.say(f"{name} run {run + 1}: {runs[-1]}")
-        note = f"the bridge's ESL client alone reading the same {count + 1} events"
-        _common.emit(
-            f"freeswitch_storm_seconds_{name}",
-            "s",
-            [r["seconds"] for r in runs],
-            floor=floor,
-            floor_note=note,
-            target=f"<= {TARGET_SECONDS} s for 10,000 phones",
-            met=lambda median: median <= TARGET_SECONDS,
-        )
-        _common.emit(
-            f"freeswitch_storm_resyncs_{name}",
-            "resyncs",
-            [r["resyncs"] for r in runs],
-            floor=0,
-            floor_note="none needed",
-            target="0",
-            met=lambda median: median == 0,
-        )
         allowed = all(r["allowed"] for r in runs)
-        _common.emit(
-            f"freeswitch_storm_call_seconds_{name}",
-            "s",
-            [r["call"] for r in runs],
-            floor=None,
-            floor_note="verdict allowed required",
-            target="decided on the REGISTER sent just before, behind the storm",
-            met=verdict(allowed),
-        )
-        _common.emit(
-            f"freeswitch_reconnect_seconds_{name}",
-            "s",
-            [r["reconnect"] for r in runs],
-            floor=None,
-            floor_note="every phone still registered: FreeSWITCH's table read and compared",
-            target="the bridge is back in step (no number set)",
-            met=None,
-        )
-        _common.emit(
-            f"freeswitch_storm_peak_rss_mb_{name}",
-            "MB",
-            [r["rss"] for r in runs],
-            floor=None,
-            floor_note="the process running the bridge (one per run), its imports included",
-            target="<= 150 MB",
-            met=lambda median: median <= 150,
-        )
+        # (figure, unit, key in the runs, floor, what the floor is, target, met)
+        figures: list[tuple[str, str, str, float | None, str, str, Callable[[float], bool] | None]] = [
+            (
+                "freeswitch_storm_seconds",
+                "s",
+                "seconds",
+                floor,
+                f"the bridge's ESL client alone reading the same {count + 1} events",
+                f"<= {TARGET_SECONDS} s for 10,000 phones",
+                lambda median: median <= TARGET_SECONDS,
+            ),
+            ("freeswitch_storm_resyncs", "resyncs", "resyncs", 0, "none needed", "0", lambda m: m == 0),
+            (
+                "freeswitch_storm_call_seconds",
+                "s",
+                "call",
+                None,
+                "verdict allowed required",
+                "decided on the REGISTER sent just before, behind the storm",
+                verdict(allowed),
+            ),
+            (
+                "freeswitch_reconnect_seconds",
+                "s",
+                "reconnect",
+                None,
+                "every phone still registered: FreeSWITCH's table read and compared",
+                "the bridge is back in step (no number set)",
+                None,
+            ),
+            (
+                "freeswitch_storm_peak_rss_mb",
+                "MB",
+                "rss",
+                None,
+                "the process running the bridge (one per run), its imports included",
+                "<= 150 MB",
+                lambda median: median <= 150,
+            ),
+        ]
+        for figure, unit, key, floor_value, note, target, met in figures:
+            _common.emit(
+                f"{figure}_{name}",
+                unit,
+                [r[key] for r in runs],
+                floor=floor_value,
+                floor_note=note,
+                target=target,
+                met=met,
+            )
     return 0
 
 
