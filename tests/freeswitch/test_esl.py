@@ -179,6 +179,11 @@ def test_made_up_header_names_and_values_cannot_grow_the_shared_tables() -> None
         assert event.get(f"x-made-up-{i}") == "a" and event.get("X-VALUE") == f"v{i}"
     assert len(esl._NAMES) <= esl._NAMES_LIMIT and len(esl._LOWER) <= esl._NAMES_LIMIT
     assert len(esl._PAIRS) <= esl._PAIRS_LIMIT
+    # Long names and values are never kept in them.
+    long_name, long_value = "X-" + "n" * 5000, "v" * 100_000
+    parse_event_plain(f"Event-Name: CUSTOM\n{long_name}: {long_value}\n\n".encode())
+    assert long_name not in esl._NAMES and long_name not in esl._LOWER
+    assert all(len(value) <= esl._SHARED_LENGTH for _name, value in esl._PAIRS)
     # The common lines are still shared by two events parsed after the flood.
     first, second = (parse_event_plain(b"Event-Name: CUSTOM\nCore-UUID: 7\n\n") for _ in range(2))
     assert first.headers[1] is second.headers[1]

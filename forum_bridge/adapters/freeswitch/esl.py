@@ -87,10 +87,14 @@ class Frame:
 
 
 # Header names seen, each kept once (every event repeats the same forty), with its lower-case
-# form; bounded, so a peer sending made-up names cannot grow it.
+# form; bounded, and emptied when full (like _PAIRS below), so a peer sending made-up names can
+# neither grow them nor keep the real names out for good.
 _NAMES: dict[str, str] = {}
 _LOWER: dict[str, str] = {}
 _NAMES_LIMIT = 4096
+# Only short names and values are kept in these tables (real ones are a few dozen characters):
+# a peer sending long ones cannot make the tables hold on to megabytes.
+_SHARED_LENGTH = 128
 
 
 def _shared(name: str) -> str:
@@ -98,7 +102,9 @@ def _shared(name: str) -> str:
     known = _NAMES.get(name)
     if known is not None:
         return known
-    if len(_NAMES) < _NAMES_LIMIT:
+    if len(name) <= _SHARED_LENGTH:
+        if len(_NAMES) >= _NAMES_LIMIT:
+            _NAMES.clear()
         _NAMES[name] = name
     return name
 
@@ -109,7 +115,9 @@ def _lower(name: str) -> str:
     if known is not None:
         return known
     lowered = _shared(name.lower())
-    if len(_LOWER) < _NAMES_LIMIT:
+    if len(name) <= _SHARED_LENGTH:
+        if len(_LOWER) >= _NAMES_LIMIT:
+            _LOWER.clear()
         _LOWER[name] = lowered
     return lowered
 
@@ -123,6 +131,8 @@ _PAIRS_LIMIT = 8192
 
 def _shared_pair(name: str, value: str) -> tuple[str, str]:
     pair = (_shared(name), value)
+    if len(value) > _SHARED_LENGTH:
+        return pair
     known = _PAIRS.get(pair)
     if known is not None:
         return known
