@@ -12,6 +12,7 @@ from forum_bridge.adapters.freeswitch.esl import (
     event_from_frame,
     parse_event_plain,
 )
+from forum_bridge.adapters.freeswitch.events import registration_logon
 from forum_bridge.errors import ConfigError, ProtocolError
 from tests.freeswitch.fake_esl import (
     ACCEPTED,
@@ -155,14 +156,16 @@ def test_client_repr_does_not_show_the_password() -> None:
 
 
 def test_the_events_of_one_log_on_can_be_taken_ahead_of_the_queue_in_their_order() -> None:
-    client = EslClient("127.0.0.1", 8021, "ClueCon")
+    client = EslClient("127.0.0.1", 8021, "ClueCon", tag=registration_logon)
     bodies = [register_event("1000", 5091), register_event("1001", 5092), unregister_event("1000", 5091)]
     for body in bodies:
         client._queue_event(parse_event_plain(body.encode()), len(body))
-    taken = client.take_matching(lambda event: event.get("username") == "1000")
+    taken = client.take_matching({"1000"})
     assert [e.subclass for e in taken] == ["sofia::register", "sofia::unregister"]
     # The rest stays queued, and the owner's place in the queue did not move.
     assert client.events_received == 3 and client.events_taken == 0
+    # Tagging and picking built no lookup index of the event left waiting (it stays small).
+    assert client._events.queue[0][0]._index is None
     rest = client.next_event(timeout=0)
     assert isinstance(rest, EslEvent) and rest.get("username") == "1001"
     assert client.events_taken == 2 and client.next_event(timeout=0) is None

@@ -21,7 +21,7 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote
@@ -289,6 +289,20 @@ class EslEvent:
             self._index = index
         return index
 
+    def first_of(self, *lowered: str) -> tuple[str, ...]:
+        """The first value of each header named (in lower case), ``""`` for one missing, in one
+        pass over the headers: unlike :meth:`get` it builds no index, so an event that only waits
+        in the queue stays small."""
+        index = self._index
+        if index is not None:
+            return tuple((index.get(name) or [""])[0] for name in lowered)
+        found: dict[str, str] = {}
+        for header, value in self.headers:
+            name = _lower(header)
+            if name in lowered and name not in found:
+                found[name] = value
+        return tuple(found.get(name, "") for name in lowered)
+
     def get(self, name: str, default: str = "") -> str:
         """The first value of ``name``, matched case-insensitively like ``switch_event_get_header``."""
         values = self._lookup().get(name.lower())
@@ -321,27 +335,20 @@ def parse_event_block(data: bytes) -> EslEvent:
     headers, _bad = parse_header_lines(head.decode("utf-8", errors="replace"), decode=True)
     if not headers:
         raise ProtocolError("an event without headers")
-    raw_length = _first(headers, "content-length")
+    event = EslEvent(headers)
+    (raw_length,) = event.first_of("content-length")
     if raw_length:
         length = content_length(raw_length)
         if length is None:
             raise ProtocolError(f"an event whose Content-Length {raw_length[:20]!r} is not a number")
-        return EslEvent(headers, rest[:length].decode("utf-8", errors="replace"))
-    return EslEvent(headers)
-
-
-def _first(headers: Iterable[tuple[str, str]], lowered: str) -> str:
-    """The first value of the header whose lower-case name is ``lowered``, without an index."""
-    for name, value in headers:
-        if _lower(name) == lowered:
-            return value
-    return ""
+        event.body = rest[:length].decode("utf-8", errors="replace")
+    return event
 
 
 def parse_event_plain(data: bytes) -> EslEvent:
     """Decode the body of a ``text/event-plain`` frame; it must name its event."""
     event = parse_event_block(data)
-    if not _first(event.headers, "event-name"):
+    if not event.first_of("event-name")[0]:
         raise ProtocolError("an event without Event-Name")
     return event
 
@@ -408,8 +415,14 @@ class EslClient:
         timeout: float = 5.0,
         max_queued: int = MAX_QUEUED_EVENTS,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
+        tag: Callable[[EslEvent], str] | None = None,
     ) -> None:
-        """Prepare a client; ``max_queued``/``max_queued_bytes`` bound the events not yet taken."""
+        """Prepare a client; ``max_queued``/``max_queued_bytes`` bound the events not yet taken.
+
+        ``tag(event)`` is worked out once for each event as it is queued; :meth:`take_matching`
+        picks events by it (without it every event's tag is ``""``).
+        """
+        self._tag = tag
         if "\n" in password or "\r" in password:
             raise ConfigError("freeswitch.esl_password", "must not contain a line break")
         self.max_queued = max_queued
@@ -588,7 +601,8 @@ class EslClient:
             self._events.put(EventsDropped(dropped + earlier, overflows + 1, self.events_received))
         self._queued_bytes += size
         self.events_received += 1
-        self._events.put((event, size, self.events_received))
+        tag = self._tag(event) if self._tag is not None else ""
+        self._events.put((event, size, self.events_received, tag))
         self.peak_queued = max(self.peak_queued, self._events.qsize())
 
     def request_resync(self) -> None:
@@ -613,7 +627,7 @@ class EslClient:
         return self._took(item)
 
     def _took(self, item: object) -> EslEvent:
-        event, size, number = cast(tuple[EslEvent, int, int], item)
+        event, size, number, _tag = cast(tuple[EslEvent, int, int, str], item)
         self._queued_bytes -= size
         self.events_taken = number
         return event
@@ -636,15 +650,16 @@ class EslClient:
             taken.append(self._took(item))
         return taken
 
-    def take_matching(self, wanted: Callable[[EslEvent], bool]) -> list[EslEvent]:
-        """Take the queued events ``wanted`` picks out of the queue, in order, ahead of the others
-        (which stay queued, in theirs). Their numbers are not counted as taken: the owner's place
-        in the queue does not move."""
+    def take_matching(self, tags: Container[str]) -> list[EslEvent]:
+        """Take the queued events whose tag (see the constructor) is in ``tags`` out of the queue,
+        in order, ahead of the others (which stay queued, in theirs). Their numbers are not
+        counted as taken: the owner's place in the queue does not move. Compares the tags worked
+        out when the events were queued: no event is looked into."""
         queued = self._events.queue  # gevent's Queue keeps its items in this deque
         taken: list[EslEvent] = []
         kept: deque[Any] = deque()
         for item in queued:
-            if isinstance(item, tuple) and wanted(item[0]):
+            if isinstance(item, tuple) and item[3] and item[3] in tags:
                 taken.append(item[0])
                 self._queued_bytes -= item[1]
             else:

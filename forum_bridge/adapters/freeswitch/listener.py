@@ -142,7 +142,12 @@ class EslListener:
         while not self._stopping.is_set():
             try:
                 client = EslClient(
-                    self.host, self.port, self.settings.freeswitch.esl_password, max_queued=self.max_queued
+                    self.host,
+                    self.port,
+                    self.settings.freeswitch.esl_password,
+                    max_queued=self.max_queued,
+                    # Which log-on's registration it is, so the hook's caller can go first.
+                    tag=registration_logon,
                 )
             except ConfigError as exc:  # retrying cannot help
                 log.error("FreeSWITCH listener stopped: %s", exc)
@@ -215,7 +220,7 @@ class EslListener:
         logons, self._expedite = self._expedite, set()
         self._expediting = True
         try:
-            events = client.take_matching(lambda event: registration_logon(event) in logons)
+            events = client.take_matching(logons)
             if events:
                 self._handle_batch(client, events)
         finally:
