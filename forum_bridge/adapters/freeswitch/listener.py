@@ -200,20 +200,17 @@ class EslListener:
                 self._reading_for_hook -= 1
                 client.wake_waiters()
         target = client.events_received
+        served: float = float("inf")  # no expedite pass can end the wait
         if logon and self._applied < target:
             # Served by the listener after the batch it is applying (which may hold earlier events
             # of the same log-on: they go first).
             self._expedite.add(logon)
             served = self._expedited + (2 if self._expediting else 1)
-            if client.wait_for(
-                lambda: self._expedited >= served or self._applied >= target or self._client is not client,
-                deadline,
-            ):
-                return self._client is client
-            return False
-        return client.wait_for(lambda: self._applied >= target or self._client is not client, deadline) and (
-            self._client is client
-        )
+
+        def done() -> bool:
+            return self._expedited >= served or self._applied >= target or self._client is not client
+
+        return client.wait_for(done, deadline) and self._client is client
 
     def _apply_expedited(self, client: EslClient) -> None:
         """Apply the queued registration events of the log-ons the hook is waiting for."""
