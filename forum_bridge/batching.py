@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, cast
@@ -49,7 +49,6 @@ DIGEST_INDIVIDUAL = 10
 """Failures of unknown log-ons written one by one (audit row and WARNING) per window."""
 _SAMPLE = 5  # names and sources kept in a summary
 _DISTINCT_CAP = 10_000  # distinct names counted exactly per window; beyond, "at least"
-_CHUNK = 500  # values per IN (...) list: far below SQLite's and PostgreSQL's limits
 
 
 def _fitter(name: str) -> Callable[[str], str]:
@@ -64,11 +63,6 @@ def _fitter(name: str) -> Callable[[str], str]:
 
 _fit_logon = _fitter("logon")
 _fit_contact = _fitter("contact")
-
-
-def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(values), _CHUNK):
-        yield values[start : start + _CHUNK]
 
 
 @dataclass
@@ -97,7 +91,7 @@ class _Logon:
 
 def _load(session: Session, node: str, logons: Sequence[str]) -> dict[str, _Logon]:
     state = {logon: _Logon() for logon in logons}
-    for part in _chunks(logons):
+    for part in ops.in_chunks(logons):
         subscribers, contacts = batch_sql.read_state(session, part)
         for facts in subscribers:
             entry = state[facts.logon]
@@ -219,12 +213,7 @@ def _write(
     session: Session, node: str, state: dict[str, _Logon], deleted: list[int], ended: list[str]
 ) -> None:
     """Write what the run changed: deletes first, so a contact removed and added again is re-inserted."""
-    for start in range(0, len(deleted), _CHUNK):
-        session.execute(
-            delete(RegistrationRow)
-            .where(RegistrationRow.id.in_(deleted[start : start + _CHUNK]))
-            .execution_options(synchronize_session=False)
-        )
+    ops.delete_registrations_by_id(session, deleted)
     touched: list[batch_sql.TouchedContact] = []
     added: list[batch_sql.NewContact] = []
     subscribers: list[dict[str, object]] = []
@@ -263,10 +252,10 @@ def _write(
             subscribers,
         )
     batch_sql.insert_contacts(session, added)
-    for start in range(0, len(ended), _CHUNK):
+    for chunk in ops.in_chunks(ended):
         session.execute(
             delete(CallRow)
-            .where(CallRow.node == node, CallRow.channel.in_(ended[start : start + _CHUNK]))
+            .where(CallRow.node == node, CallRow.channel.in_(chunk))
             .execution_options(synchronize_session=False)
         )
 

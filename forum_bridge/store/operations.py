@@ -22,10 +22,10 @@ writers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Container, Iterable, Sequence
+from collections.abc import Collection, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, CursorResult
@@ -53,6 +53,8 @@ from forum_bridge.store.models import (
 from forum_bridge.store.status_query import PoolCounts
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # session.info key: set when a transaction changed who holds licences or how many are reserved, so
 # the pool-pressure watch (forum_bridge.pool_watch) looks at the pool once before it commits.
@@ -986,15 +988,21 @@ def node_contacts(session: Session, node: str) -> dict[tuple[str, str], int]:
     return {(logon, contact): row_id for logon, contact, row_id in session.execute(query)}
 
 
-# Values bound in one IN list at most: SQLite's limit on parameters is 32,766 (999 before 3.32).
-_IN_CHUNK = 500
+# Values bound in one IN (...) list at most: far below SQLite's limit on parameters (32,766; 999
+# before 3.32) and PostgreSQL's.
+IN_CHUNK = 500
+
+
+def in_chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``values`` in slices of at most :data:`IN_CHUNK`, one IN list each."""
+    for start in range(0, len(values), IN_CHUNK):
+        yield values[start : start + IN_CHUNK]
 
 
 def delete_registrations_by_id(session: Session, ids: Sequence[int]) -> int:
     """Drop the registrations with these row ids; return how many."""
     removed = 0
-    for start in range(0, len(ids), _IN_CHUNK):
-        chunk = ids[start : start + _IN_CHUNK]
+    for chunk in in_chunks(ids):
         query = delete(RegistrationRow).where(RegistrationRow.id.in_(chunk))
         removed += _rowcount(session.execute(query.execution_options(synchronize_session=False)))
     return removed
@@ -1003,8 +1011,7 @@ def delete_registrations_by_id(session: Session, ids: Sequence[int]) -> int:
 def registered_among(session: Session, logons: Sequence[str]) -> set[str]:
     """The log-ons among ``logons`` that have a contact on any node."""
     found: set[str] = set()
-    for start in range(0, len(logons), _IN_CHUNK):
-        chunk = logons[start : start + _IN_CHUNK]
+    for chunk in in_chunks(logons):
         found.update(session.scalars(select(RegistrationRow.logon).where(RegistrationRow.logon.in_(chunk))))
     return found
 
@@ -1030,14 +1037,9 @@ def is_registered(session: Session, logon: str) -> bool:
     )
 
 
-def touch_registrations(session: Session, node: str, logon: str, at: datetime, contact: str = "") -> int:
-    """Move the keepalive clock of one contact (or all, with ``contact=""``) of ``logon`` on ``node``.
-
-    Returns how many contacts were touched.
-    """
+def touch_registrations(session: Session, node: str, logon: str, at: datetime) -> int:
+    """Move the keepalive clock of every contact of ``logon`` on ``node``; return how many."""
     query = update(RegistrationRow).where(RegistrationRow.node == node, RegistrationRow.logon == logon)
-    if contact:
-        query = query.where(RegistrationRow.contact == contact)
     return _rowcount(session.execute(query.values(last_seen=at).execution_options(synchronize_session=False)))
 
 
