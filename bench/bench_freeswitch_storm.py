@@ -103,13 +103,16 @@ class Fake:
         self.port = int(_common.wait_for_line(self.process, 120))
 
     def go(self, hook_port: int) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"go {hook_port}\n")
-        self.process.stdin.flush()
+        """Stream the storm; with ``hook_port``, then place the caller's call there."""
+        self._send(f"go {hook_port}")
 
     def drop(self) -> None:
+        """Cut the event socket (its answer is read with :meth:`answer`)."""
+        self._send("drop")
+
+    def _send(self, line: str) -> None:
         assert self.process.stdin is not None
-        self.process.stdin.write("drop\n")
+        self.process.stdin.write(f"{line}\n")
         self.process.stdin.flush()
 
     def answer(self) -> dict[str, Any]:
